@@ -1,0 +1,89 @@
+"""The small interface every backend implements; model.py composes the forward from it."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from engine.batch import Batch
+from engine.config import ModelConfig
+
+
+class Backend(ABC):
+    """Owns the prepared weights and the paged KV pools of one model on one device.
+
+    Weight names (model.fuse_weights produces them, float32, HF orientation [out, in]):
+      embed [vocab, hidden]; norm [hidden]; lm_head [vocab, hidden];
+      layers.{i}.input_norm, layers.{i}.post_norm [hidden];
+      layers.{i}.qkv [q_size + 2 * kv_size, hidden]; layers.{i}.o [hidden, q_size];
+      layers.{i}.gate_up [2 * intermediate, hidden]; layers.{i}.down [hidden, intermediate].
+    KV pools per layer: [num_blocks, num_kv_heads, block_size, head_dim] (see native/include/pa.h).
+    """
+
+    name = "base"
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.num_blocks = 0
+        self.block_size = 0
+
+    # ---- set-up ------------------------------------------------------------------------------
+    @abstractmethod
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take the fused float32 weights (names above) and keep them in this backend's form."""
+
+    @abstractmethod
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        """Bytes one block takes across all layers (K and V, scales included)."""
+
+    @abstractmethod
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        """Create the paged K/V pools for every layer."""
+
+    @abstractmethod
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write, asked for by the block manager)."""
+
+    def prepare(self, batch: Batch) -> Batch:
+        """Move/convert the batch's index tensors to what this backend's ops read."""
+        return batch
+
+    # ---- ops ---------------------------------------------------------------------------------
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden]."""
+
+    @abstractmethod
+    def rms_norm(self, x: torch.Tensor, name: str, residual: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (+ residual) -> (rms_norm(sum) * weight[name], sum). The sum is the new residual."""
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """[num_tokens, in] @ weight[name].T -> [num_tokens, out]."""
+
+    @abstractmethod
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding (HF rotate_half convention) on q [T, nh, hd] and k [T, nkv, hd]."""
+
+    @abstractmethod
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> None:
+        """Store k, v [T, nkv, hd] into layer's pools at batch.slot_mapping."""
+
+    @abstractmethod
+    def paged_attention(self, layer: int, q: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Causal attention of q [T, nh, hd] over the layer's cached K/V -> [T, nh, hd]."""
+
+    @abstractmethod
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] -> silu(gate) * up, [T, I]."""
+
+    def forward_layer(self, layer: int, h: torch.Tensor, residual: torch.Tensor | None,
+                      batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A backend may fuse a whole layer; None means use model.py's composition."""
+        return None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final hidden rows [n, hidden] (already normed) -> float32 logits [n, vocab] on the CPU."""
+        return self.linear(h, "lm_head").float().cpu()
