@@ -1,0 +1,232 @@
+"""Engine: submit/cancel, the step loop on its own thread, and per-request output queues."""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import traceback
+
+import torch
+
+from engine.backends.base import Backend
+from engine.batch import Batch
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.model import LlamaModel
+from engine.request import Request, RequestHandle, RequestOutput
+from engine.sampler import Sampler, make_generator
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import FinishReason, SamplingParams, Sequence
+
+log = logging.getLogger("pagedecode.engine")
+
+
+class Engine:
+    """One model, one KV cache, one thread that owns the scheduler; callers talk through queues."""
+
+    def __init__(self, model_config: ModelConfig, backend: Backend, config: EngineConfig | None = None,
+                 tokenizer=None):
+        self.config = config or EngineConfig()
+        self.model_config = model_config
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.model = LlamaModel(model_config, backend)
+        self.block_size = self.config.block_size
+        self.num_blocks = self.config.num_blocks or max(
+            2, int(self.config.kv_cache_mb * 2**20) // backend.kv_bytes_per_block(self.block_size))
+        backend.allocate_kv_cache(self.num_blocks, self.block_size)
+        self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings, self.num_blocks * self.block_size)
+        self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config, self.blocks)
+        self.sampler = Sampler()
+        self.eos_token_ids = tuple(tokenizer.eos_token_ids) if tokenizer else tuple(model_config.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._inbox: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.counters = {"requests_finished": 0, "tokens_generated": 0, "prefill_tokens": 0,
+                         "prefix_tokens_cached": 0, "steps": 0, "preemptions": 0}
+        self._stats = self._snapshot()
+
+    # ---- public, any thread -------------------------------------------------------------------
+    def submit(self, prompt: str | list[int] | None = None, params: SamplingParams | None = None, *,
+               messages: list[dict] | None = None, request_id: str | None = None) -> RequestHandle:
+        """Tokenize and queue a request; returns the handle its outputs arrive on."""
+        params = params or SamplingParams()
+        prompt_ids = self._prompt_ids(prompt, messages)
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len} "
+                             f"(at least one must be left to generate)")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already running")
+        handle = RequestHandle(rid, self)
+        seq = Sequence(next(self._ids), rid, prompt_ids, params)
+        detok = None
+        if self.tokenizer is not None:
+            from engine.tokenizer import IncrementalDetokenizer
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        gen = make_generator(params.seed if params.seed is not None else self.config.seed * 1_000_003 + seq.seq_id)
+        req = Request(rid, seq, params, handle, detok, gen, self.eos_token_ids)
+        self._requests[rid] = req
+        self._inbox.put(("add", req))
+        return handle
+
+    add_request = submit
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its blocks are freed on the engine thread's next step."""
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        """A consistent snapshot taken after the last step."""
+        return dict(self._stats)
+
+    def has_work(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty()
+
+    def start(self) -> "Engine":
+        """Run step() on a background thread until stop()."""
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="pagedecode-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    # ---- engine thread -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if not self.scheduler.has_work():
+                try:
+                    self._handle(self._inbox.get(timeout=0.5))
+                except queue.Empty:
+                    continue
+            try:
+                self.step()
+            except Exception as exc:  # keep serving: fail what was running, free its blocks
+                log.error("engine step failed: %s", traceback.format_exc())
+                self._fail_all(f"engine error: {exc}")
+
+    def _handle(self, msg) -> None:
+        kind, payload = msg
+        if kind == "add":
+            self.scheduler.add(payload.seq)
+        elif kind == "abort":
+            req = self._requests.get(payload)
+            if req is not None:
+                self._finish(req, FinishReason.ABORT)
+
+    def step(self) -> int:
+        """Admit, schedule, run the model once, sample, and publish outputs. Returns tokens run."""
+        while True:
+            try:
+                self._handle(self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        out = self.scheduler.schedule()
+        self.counters["preemptions"] += len(out.preempted)
+        if out.is_empty:
+            self._stats = self._snapshot()
+            return 0
+        self.backend.copy_blocks(out.copies)
+        batch = Batch.build([(it.seq.token_ids[it.seq.num_computed:it.seq.num_computed + it.num_new_tokens],
+                              it.seq.num_computed, self.blocks.get_block_table(it.seq.seq_id))
+                             for it in out.scheduled], self.block_size, [it.wants_logits for it in out.scheduled])
+        logits = self.model.forward(batch)
+        self._account(out)
+        self.scheduler.mark_computed(out)
+        self._sample(out, logits)
+        self.counters["steps"] += 1
+        self._stats = self._snapshot()
+        return batch.num_tokens
+
+    def _account(self, out: SchedulerOutput) -> None:
+        for it in out.scheduled:
+            seq = it.seq
+            if seq.num_computed < len(seq.prompt_ids):
+                self.counters["prefill_tokens"] += it.num_new_tokens
+            if seq.num_computed == seq.num_cached_prefix and seq.num_cached_prefix:
+                self.counters["prefix_tokens_cached"] += seq.num_cached_prefix
+
+    def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
+        rows = [it.seq for it in out.scheduled if it.wants_logits]
+        if not rows:
+            return
+        reqs = [self._requests[s.request_id] for s in rows]
+        for i, req in enumerate(reqs):
+            if len(req.seq.output_ids) < req.params.min_tokens and not req.params.ignore_eos:
+                logits[i, list(self.eos_token_ids)] = float("-inf")
+        results = self.sampler(logits, [r.params for r in reqs], [r.seq.prompt_ids for r in reqs],
+                               [r.seq.output_ids for r in reqs], [r.generator for r in reqs])
+        now = time.monotonic()
+        for req, res in zip(reqs, results):
+            if req.seq.first_token_time is None:
+                req.seq.first_token_time = now
+            if req.params.logprobs is not None:
+                req.pending_logprobs.append({"token_id": res.token_id, "logprob": res.logprob,
+                                             "top": res.top_logprobs or []})
+            finish = req.add_token(res.token_id)
+            self.counters["tokens_generated"] += 1
+            if finish is None and req.seq.num_tokens >= self.max_model_len:
+                finish = FinishReason.LENGTH
+            if finish is not None:
+                self._finish(req, finish)
+            else:
+                update = req.take_output(None)
+                if update is not None:
+                    req.handle.put(update)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        self.scheduler.finish(req.seq, reason)
+        if req.detok is not None and reason == FinishReason.LENGTH:
+            req.text += req.detok.flush()
+        req.handle.put(req.take_output(reason))
+        self._requests.pop(req.request_id, None)
+        self.counters["requests_finished"] += 1
+
+    def _fail_all(self, message: str) -> None:
+        for req in list(self._requests.values()):
+            self.scheduler.finish(req.seq, FinishReason.ABORT)
+            req.handle.put(RequestOutput(req.request_id, "", [], True, "error", error=message))
+            self._requests.pop(req.request_id, None)
+        self._stats = self._snapshot()
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _prompt_ids(self, prompt, messages) -> list[int]:
+        if messages is not None:
+            if self.tokenizer is None:
+                raise ValueError("messages need a tokenizer")
+            ids = self.tokenizer.apply_chat_template(messages)
+        elif isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, (list, tuple)):
+            ids = list(prompt)
+            vocab = self.model_config.vocab_size
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        return ids
+
+    def _snapshot(self) -> dict:
+        bm = self.blocks.stats()
+        return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
+                "num_blocks": self.num_blocks, "num_free_blocks": bm["num_free_blocks"],
+                "num_used_blocks": bm["num_used_blocks"], "kv_cache_usage": self.blocks.usage(),
+                "prefix_cache_hit_rate": bm["hit_rate"], "block_size": self.block_size,
+                "max_model_len": self.max_model_len, "backend": self.backend.name, **self.counters}
