@@ -129,6 +129,15 @@ class Decoder:
         """Answer the last user turn; earlier turns' KV comes from the prefix cache."""
         return self.engine.submit(None, params_from(params, options), messages=messages).result()
 
+    def beam_search(self, prompt: str | list[int] | None = None, params=None, *,
+                    messages: list[dict] | None = None, **options) -> Completion:
+        """Beam search (BeamParams or its fields as keywords); .beams holds the candidates, best first."""
+        from engine.beam import BeamParams
+        if params is not None and options:
+            raise ValueError("pass either params or keyword beam options, not both")
+        params = params or BeamParams(**options)
+        return self.engine.submit_beam(prompt, params, messages=messages).result()
+
     def close(self) -> None:
         if self.engine is not None:
             self.engine.stop()

@@ -12,6 +12,8 @@ import torch
 
 from engine.backends.base import Backend
 from engine.batch import Batch
+from engine.beam import BeamParams, BeamSearch
+from engine.beam_request import BeamRequest, beam_sampling_params, fork_children
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.model import LlamaModel
@@ -78,6 +80,29 @@ class Engine:
 
     add_request = submit
 
+    def submit_beam(self, prompt: str | list[int] | None = None, params: BeamParams | None = None, *,
+                    messages: list[dict] | None = None, request_id: str | None = None) -> RequestHandle:
+        """Queue a beam search; each step's tree nodes stream on the handle, the candidates come last."""
+        params = params or BeamParams()
+        prompt_ids = self._prompt_ids(prompt, messages)
+        room = self.max_model_len - len(prompt_ids)
+        if room < 1:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        if params.max_tokens > room:
+            params = BeamParams(**{**vars(params), "max_tokens": room})
+        rid = request_id or f"beam-{next(self._ids)}"
+        if rid in self._requests:
+            raise ValueError(f"request_id {rid!r} is already running")
+        handle = RequestHandle(rid, self)
+        group: list[Sequence] = []
+        seq = Sequence(next(self._ids), rid, prompt_ids, beam_sampling_params(params), group=group)
+        group.append(seq)
+        text = self.tokenizer.token_text if self.tokenizer is not None else None
+        search = BeamSearch(params, self.eos_token_ids, text)
+        self._requests[rid] = BeamRequest(rid, params, search, group, handle, self.tokenizer)
+        self._inbox.put(("add", self._requests[rid]))
+        return handle
+
     def abort(self, request_id: str) -> None:
         """Cancel a request; its blocks are freed on the engine thread's next step."""
         self._inbox.put(("abort", request_id))
@@ -121,10 +146,13 @@ class Engine:
     def _handle(self, msg) -> None:
         kind, payload = msg
         if kind == "add":
-            self.scheduler.add(payload.seq)
+            for seq in (payload.seqs if isinstance(payload, BeamRequest) else [payload.seq]):
+                self.scheduler.add(seq)
         elif kind == "abort":
             req = self._requests.get(payload)
-            if req is not None:
+            if isinstance(req, BeamRequest):
+                self._finish_beam(req, FinishReason.ABORT)
+            elif req is not None:
                 self._finish(req, FinishReason.ABORT)
 
     def step(self) -> int:
@@ -161,6 +189,11 @@ class Engine:
 
     def _sample(self, out: SchedulerOutput, logits: torch.Tensor) -> None:
         rows = [it.seq for it in out.scheduled if it.wants_logits]
+        beam_rows = [i for i, s in enumerate(rows) if s.group is not None]
+        if beam_rows:
+            self._beam_rows(rows, logits, beam_rows)
+            keep = [i for i, s in enumerate(rows) if s.group is None]
+            rows, logits = [rows[i] for i in keep], logits[keep]
         if not rows:
             return
         reqs = [self._requests[s.request_id] for s in rows]
@@ -195,9 +228,57 @@ class Engine:
         self._requests.pop(req.request_id, None)
         self.counters["requests_finished"] += 1
 
+    # ---- beam search -------------------------------------------------------------------------
+    def _beam_rows(self, rows: list[Sequence], logits: torch.Tensor, indices: list[int]) -> None:
+        ready = []
+        for i in indices:
+            req = self._requests[rows[i].request_id]
+            if req.collect(rows[i], logits[i]) and req not in ready:
+                ready.append(req)
+        for req in ready:
+            self._beam_step(req)
+
+    def _beam_step(self, req: BeamRequest) -> None:
+        """Advance one beam search: fork the parents that survive, free the ones that do not."""
+        step = req.search.step(req.take_rows())
+        self.counters["tokens_generated"] += len(step.kept)
+        by_parent: dict[int, list] = {}
+        for choice in step.kept:
+            by_parent.setdefault(choice.parent_index, []).append(choice)
+        next_seqs: dict[int, Sequence] = {}
+        for index, parent in enumerate(req.seqs):
+            choices = by_parent.get(index)
+            if not choices:
+                continue
+            forks = fork_children(parent, len(choices), lambda: next(self._ids))
+            for child in forks:
+                self.blocks.fork(parent.seq_id, child.seq_id)
+                self.scheduler.add_running(child, after=parent)
+            for seq, choice in zip([parent, *forks], choices):
+                seq.output_ids.append(choice.token_id)
+                next_seqs[choice.node_id] = seq
+        for index, parent in enumerate(req.seqs):
+            if index not in by_parent:
+                self.scheduler.finish(parent, FinishReason.STOP)
+        req.seqs[:] = [next_seqs[c.node_id] for c in step.kept]
+        used = {b for s in req.seqs for b in self.blocks.get_block_table(s.seq_id)}
+        req.peak_blocks = max(req.peak_blocks, len(used))
+        if step.done or any(s.num_tokens >= self.max_model_len for s in req.seqs):
+            self._finish_beam(req, FinishReason.STOP if step.done else FinishReason.LENGTH)
+        else:
+            req.handle.put(req.step_output(step))
+
+    def _finish_beam(self, req: BeamRequest, reason: FinishReason) -> None:
+        for seq in list(req.seqs):
+            self.scheduler.finish(seq, reason)
+        req.handle.put(req.final_output(reason))
+        self._requests.pop(req.request_id, None)
+        self.counters["requests_finished"] += 1
+
     def _fail_all(self, message: str) -> None:
         for req in list(self._requests.values()):
-            self.scheduler.finish(req.seq, FinishReason.ABORT)
+            for seq in (req.seqs if isinstance(req, BeamRequest) else [req.seq]):
+                self.scheduler.finish(seq, FinishReason.ABORT)
             req.handle.put(RequestOutput(req.request_id, "", [], True, "error", error=message))
             self._requests.pop(req.request_id, None)
         self._stats = self._snapshot()

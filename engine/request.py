@@ -26,6 +26,11 @@ class RequestOutput:
     logprobs: list[dict] | None = None
     error: str | None = None
     time_to_first_token: float | None = None
+    beam_nodes: list[dict] | None = None     # beam search: tree nodes created by this step
+    beam_dropped: list[int] | None = None    # beam search: kept nodes that no candidate extends
+    beams: list[dict] | None = None          # beam search, final output: finished candidates, best first
+    beam_tree: list[dict] | None = None      # beam search, final output: every node
+    peak_blocks: int | None = None           # beam search: most KV blocks the request held at once
 
 
 @dataclass
@@ -41,6 +46,9 @@ class Completion:
     num_cached_tokens: int
     logprobs: list[dict] | None = None
     time_to_first_token: float | None = None
+    beams: list[dict] | None = None
+    beam_tree: list[dict] | None = None
+    peak_blocks: int | None = None
 
 
 class RequestError(RuntimeError):
@@ -90,7 +98,7 @@ class RequestHandle:
         assert last is not None
         return Completion(self.request_id, "".join(texts), ids, last.finish_reason, last.num_prompt_tokens,
                           last.num_generated_tokens, last.num_cached_tokens, logprobs or None,
-                          last.time_to_first_token)
+                          last.time_to_first_token, last.beams, last.beam_tree, last.peak_blocks)
 
 
 @dataclass

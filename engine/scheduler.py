@@ -67,15 +67,15 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_batched_tokens
         # 1. Running sequences, oldest first: decodes and unfinished prefill chunks.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in list(self.running):
+            if budget <= 0:
+                break
+            if seq not in self.running or seq.num_uncomputed == 0:
+                continue                    # preempted this step, or a beam waiting for its siblings
             num_new = min(seq.num_uncomputed, budget)
-            if not self._grow(seq, num_new, out):
-                break                       # seq itself was preempted; everything after it too
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
-            i += 1
+            if self._grow(seq, num_new, out):
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
         # 2. Waiting sequences in arrival order (preempted ones were put in front).
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -93,6 +93,11 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """Put a forked sequence (its blocks already shared by the block manager) right after its parent."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.insert(self.running.index(after) + 1, seq)
+
     def _grow(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> bool:
         """Make room for seq's next num_new slots, preempting the newest others; False if seq went."""
         while True:
@@ -100,10 +105,18 @@ class Scheduler:
                 out.copies += self.blocks.append_slots(seq.seq_id, seq.num_computed + num_new)
                 return True
             except NoFreeBlocksError:
-                victim = self.running[-1]
-                self._preempt(victim, out)
-                if victim is seq:
+                victims = self._victims()
+                for victim in victims:
+                    self._preempt(victim, out)
+                if seq in victims:
                     return False
+
+    def _victims(self) -> list[Sequence]:
+        """The newest running sequence, with its whole beam group (beams advance in lockstep)."""
+        newest = self.running[-1]
+        if newest.group is None:
+            return [newest]
+        return [s for s in reversed(self.running) if s.group is newest.group]
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

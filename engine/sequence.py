@@ -98,6 +98,7 @@ class Sequence:
     first_token_time: float | None = None
     num_preemptions: int = 0
     logprobs: list = field(default_factory=list)
+    group: list | None = None         # a beam request's live sequences (preempted together)
 
     @property
     def token_ids(self) -> list[int]:
