@@ -44,6 +44,84 @@ const char *pa_last_error_cuda(void);
 
 /* ---- CPU (native/cpu) -------------------------------------------------------------------- */
 /* CPU_EXPORTS_BEGIN */
+/* INT8 conventions: weights int8 [N, K] with float scales [N, K/32] (symmetric, a group of 32 along
+ * K); activations are quantized on the fly the same way per row.  K must be a multiple of 32.
+ * KV tiles: writing offset 0 of a (block, kv head) tile starts it afresh (resets its scale).
+ * Threads: OpenMP over output channels / heads. Scratch is passed in; nothing is kept between calls
+ * except oneDNN's primitive cache (pa_onednn_*). */
+/* 1 when this CPU runs the library (AVX2 + FMA), else 0; call before anything else. */
+int32_t pa_supported_cpu(void);
+int32_t pa_num_threads_cpu(void);
+
+/* xq [m, k] int8, xs [m, k/32] <- x [m, k] float */
+pa_status pa_quantize_q8_cpu(int8_t *xq, float *xs, const float *x, int64_t m, int64_t k);
+/* y [m, n] <- (xq, xs) [m, k] @ (w [n, k] int8, ws [n, k/32]).T */
+pa_status pa_gemm_q8_cpu(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
+                         int64_t m, int64_t n, int64_t k);
+/* y [m, n] <- x [m, k] @ dequant(w, ws).T ; scratch >= round_up(m * k, 64) + m * (k/32) * 4 bytes */
+pa_status pa_linear_q8_cpu(float *y, void *scratch, int64_t scratch_bytes, const float *x, const int8_t *w,
+                           const float *ws, int64_t m, int64_t n, int64_t k);
+
+/* out [T, hidden] <- rms_norm(x + residual) * weight; residual [T, hidden] += x in place (NULL: none) */
+pa_status pa_rms_norm_cpu(float *out, float *residual, const float *x, const float *weight,
+                          int64_t num_tokens, int64_t hidden, float eps);
+/* cos_t, sin_t [T, head_dim/2] <- positions [T] (computed in double, as torch_ref.rope_cos_sin) */
+pa_status pa_rope_table_cpu(float *cos_t, float *sin_t, const int64_t *positions, int64_t num_tokens,
+                            int64_t head_dim, double theta);
+/* in place: q rows [T] of [num_heads, head_dim] (row stride q_stride floats), k likewise */
+pa_status pa_rope_cpu(float *q, float *k, const float *cos_t, const float *sin_t, int64_t num_tokens,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t q_stride,
+                      int64_t k_stride);
+/* out [T, I] <- silu(gate_up[:, :I]) * gate_up[:, I:]; gate_up [T, 2I] */
+pa_status pa_silu_mul_cpu(float *out, const float *gate_up, int64_t num_tokens, int64_t intermediate);
+/* out [n] <- exp(x [n]) through the softmax's lookup table (x <= 0; for tests) */
+pa_status pa_exp_lut_cpu(float *out, const float *x, int64_t n);
+
+/* key_cache, value_cache [num_blocks, nkv, block_size, head_dim] int8, k_scales, v_scales
+ * [num_blocks, nkv] float <- k, v rows [T] of [nkv, head_dim] (row strides k_stride, v_stride)
+ * at slot_mapping [T] int32 (-1 = skip) */
+pa_status pa_write_kv_q8_cpu(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
+                             int64_t k_stride, int64_t v_stride);
+/* out [T, num_heads, head_dim] <- causal attention of q rows [T] of [num_heads, head_dim] (row stride
+ * q_stride) over the int8 pools; block_tables [num_seqs, max_blocks_per_seq], context_lens [num_seqs],
+ * query_start_loc [num_seqs + 1] int32 (semantics at the top of this file). head_dim % 8 == 0,
+ * head_dim <= 256, block_size <= 64, num_heads / num_kv_heads <= 32. */
+pa_status pa_paged_attention_q8_cpu(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                                    const int8_t *value_cache, const float *v_scales, const int32_t *block_tables,
+                                    const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                                    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks,
+                                    int64_t q_stride, float scale);
+
+/* out [T, hidden] <- dequantized rows ids [T] of q [vocab, hidden] int8, scales [vocab, hidden/32] */
+pa_status pa_embed_q8_cpu(float *out, const int64_t *ids, const int8_t *q, const float *scales, int64_t num_tokens,
+                          int64_t vocab, int64_t hidden);
+
+/* One whole decoder layer (model.py's LlamaModel.layer) in one call. */
+typedef struct {
+    const float *input_norm, *post_norm;                 /* [hidden] */
+    const int8_t *qkv; const float *qkv_scales;          /* [q_size + 2 kv_size, hidden], [.., hidden/32] */
+    const int8_t *o; const float *o_scales;              /* [hidden, q_size], [hidden, q_size/32] */
+    const int8_t *gate_up; const float *gate_up_scales;  /* [2 I, hidden], [2 I, hidden/32] */
+    const int8_t *down; const float *down_scales;        /* [hidden, I], [hidden, I/32] */
+} pa_layer_weights_cpu;
+typedef struct {
+    int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size, num_blocks;
+    float eps, attn_scale;
+} pa_layer_dims_cpu;
+/* Scratch bytes pa_llama_layer_cpu needs for num_tokens rows (-1 on bad arguments). */
+int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t num_tokens);
+/* hidden_io [T, hidden]: in the layer's input h, out its output h; residual [T, hidden] in/out
+ * (first != 0: residual is set to h, as model.py's residual=None); the pools as pa_write_kv_q8_cpu;
+ * cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu. */
+pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, void *scratch, int64_t scratch_bytes,
+                             int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
+                             const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
+                             const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
+                             int64_t num_seqs, int64_t max_blocks_per_seq);
 /* CPU_EXPORTS_END */
 
 /* ---- CUDA (native/cuda) ------------------------------------------------------------------ */

@@ -1,0 +1,314 @@
+"""INT8 CPU backend: int8 weights and int8 paged KV pools, run by libpa_cpu.so's AVX2 kernels."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from engine import native
+from engine.backends.base import Backend
+from engine.batch import Batch
+from engine.config import ModelConfig
+from engine.native import NativeError, NativeLib
+
+GROUP = 32                                     # int8 group along K (weights and activations)
+LINEARS = ("qkv", "o", "gate_up", "down")      # per-layer int8 matrices
+
+
+def quantize_int8_local(w: torch.Tensor, group_size: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (q [N, K] int8, scales [N, K / group] float32), symmetric per group along K."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    scales = g.abs().amax(-1) / 127.0                                  # [N, K / group]
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    return q.contiguous(), scales.contiguous()
+
+
+def quantize_int8(w: torch.Tensor, group_size: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """engine.weights.quantize_int8 when it exists (one definition for the project), else the local twin."""
+    try:
+        from engine.weights import quantize_int8 as shared
+    except ImportError:
+        return quantize_int8_local(w, group_size)
+    return shared(w, group_size=group_size)
+
+
+def load_cpu_lib() -> NativeLib:
+    """libpa_cpu.so, or NativeError when this CPU lacks AVX2/FMA (the engine then uses torch)."""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        missing = [x for x in ("avx2", "fma") if x not in flags]
+        if missing:
+            raise NativeError(f"cpu-int8 needs AVX2 and FMA; this CPU lacks {missing}: use the torch backend")
+    lib = native.load("cpu")
+    if not lib.lib.pa_supported_cpu():
+        raise NativeError("cpu-int8: libpa_cpu reports this CPU unsupported (needs AVX2 + FMA)")
+    return lib
+
+
+@dataclass
+class CpuBatch(Batch):
+    """A Batch plus the RoPE table of its positions (built once per forward, read by every layer)."""
+
+    rope_cos: torch.Tensor | None = None        # [T, head_dim / 2] float32
+    rope_sin: torch.Tensor | None = None
+
+
+class CpuInt8Backend(Backend):
+    """int8 weights ([N, K] + scales [N, K/32]) and int8 KV pools (+ a scale per block and KV head)."""
+
+    name = "cpu-int8"
+
+    def __init__(self, config: ModelConfig, lib: NativeLib | None = None):
+        super().__init__(config)
+        self.nl = lib or load_cpu_lib()
+        self.lib, self.ffi = self.nl.lib, self.nl.ffi
+        self.q: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (int8 [N, K], scales [N, K/32])
+        self.f: dict[str, torch.Tensor] = {}                          # norms, float32
+        self.key_caches: list[torch.Tensor] = []                      # [num_blocks, nkv, bs, hd] int8
+        self.value_caches: list[torch.Tensor] = []
+        self.k_scales: list[torch.Tensor] = []                        # [num_blocks, nkv] float32
+        self.v_scales: list[torch.Tensor] = []
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._layer_w: list = []
+        self._dims = None
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        tied = weights["lm_head"] is weights["embed"]
+        int8 = {}
+        for name, t in weights.items():
+            if name.split(".")[-1] in LINEARS or name in ("lm_head", "embed"):
+                if name == "embed" and tied:
+                    continue
+                int8[name] = quantize_int8(t.float())
+        rest = {n: t for n, t in weights.items() if n not in int8 and n != "embed"}
+        self.load_quantized_weights(int8, rest)
+
+    def load_quantized_weights(self, int8: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                               float_rest: dict[str, torch.Tensor]) -> None:
+        """int8: name -> (q [N, K] int8, scales [N, K/32] float32); float_rest: the norms.
+        "embed" may be absent: the embedding then reads lm_head's rows (tied weights)."""
+        c = self.config
+        self.q = {}
+        for name, (q, s) in int8.items():
+            if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % GROUP:
+                raise ValueError(f"{name}: want int8 [N, K] with K % {GROUP} == 0, got {q.dtype} {tuple(q.shape)}")
+            if s.shape != (q.shape[0], q.shape[1] // GROUP):
+                raise ValueError(f"{name}: scales {tuple(s.shape)} do not match {tuple(q.shape)}")
+            self.q[name] = (q.contiguous(), s.float().contiguous())
+        self.q.setdefault("embed", self.q["lm_head"])
+        self.f = {n: t.float().contiguous() for n, t in float_rest.items() if n != "lm_head"}
+        for i in range(c.num_layers):
+            for name in LINEARS:
+                if f"layers.{i}.{name}" not in self.q:
+                    raise ValueError(f"missing int8 weight layers.{i}.{name}")
+        self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
+
+    def _layer_struct(self, i: int):
+        w = self.ffi.new("pa_layer_weights_cpu *")
+        w.input_norm = self._p(self.f[f"layers.{i}.input_norm"], "float *")
+        w.post_norm = self._p(self.f[f"layers.{i}.post_norm"], "float *")
+        for name in LINEARS:
+            q, s = self.q[f"layers.{i}.{name}"]
+            setattr(w, name, self._p(q, "int8_t *"))
+            setattr(w, name + "_scales", self._p(s, "float *"))
+        return w
+
+    def weight_bytes(self) -> int:
+        """Bytes of the int8 weights, their scales and the float norms."""
+        seen = {id(q): q.numel() + s.numel() * 4 for q, s in self.q.values()}
+        return sum(seen.values()) + sum(t.numel() * 4 for t in self.f.values())
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * (block_size * c.head_dim + 4)
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        c = self.config
+        if not 0 < block_size <= 64:
+            raise ValueError(f"cpu-int8: block_size must be in [1, 64], got {block_size}")
+        shape = (num_blocks, c.num_kv_heads, block_size, c.head_dim)
+        self.key_caches = [torch.zeros(shape, dtype=torch.int8) for _ in range(c.num_layers)]
+        self.value_caches = [torch.zeros(shape, dtype=torch.int8) for _ in range(c.num_layers)]
+        self.k_scales = [torch.zeros(num_blocks, c.num_kv_heads) for _ in range(c.num_layers)]
+        self.v_scales = [torch.zeros(num_blocks, c.num_kv_heads) for _ in range(c.num_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        d = self.ffi.new("pa_layer_dims_cpu *")
+        d.hidden, d.intermediate = c.hidden_size, c.intermediate_size
+        d.num_heads, d.num_kv_heads, d.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
+        d.block_size, d.num_blocks = block_size, num_blocks
+        d.eps, d.attn_scale = c.rms_norm_eps, c.head_dim ** -0.5
+        self._dims = d
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        src = torch.tensor([s for s, _ in pairs])
+        dst = torch.tensor([d for _, d in pairs])
+        for t in self.key_caches + self.value_caches + self.k_scales + self.v_scales:
+            t[dst] = t[src]
+
+    def prepare(self, batch: Batch) -> CpuBatch:
+        for name in ("slot_mapping", "query_start_loc", "context_lens", "block_tables"):
+            t = getattr(batch, name)
+            if t.dtype != torch.int32 or not t.is_contiguous():
+                raise NativeError(f"batch.{name} must be contiguous int32, got {t.dtype}")
+        positions = batch.positions.to(torch.int64).contiguous()
+        cos, sin = self._rope_table(positions)
+        fields = {**vars(batch), "positions": positions}
+        return CpuBatch(**fields, rope_cos=cos, rope_sin=sin)
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _p(self, t: torch.Tensor, ctype: str):
+        return self.nl.ptr(t, ctype)
+
+    def _check(self, status: int, op: str) -> None:
+        self.nl.check(status, op)
+
+    def _scratch_ptr(self, nbytes: int):
+        if self._scratch.numel() < nbytes:
+            self._scratch = torch.empty(max(nbytes, 2 * self._scratch.numel()), dtype=torch.uint8)
+        return self._p(self._scratch, "void *"), self._scratch.numel()
+
+    def _rope_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        t = positions.shape[0]
+        cos = torch.empty(t, c.head_dim // 2)
+        sin = torch.empty(t, c.head_dim // 2)
+        self._check(self.lib.pa_rope_table_cpu(self._p(cos, "float *"), self._p(sin, "float *"),
+                                               self._p(positions, "int64_t *"), t, c.head_dim, c.rope_theta),
+                    "pa_rope_table_cpu")
+        return cos, sin
+
+    @staticmethod
+    def _f32(t: torch.Tensor, shape: tuple, what: str) -> torch.Tensor:
+        if t.dtype != torch.float32 or tuple(t.shape) != shape:
+            raise NativeError(f"{what}: want float32 {shape}, got {t.dtype} {tuple(t.shape)}")
+        return t.contiguous()
+
+    @staticmethod
+    def _rows(t: torch.Tensor, heads: int, head_dim: int, what: str) -> int:
+        """Row stride (floats) of a [T, heads, head_dim] float32 view whose rows are dense."""
+        if t.dtype != torch.float32 or t.dim() != 3 or tuple(t.shape[1:]) != (heads, head_dim):
+            raise NativeError(f"{what}: want float32 [T, {heads}, {head_dim}], got {t.dtype} {tuple(t.shape)}")
+        if t.stride(2) != 1 or t.stride(1) != head_dim or t.stride(0) < heads * head_dim:
+            raise NativeError(f"{what}: rows must be dense [heads, head_dim], strides {t.stride()}")
+        return t.stride(0)
+
+    # ---- ops ---------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        q, s = self.q["embed"]
+        ids = input_ids.to(torch.int64).contiguous()
+        out = torch.empty(ids.shape[0], q.shape[1])
+        self._check(self.lib.pa_embed_q8_cpu(self._p(out, "float *"), self._p(ids, "int64_t *"), self._p(q, "int8_t *"),
+                                             self._p(s, "float *"), ids.shape[0], q.shape[0], q.shape[1]),
+                    "pa_embed_q8_cpu")
+        return out
+
+    def rms_norm(self, x, name, residual=None):
+        weight = self.f[name]
+        shape = (x.shape[0], weight.shape[0])
+        x = self._f32(x, shape, "rms_norm x")
+        out = torch.empty(shape)
+        res_ptr = self.ffi.NULL
+        if residual is not None:
+            if not residual.is_contiguous():
+                raise NativeError("rms_norm: residual must be contiguous (updated in place)")
+            residual = self._f32(residual, shape, "rms_norm residual")
+            res_ptr = self._p(residual, "float *")
+        self._check(self.lib.pa_rms_norm_cpu(self._p(out, "float *"), res_ptr, self._p(x, "float *"),
+                                             self._p(weight, "float *"), shape[0], shape[1], self.config.rms_norm_eps),
+                    "pa_rms_norm_cpu")
+        return out, (x if residual is None else residual)
+
+    def linear(self, x, name):
+        q, s = self.q[name]
+        n, k = q.shape
+        x = self._f32(x, (x.shape[0], k), f"linear {name} x")
+        m = x.shape[0]
+        y = torch.empty(m, n)
+        scratch, nbytes = self._scratch_ptr(((m * k + 63) & ~63) + m * (k // GROUP) * 4)
+        self._check(self.lib.pa_linear_q8_cpu(self._p(y, "float *"), scratch, nbytes, self._p(x, "float *"),
+                                              self._p(q, "int8_t *"), self._p(s, "float *"), m, n, k),
+                    f"pa_linear_q8_cpu({name})")
+        return y
+
+    def rope(self, q, k, positions):
+        c = self.config
+        positions = positions.to(torch.int64).contiguous()
+        cos, sin = self._rope_table(positions)
+        q = torch.empty_like(q, memory_format=torch.contiguous_format).copy_(q)
+        k = torch.empty_like(k, memory_format=torch.contiguous_format).copy_(k)
+        qs = self._rows(q, c.num_heads, c.head_dim, "rope q")
+        ks = self._rows(k, c.num_kv_heads, c.head_dim, "rope k")
+        if positions.shape[0] != q.shape[0] or k.shape[0] != q.shape[0]:
+            raise NativeError("rope: q, k and positions disagree on the number of tokens")
+        self._check(self.lib.pa_rope_cpu(self._p(q, "float *"), self._p(k, "float *"), self._p(cos, "float *"),
+                                         self._p(sin, "float *"), q.shape[0], c.num_heads, c.num_kv_heads,
+                                         c.head_dim, qs, ks), "pa_rope_cpu")
+        return q, k
+
+    def write_kv(self, layer, k, v, batch):
+        c = self.config
+        ks = self._rows(k, c.num_kv_heads, c.head_dim, "write_kv k")
+        vs = self._rows(v, c.num_kv_heads, c.head_dim, "write_kv v")
+        slots = batch.slot_mapping
+        if slots.dtype != torch.int32 or not slots.is_contiguous() or not slots.shape[0] == k.shape[0] == v.shape[0]:
+            raise NativeError("write_kv: slot_mapping must be contiguous int32 [T] matching k and v")
+        self._check(self.lib.pa_write_kv_q8_cpu(
+            self._p(self.key_caches[layer], "int8_t *"), self._p(self.k_scales[layer], "float *"),
+            self._p(self.value_caches[layer], "int8_t *"), self._p(self.v_scales[layer], "float *"),
+            self.ffi.cast("float *", k.data_ptr()), self.ffi.cast("float *", v.data_ptr()),
+            self._p(slots, "int32_t *"), k.shape[0], c.num_kv_heads, c.head_dim, self.block_size, self.num_blocks,
+            ks, vs), "pa_write_kv_q8_cpu")
+
+    def paged_attention(self, layer, q, batch):
+        c = self.config
+        qs = self._rows(q, c.num_heads, c.head_dim, "paged_attention q")
+        out = torch.empty(q.shape[0], c.num_heads, c.head_dim)
+        tables = batch.block_tables
+        self._check(self.lib.pa_paged_attention_q8_cpu(
+            self._p(out, "float *"), self.ffi.cast("float *", q.data_ptr()),
+            self._p(self.key_caches[layer], "int8_t *"), self._p(self.k_scales[layer], "float *"),
+            self._p(self.value_caches[layer], "int8_t *"), self._p(self.v_scales[layer], "float *"),
+            self._p(tables, "int32_t *"), self._p(batch.context_lens, "int32_t *"),
+            self._p(batch.query_start_loc, "int32_t *"), batch.num_seqs, q.shape[0], c.num_heads, c.num_kv_heads,
+            c.head_dim, self.block_size, tables.shape[1], self.num_blocks, qs, c.head_dim ** -0.5),
+            "pa_paged_attention_q8_cpu")
+        return out
+
+    def silu_mul(self, gate_up):
+        t, two_i = gate_up.shape
+        gate_up = self._f32(gate_up, (t, two_i), "silu_mul gate_up")
+        out = torch.empty(t, two_i // 2)
+        self._check(self.lib.pa_silu_mul_cpu(self._p(out, "float *"), self._p(gate_up, "float *"), t, two_i // 2),
+                    "pa_silu_mul_cpu")
+        return out
+
+    def forward_layer(self, layer, h, residual, batch):
+        if not isinstance(batch, CpuBatch) or batch.rope_cos is None:
+            return None
+        shape = (batch.num_tokens, self.config.hidden_size)
+        if h.dtype != torch.float32 or tuple(h.shape) != shape or not h.is_contiguous():
+            raise NativeError(f"forward_layer: h must be contiguous float32 {shape}")
+        first = residual is None
+        if first:
+            residual = torch.empty(shape)
+        elif tuple(residual.shape) != shape or not residual.is_contiguous():
+            raise NativeError(f"forward_layer: residual must be contiguous float32 {shape}")
+        need = self.lib.pa_llama_layer_scratch_bytes_cpu(self._dims, shape[0])
+        scratch, nbytes = self._scratch_ptr(need)
+        tables = batch.block_tables
+        self._check(self.lib.pa_llama_layer_cpu(
+            self._p(h, "float *"), self._p(residual, "float *"), int(first), scratch, nbytes,
+            self._p(self.key_caches[layer], "int8_t *"), self._p(self.k_scales[layer], "float *"),
+            self._p(self.value_caches[layer], "int8_t *"), self._p(self.v_scales[layer], "float *"),
+            self._layer_w[layer], self._dims, self._p(batch.rope_cos, "float *"), self._p(batch.rope_sin, "float *"),
+            self._p(batch.slot_mapping, "int32_t *"), self._p(tables, "int32_t *"),
+            self._p(batch.context_lens, "int32_t *"), self._p(batch.query_start_loc, "int32_t *"),
+            shape[0], batch.num_seqs, tables.shape[1]), f"pa_llama_layer_cpu(layer {layer})")
+        return h, residual

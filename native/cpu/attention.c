@@ -1,0 +1,245 @@
+/*
+ * attention.c -- the INT8 paged KV cache: the write that quantizes as it stores, and causal paged
+ * attention over int8 K/V tiles (decode and chunked prefill, GQA).
+ *
+ * Pool layout (pa.h): cache [num_blocks, num_kv_heads, block_size, head_dim] int8,
+ * scales [num_blocks, num_kv_heads] float; value = int8 * scale.  A tile is one (block, kv head).
+ */
+#include <string.h>
+#include "cpu_common.h"
+
+/* ================================================================================================
+ * KV write.  Tokens of one tile arrive in increasing offsets (a sequence fills its blocks in order).
+ * Offset 0 starts the tile afresh (a reused block keeps a stale scale); otherwise a token whose
+ * absmax exceeds 127 * scale raises the scale and requantizes the tile's earlier tokens to it.
+ * ============================================================================================== */
+static void store_token(int8_t *tile, float *scale, const float *x, int64_t off, int64_t head_dim) {
+    /* step 1: absmax of the new vector */
+    float amax = 0.0f;
+    for (int64_t d = 0; d < head_dim; d++) amax = fmaxf(amax, fabsf(x[d]));
+    float s = off == 0 ? 0.0f : *scale;
+    /* step 2: grow the tile's scale, rescaling the tokens already stored */
+    if (amax > 127.0f * s) {
+        float s_new = amax / 127.0f;
+        if (s > 0.0f) {
+            const float ratio = s / s_new;
+            for (int64_t i = 0; i < off * head_dim; i++) tile[i] = (int8_t)lrintf((float)tile[i] * ratio);
+        }
+        s = s_new;
+        *scale = s;
+    } else if (off == 0) {
+        *scale = s;
+    }
+    /* step 3: quantize the new token (round to nearest even, clamp to +-127) */
+    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+    int8_t *dst = tile + off * head_dim;
+    for (int64_t d = 0; d < head_dim; d++) {
+        float q = nearbyintf(x[d] * inv);
+        dst[d] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+    }
+}
+
+HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                        const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
+                        int64_t v_stride) {
+    /* threads over (kv head, K or V); each walks the tokens in order */
+    #pragma omp parallel for schedule(static) if (num_tokens >= 16)
+    for (int64_t hv = 0; hv < 2 * num_kv_heads; hv++) {
+        const int64_t h = hv >> 1, is_v = hv & 1;
+        int8_t *cache = is_v ? value_cache : key_cache;
+        float *scales = is_v ? v_scales : k_scales;
+        const float *src = is_v ? v : k;
+        const int64_t stride = is_v ? v_stride : k_stride;
+        for (int64_t t = 0; t < num_tokens; t++) {
+            const int64_t slot = slot_mapping[t];
+            if (slot < 0) continue;
+            const int64_t blk = slot / block_size, off = slot % block_size;
+            const int64_t tile = blk * num_kv_heads + h;
+            store_token(cache + tile * block_size * head_dim, scales + tile, src + t * stride + h * head_dim,
+                        off, head_dim);
+        }
+    }
+}
+
+pa_status pa_write_kv_q8_cpu(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t num_blocks,
+                             int64_t k_stride, int64_t v_stride) {
+    CHECK_PTR(key_cache); CHECK_PTR(k_scales); CHECK_PTR(value_cache); CHECK_PTR(v_scales);
+    CHECK_PTR(k); CHECK_PTR(v); CHECK_PTR(slot_mapping);
+    CHECK(num_tokens >= 0 && num_kv_heads > 0 && head_dim > 0 && block_size > 0 && num_blocks > 0,
+          "bad sizes num_tokens=%ld num_kv_heads=%ld head_dim=%ld block_size=%ld num_blocks=%ld",
+          (long)num_tokens, (long)num_kv_heads, (long)head_dim, (long)block_size, (long)num_blocks);
+    CHECK(k_stride >= num_kv_heads * head_dim && v_stride >= num_kv_heads * head_dim, "row strides too small");
+    for (int64_t t = 0; t < num_tokens; t++)
+        CHECK(slot_mapping[t] >= -1 && slot_mapping[t] < num_blocks * block_size,
+              "slot_mapping[%ld] = %d outside [-1, %ld)", (long)t, slot_mapping[t], (long)(num_blocks * block_size));
+    write_kv_q8(key_cache, k_scales, value_cache, v_scales, k, v, slot_mapping, num_tokens, num_kv_heads,
+                head_dim, block_size, k_stride, v_stride);
+    return PA_OK;
+}
+
+/* ================================================================================================
+ * Paged attention.  A work item is (sequence, kv head, chunk of up to QC query rows); its rows are
+ * the chunk's queries x the group's query heads.  Each K/V tile is dequantized once per item (to
+ * float, scale folded in later) and serves all rows; softmax is online (running max m, sum l).
+ * ============================================================================================== */
+#define MAX_ROWS 32
+
+typedef struct {
+    const float *q; float *out; const int8_t *key_cache; const float *k_scales; const int8_t *value_cache;
+    const float *v_scales; const int32_t *block_tables; int64_t num_heads, num_kv_heads, head_dim,
+    block_size, max_blocks_per_seq, q_stride; float scale;
+} attn_args;
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t d = 0; d < n; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum_ps(acc);
+}
+
+/* Rows r of the item: query row qrow0 + r / group, head g * group + r % group. */
+static void attend_item(const attn_args *a, int64_t s, int64_t g, int64_t ctx, int64_t qlen, int64_t row0,
+                        int64_t nq, int64_t token0) {
+    const int64_t hd = a->head_dim, bs = a->block_size, group = a->num_heads / a->num_kv_heads;
+    const int64_t rows = nq * group;
+    /* stack buffers, bounded by the export's checks: rows <= 32, hd <= 256, bs <= 64 (<= 192 KiB) */
+    float qs[rows][hd], acc[rows][hd], m[rows], l[rows];
+    float kt[bs][hd], vt[bs][hd], sc[bs];
+    /* step 1: scaled queries, empty accumulators */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = a->q + (token0 + row0 + r / group) * a->q_stride + (g * group + r % group) * hd;
+        for (int64_t d = 0; d < hd; d++) { qs[r][d] = src[d] * a->scale; acc[r][d] = 0.0f; }
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    const int64_t last_pos = ctx - qlen + row0 + nq - 1;         /* the chunk's furthest visible key */
+    const int32_t *table = a->block_tables + s * a->max_blocks_per_seq;
+    for (int64_t p0 = 0; p0 <= last_pos; p0 += bs) {
+        /* step 2: dequantize this tile's valid keys and values (int8 -> float; scales applied below) */
+        const int64_t tile = (int64_t)table[p0 / bs] * a->num_kv_heads + g;
+        const int64_t nvalid = ctx - p0 < bs ? ctx - p0 : bs;
+        const int8_t *kq = a->key_cache + tile * bs * hd, *vq = a->value_cache + tile * bs * hd;
+        const float ks = a->k_scales[tile], vs = a->v_scales[tile];
+        for (int64_t i = 0; i < nvalid; i++)
+            for (int64_t d = 0; d < hd; d += 8) {
+                _mm256_storeu_ps(&kt[i][d], load8_i8_ps(kq + i * hd + d));
+                _mm256_storeu_ps(&vt[i][d], load8_i8_ps(vq + i * hd + d));
+            }
+        for (int64_t r = 0; r < rows; r++) {
+            /* step 3: scores of the keys this row may see (causal), running max */
+            const int64_t qpos = ctx - qlen + row0 + r / group;
+            const int64_t nk = qpos - p0 + 1 < nvalid ? qpos - p0 + 1 : nvalid;
+            if (nk <= 0) continue;
+            float mx = m[r];
+            for (int64_t i = 0; i < nk; i++) {
+                sc[i] = dot_f32(qs[r], kt[i], hd) * ks;
+                mx = sc[i] > mx ? sc[i] : mx;
+            }
+            /* step 4: p = exp(score - max) through the table; rescale the row's state */
+            const float corr = exp_lut(m[r] - mx);
+            int64_t i = 0;
+            const __m256 vmx = _mm256_set1_ps(mx);
+            __m256 psum = _mm256_setzero_ps();
+            for (; i + 8 <= nk; i += 8) {
+                __m256 p = exp_lut_ps(_mm256_sub_ps(_mm256_loadu_ps(sc + i), vmx));
+                _mm256_storeu_ps(sc + i, p);
+                psum = _mm256_add_ps(psum, p);
+            }
+            float sum = hsum_ps(psum);
+            for (; i < nk; i++) { sc[i] = exp_lut(sc[i] - mx); sum += sc[i]; }
+            l[r] = l[r] * corr + sum;
+            m[r] = mx;
+            /* step 5: acc = acc * corr + sum_i p_i * vs * v_i */
+            for (int64_t d = 0; d < hd; d += 8) {
+                __m256 o = _mm256_mul_ps(_mm256_loadu_ps(&acc[r][d]), _mm256_set1_ps(corr));
+                for (int64_t j = 0; j < nk; j++)
+                    o = _mm256_fmadd_ps(_mm256_set1_ps(sc[j] * vs), _mm256_loadu_ps(&vt[j][d]), o);
+                _mm256_storeu_ps(&acc[r][d], o);
+            }
+        }
+    }
+    /* step 6: normalise into out [T, num_heads, head_dim] */
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = a->out + (token0 + row0 + r / group) * a->num_heads * hd + (g * group + r % group) * hd;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int64_t d = 0; d < hd; d++) dst[d] = acc[r][d] * inv;
+    }
+}
+
+HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                               const int8_t *value_cache, const float *v_scales,
+                               const int32_t *block_tables, const int32_t *context_lens,
+                               const int32_t *query_start_loc, int64_t num_seqs, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t max_blocks_per_seq, int64_t q_stride, float scale) {
+    const attn_args a = {q, out, key_cache, k_scales, value_cache, v_scales, block_tables, num_heads,
+                         num_kv_heads, head_dim, block_size, max_blocks_per_seq, q_stride, scale};
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t qc = MAX_ROWS / group;                         /* query rows per item */
+    int64_t max_qlen = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
+        max_qlen = qlen > max_qlen ? qlen : max_qlen;
+    }
+    const int64_t chunks = (max_qlen + qc - 1) / qc;
+    const int64_t items = num_seqs * num_kv_heads * chunks;
+    #pragma omp parallel for schedule(dynamic, 1) if (items > 1)
+    for (int64_t it = 0; it < items; it++) {
+        const int64_t s = it / (num_kv_heads * chunks), g = (it / chunks) % num_kv_heads, c = it % chunks;
+        const int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
+        const int64_t row0 = c * qc;
+        if (row0 >= qlen) continue;
+        const int64_t nq = qlen - row0 < qc ? qlen - row0 : qc;
+        attend_item(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
+    }
+}
+
+/* Validate the batch's index arrays against the pool (cheap: one pass over the needed entries). */
+HIDDEN pa_status check_attention_batch(const char *kernel, const int32_t *block_tables, const int32_t *context_lens,
+                                       const int32_t *query_start_loc, int64_t num_seqs, int64_t num_tokens,
+                                       int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks) {
+    if (query_start_loc[0] != 0 || query_start_loc[num_seqs] != num_tokens)
+        return cpu_fail(PA_ERR_INVALID_ARG, kernel, "query_start_loc must run from 0 to num_tokens=%ld",
+                        (long)num_tokens);
+    for (int64_t s = 0; s < num_seqs; s++) {
+        const int64_t qlen = query_start_loc[s + 1] - query_start_loc[s], ctx = context_lens[s];
+        if (qlen < 0 || ctx < qlen || ctx > max_blocks_per_seq * block_size)
+            return cpu_fail(PA_ERR_INVALID_ARG, kernel, "sequence %ld: query_len=%ld context_len=%ld "
+                            "(need 0 <= query_len <= context_len <= %ld)", (long)s, (long)qlen, (long)ctx,
+                            (long)(max_blocks_per_seq * block_size));
+        for (int64_t b = 0; qlen > 0 && b < (ctx + block_size - 1) / block_size; b++) {
+            const int32_t blk = block_tables[s * max_blocks_per_seq + b];
+            if (blk < 0 || blk >= num_blocks)
+                return cpu_fail(PA_ERR_INVALID_ARG, kernel, "block_tables[%ld, %ld] = %d outside [0, %ld)",
+                                (long)s, (long)b, blk, (long)num_blocks);
+        }
+    }
+    return PA_OK;
+}
+
+pa_status pa_paged_attention_q8_cpu(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                                    const int8_t *value_cache, const float *v_scales, const int32_t *block_tables,
+                                    const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_seqs,
+                                    int64_t num_tokens, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                                    int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks,
+                                    int64_t q_stride, float scale) {
+    CHECK_PTR(out); CHECK_PTR(q); CHECK_PTR(key_cache); CHECK_PTR(k_scales); CHECK_PTR(value_cache);
+    CHECK_PTR(v_scales); CHECK_PTR(block_tables); CHECK_PTR(context_lens); CHECK_PTR(query_start_loc);
+    CHECK(num_seqs >= 0 && num_tokens >= 0 && num_blocks > 0 && max_blocks_per_seq > 0, "bad sizes");
+    CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0 && num_heads / num_kv_heads <= MAX_ROWS,
+          "num_heads=%ld must be a multiple of num_kv_heads=%ld, at most %d per kv head", (long)num_heads,
+          (long)num_kv_heads, MAX_ROWS);
+    CHECK(head_dim > 0 && head_dim % 8 == 0 && head_dim <= MAX_HEAD_DIM, "head_dim=%ld must be a multiple of 8, <= %d",
+          (long)head_dim, MAX_HEAD_DIM);
+    CHECK(block_size > 0 && block_size <= 64, "block_size=%ld must be in [1, 64]", (long)block_size);
+    CHECK(q_stride >= num_heads * head_dim, "q_stride=%ld too small", (long)q_stride);
+    pa_status st = check_attention_batch(__func__, block_tables, context_lens, query_start_loc, num_seqs, num_tokens,
+                                         block_size, max_blocks_per_seq, num_blocks);
+    if (st != PA_OK) return st;
+    paged_attention_q8(out, q, key_cache, k_scales, value_cache, v_scales, block_tables, context_lens,
+                       query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                       max_blocks_per_seq, q_stride, scale);
+    return PA_OK;
+}

@@ -1,0 +1,117 @@
+/*
+ * layer.c -- one native call per decoder layer (Python overhead between ~10 small ops per layer
+ * costs more than the ops themselves at batch 1), and the int8 embedding lookup.
+ * The layer is exactly model.py's LlamaModel.layer composed from this library's kernels.
+ */
+#include <string.h>
+#include "cpu_common.h"
+
+static int64_t round64(int64_t n) { return (n + 63) & ~(int64_t)63; }
+
+/* Scratch carve-up, in this order: xq int8 [T, kmax], xs [T, kmax/32], x [T, H], qkv [T, q+2kv],
+ * attn [T, q], gate_up [T, 2I], act [T, I]; each piece 64-byte aligned. */
+typedef struct { int8_t *xq; float *xs, *x, *qkv, *attn, *gate_up, *act; int64_t bytes; } layer_scratch;
+
+static layer_scratch carve(char *base, const pa_layer_dims_cpu *d, int64_t t) {
+    const int64_t q_size = d->num_heads * d->head_dim, kv_size = d->num_kv_heads * d->head_dim;
+    int64_t kmax = d->hidden > d->intermediate ? d->hidden : d->intermediate;
+    kmax = kmax > q_size ? kmax : q_size;
+    layer_scratch s;
+    int64_t off = 0;
+#define TAKE(field, type, count) s.field = (type *)(base ? base + off : NULL); off += round64((count) * (int64_t)sizeof(type))
+    TAKE(xq, int8_t, t * kmax);
+    TAKE(xs, float, t * (kmax / QK));
+    TAKE(x, float, t * d->hidden);
+    TAKE(qkv, float, t * (q_size + 2 * kv_size));
+    TAKE(attn, float, t * q_size);
+    TAKE(gate_up, float, t * 2 * d->intermediate);
+    TAKE(act, float, t * d->intermediate);
+#undef TAKE
+    s.bytes = off;
+    return s;
+}
+
+int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t num_tokens) {
+    if (dims == NULL || num_tokens < 0) return -1;
+    return carve(NULL, dims, num_tokens).bytes;
+}
+
+/* y [t, n] <- x [t, k] through int8 weights, quantizing x into the scratch */
+static void linear(float *y, const layer_scratch *s, const float *x, const int8_t *w, const float *ws,
+                   int64_t t, int64_t n, int64_t k, int64_t x_stride) {
+    quantize_rows_q8(s->xq, s->xs, x, t, k, x_stride);
+    gemm_q8(y, s->xq, s->xs, w, ws, t, n, k);
+}
+
+pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, void *scratch, int64_t scratch_bytes,
+                             int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
+                             const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
+                             const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
+                             int64_t num_seqs, int64_t max_blocks_per_seq) {
+    CHECK_PTR(hidden_io); CHECK_PTR(residual); CHECK_PTR(scratch); CHECK_PTR(w); CHECK_PTR(d);
+    CHECK_PTR(key_cache); CHECK_PTR(k_scales); CHECK_PTR(value_cache); CHECK_PTR(v_scales);
+    CHECK_PTR(cos_t); CHECK_PTR(sin_t); CHECK_PTR(slot_mapping); CHECK_PTR(block_tables);
+    CHECK_PTR(context_lens); CHECK_PTR(query_start_loc);
+    CHECK(w->input_norm && w->post_norm && w->qkv && w->qkv_scales && w->o && w->o_scales && w->gate_up &&
+          w->gate_up_scales && w->down && w->down_scales, "a weight pointer is NULL");
+    CHECK(num_tokens > 0 && num_seqs > 0 && max_blocks_per_seq > 0 && d->num_blocks > 0, "bad batch sizes");
+    CHECK(d->hidden % QK == 0 && d->intermediate % QK == 0 && (d->num_heads * d->head_dim) % QK == 0,
+          "hidden=%ld, intermediate=%ld and num_heads*head_dim must be multiples of %d", (long)d->hidden,
+          (long)d->intermediate, QK);
+    CHECK(d->num_kv_heads > 0 && d->num_heads % d->num_kv_heads == 0 && d->num_heads / d->num_kv_heads <= 32,
+          "num_heads=%ld / num_kv_heads=%ld", (long)d->num_heads, (long)d->num_kv_heads);
+    CHECK(d->head_dim % 8 == 0 && d->head_dim <= MAX_HEAD_DIM && d->block_size > 0 && d->block_size <= 64,
+          "head_dim=%ld (multiple of 8, <= %d), block_size=%ld (<= 64)", (long)d->head_dim, MAX_HEAD_DIM,
+          (long)d->block_size);
+    CHECK(d->eps > 0.0f, "eps must be positive");
+    const layer_scratch s = carve((char *)scratch, d, num_tokens);
+    CHECK(scratch_bytes >= s.bytes, "scratch of %ld bytes given, %ld needed", (long)scratch_bytes, (long)s.bytes);
+    for (int64_t t = 0; t < num_tokens; t++)
+        CHECK(slot_mapping[t] >= -1 && slot_mapping[t] < d->num_blocks * d->block_size,
+              "slot_mapping[%ld] = %d out of range", (long)t, slot_mapping[t]);
+    pa_status st = check_attention_batch(__func__, block_tables, context_lens, query_start_loc, num_seqs, num_tokens,
+                                         d->block_size, max_blocks_per_seq, d->num_blocks);
+    if (st != PA_OK) return st;
+
+    const int64_t T = num_tokens, H = d->hidden, I = d->intermediate, hd = d->head_dim;
+    const int64_t q_size = d->num_heads * hd, kv_size = d->num_kv_heads * hd, qkv_n = q_size + 2 * kv_size;
+    /* step 1: residual (+)= h; x = rms_norm(residual) * input_norm */
+    if (first) memcpy(residual, hidden_io, (size_t)(T * H) * sizeof(float));
+    rms_norm_rows(s.x, first ? NULL : residual, first ? residual : hidden_io, w->input_norm, T, H, d->eps);
+    /* step 2: qkv = x @ Wqkv.T; RoPE on q and k in place */
+    linear(s.qkv, &s, s.x, w->qkv, w->qkv_scales, T, qkv_n, H, H);
+    rope_rows(s.qkv, s.qkv + q_size, cos_t, sin_t, T, d->num_heads, d->num_kv_heads, hd, qkv_n, qkv_n);
+    /* step 3: store k, v into the int8 pool, then attend over it */
+    write_kv_q8(key_cache, k_scales, value_cache, v_scales, s.qkv + q_size, s.qkv + q_size + kv_size, slot_mapping,
+                T, d->num_kv_heads, hd, d->block_size, qkv_n, qkv_n);
+    paged_attention_q8(s.attn, s.qkv, key_cache, k_scales, value_cache, v_scales, block_tables, context_lens,
+                       query_start_loc, num_seqs, d->num_heads, d->num_kv_heads, hd, d->block_size,
+                       max_blocks_per_seq, qkv_n, d->attn_scale);
+    /* step 4: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm */
+    linear(hidden_io, &s, s.attn, w->o, w->o_scales, T, H, q_size, q_size);
+    rms_norm_rows(s.x, residual, hidden_io, w->post_norm, T, H, d->eps);
+    /* step 5: MLP: h = (silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T */
+    linear(s.gate_up, &s, s.x, w->gate_up, w->gate_up_scales, T, 2 * I, H, H);
+    silu_mul_rows(s.act, s.gate_up, T, I);
+    linear(hidden_io, &s, s.act, w->down, w->down_scales, T, H, I, I);
+    return PA_OK;
+}
+
+/* ================================================================================================
+ * Embedding from int8 rows: out [T, hidden] <- q[ids] * scales[ids] (per group of 32).
+ * ============================================================================================== */
+pa_status pa_embed_q8_cpu(float *out, const int64_t *ids, const int8_t *q, const float *scales, int64_t num_tokens,
+                          int64_t vocab, int64_t hidden) {
+    CHECK_PTR(out); CHECK_PTR(ids); CHECK_PTR(q); CHECK_PTR(scales);
+    CHECK(num_tokens >= 0 && vocab > 0 && hidden > 0 && hidden % QK == 0, "bad sizes");
+    for (int64_t t = 0; t < num_tokens; t++)
+        CHECK(ids[t] >= 0 && ids[t] < vocab, "ids[%ld] = %ld outside [0, %ld)", (long)t, (long)ids[t], (long)vocab);
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const int8_t *row = q + ids[t] * hidden;
+        const float *sc = scales + ids[t] * (hidden / QK);
+        for (int64_t i = 0; i < hidden; i += 8)
+            _mm256_storeu_ps(out + t * hidden + i, _mm256_mul_ps(load8_i8_ps(row + i), _mm256_set1_ps(sc[i / QK])));
+    }
+    return PA_OK;
+}

@@ -1,0 +1,380 @@
+"""libpa_cpu's kernels against the torch reference, on fresh random inputs with outputs poisoned (NaN)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.backends.cpu_int8 import CpuBatch, CpuInt8Backend, load_cpu_lib, quantize_int8_local
+from engine.backends.torch_ref import apply_rope, paged_attention_ref, rope_cos_sin
+from engine.batch import Batch
+from engine.config import ModelConfig
+from engine.model import LlamaModel
+from engine.native import NativeError
+
+
+def _has_avx2() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "avx2" in f.read()
+    except OSError:
+        return True
+
+
+pytestmark = pytest.mark.skipif(not _has_avx2(), reason="the INT8 CPU kernels need AVX2")
+
+PTR = {torch.float32: "float *", torch.int8: "int8_t *", torch.int32: "int32_t *",
+       torch.int64: "int64_t *", torch.uint8: "void *"}
+
+
+@pytest.fixture(scope="module")
+def nl():
+    return load_cpu_lib()          # a missing or stale library fails the tests: build with `make -C native cpu`
+
+
+def call(nl, op: str, *args) -> None:
+    """Call pa_<op>_cpu with tensors turned into typed pointers (None -> NULL); raise NativeError."""
+    conv = [nl.ffi.NULL if a is None else nl.ptr(a, PTR[a.dtype]) if isinstance(a, torch.Tensor) else a
+            for a in args]
+    nl.check(getattr(nl.lib, f"pa_{op}_cpu")(*conv), op)
+
+
+def nan(*shape) -> torch.Tensor:
+    return torch.full(shape, float("nan"))
+
+
+def dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    n, k = q.shape
+    return (q.float().reshape(n, -1, 32) * s[..., None]).reshape(n, k)
+
+
+def linear(nl, x, q, s):
+    m, k = x.shape
+    y = nan(m, q.shape[0])
+    scratch = torch.empty(((m * k + 63) & ~63) + m * (k // 32) * 4, dtype=torch.uint8)
+    call(nl, "linear_q8", y, scratch, scratch.numel(), x, q, s, m, q.shape[0], k)
+    return y
+
+
+# ---- quantization and GEMM ------------------------------------------------------------------------
+def test_quantize_matches_torch(nl):
+    torch.manual_seed(1)
+    x = torch.randn(5, 96)
+    x[1, 32:64] = 0.0                                  # an all-zero block: scale 0, values 0
+    x[2, 7] = 3000.0                                   # an outlier only coarsens its own block
+    xq, xs = torch.zeros(5, 96, dtype=torch.int8), nan(5, 3)
+    call(nl, "quantize_q8", xq, xs, x, 5, 96)
+    ref_q, ref_s = quantize_int8_local(x)
+    torch.testing.assert_close(xs, ref_s, rtol=1e-6, atol=0)
+    assert (xq.int() - ref_q.int()).abs().max() <= 1    # x * (127 / amax) vs x / (amax / 127) at ties
+    assert (xq != ref_q).float().mean() < 0.01
+    assert xs[1, 1] == 0 and (xq[1, 32:64] == 0).all()
+    err = (dequant(xq, xs) - x).abs()
+    assert (err <= xs.repeat_interleave(32, 1) / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 576, 576), (1, 7, 32), (3, 5, 64), (2, 13, 1536), (8, 960, 576),
+                                   (33, 100, 96), (5, 192, 576)])
+def test_linear_within_quantization_bound(nl, m, n, k):
+    """|y - x @ w.T| <= sum_k |x_k| sw_k / 2 + sx_k / 2 (|w_k| + sw_k / 2), per element."""
+    torch.manual_seed(m * 1000 + n + k)
+    x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
+    x[0, min(5, k - 1)] = 400.0                        # a down_proj-like outlier in one block
+    q, s = quantize_int8_local(w)
+    y = linear(nl, x, q, s)
+    _, xs = quantize_int8_local(x)
+    sw, sx = s.repeat_interleave(32, 1), xs.repeat_interleave(32, 1)          # [n, k], [m, k]
+    xa, wa = x.abs().double(), w.abs().double()
+    bound = xa @ (sw.double() / 2).T + (sx.double() / 2) @ (wa + sw.double() / 2).T
+    bound += 1e-5 * (xa @ wa.T) + 1e-6                  # float32 accumulation
+    err = (y.double() - x.double() @ w.double().T).abs()
+    assert torch.isfinite(y).all()
+    assert (err <= bound).all(), f"max err/bound {(err / bound).max():.3f}"
+    # and it computes exactly the quantized product (catches a wrong scale index the bound might hide)
+    xq, xs2 = quantize_int8_local(x)
+    torch.testing.assert_close(y, dequant(xq, xs2) @ dequant(q, s).T, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_prequantized_matches_linear(nl):
+    torch.manual_seed(3)
+    x, w = torch.randn(6, 64), torch.randn(40, 64)
+    q, s = quantize_int8_local(w)
+    xq, xs = torch.empty(6, 64, dtype=torch.int8), nan(6, 2)
+    call(nl, "quantize_q8", xq, xs, x, 6, 64)
+    y = nan(6, 40)
+    call(nl, "gemm_q8", y, xq, xs, q, s, 6, 40, 64)
+    assert torch.equal(y, linear(nl, x, q, s))
+
+
+# ---- norms, RoPE, SiLU, exp ------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,hidden", [(1, 576), (7, 64), (3, 100)])
+def test_rms_norm(nl, rows, hidden):
+    torch.manual_seed(rows + hidden)
+    x, res, w = torch.randn(rows, hidden), torch.randn(rows, hidden), torch.randn(hidden)
+    total = x + res
+    ref = total * torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+    out, res_io = nan(rows, hidden), res.clone()
+    call(nl, "rms_norm", out, res_io, x, w, rows, hidden, 1e-5)
+    torch.testing.assert_close(res_io, total, rtol=0, atol=0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    out2 = nan(rows, hidden)
+    call(nl, "rms_norm", out2, None, x, w, rows, hidden, 1e-5)
+    torch.testing.assert_close(out2, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_table_matches_torch_ref(nl):
+    pos = torch.tensor([0, 1, 15, 16, 17, 511, 2047, 8191], dtype=torch.int64)
+    cos, sin = nan(8, 32), nan(8, 32)
+    call(nl, "rope_table", cos, sin, pos, 8, 64, 100000.0)
+    ref_cos, ref_sin = rope_cos_sin(pos, 64, 100000.0)
+    assert (cos - ref_cos[:, :32]).abs().max() <= 1e-6
+    assert (sin - ref_sin[:, :32]).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("tokens,heads,kv_heads,head_dim", [(1, 9, 3, 64), (5, 9, 3, 64), (3, 4, 4, 32)])
+def test_rope_strided_in_place(nl, tokens, heads, kv_heads, head_dim):
+    torch.manual_seed(tokens)
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width)
+    pos = torch.randint(0, 4000, (tokens,), dtype=torch.int64)
+    q_ref = qkv[:, : heads * head_dim].reshape(tokens, heads, head_dim).clone()
+    k_ref = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim).clone()
+    v_before = qkv[:, (heads + kv_heads) * head_dim:].clone()
+    cos, sin = nan(tokens, head_dim // 2), nan(tokens, head_dim // 2)
+    call(nl, "rope_table", cos, sin, pos, tokens, head_dim, 100000.0)
+    q_view, k_view = qkv[:, : heads * head_dim], qkv[:, heads * head_dim:]
+    nl.check(nl.lib.pa_rope_cpu(nl.ffi.cast("float *", q_view.data_ptr()), nl.ffi.cast("float *", k_view.data_ptr()),
+                                nl.ptr(cos, "float *"), nl.ptr(sin, "float *"), tokens, heads, kv_heads, head_dim,
+                                width, width), "rope")
+    c, s = rope_cos_sin(pos, head_dim, 100000.0)
+    torch.testing.assert_close(q_view.reshape(tokens, heads, head_dim), apply_rope(q_ref, c, s), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].reshape(tokens, kv_heads, head_dim),
+                               apply_rope(k_ref, c, s), rtol=1e-5, atol=1e-5)
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], v_before)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (4, 13), (3, 64)])
+def test_silu_mul(nl, rows, inter):
+    torch.manual_seed(inter)
+    gu = torch.randn(rows, 2 * inter) * 4
+    out = nan(rows, inter)
+    call(nl, "silu_mul", out, gu, rows, inter)
+    torch.testing.assert_close(out, F.silu(gu[:, :inter]) * gu[:, inter:], rtol=2e-6, atol=1e-6)
+
+
+def test_exp_lut_error(nl):
+    x = torch.cat([torch.linspace(-20, 0, 200_001), torch.tensor([-80.0, -86.9, -87.5, -1000.0, -math.inf])])
+    out = nan(x.numel())
+    call(nl, "exp_lut", out, x, x.numel())
+    ref = torch.exp(x.double())
+    rel = ((out.double() - ref).abs() / ref.clamp_min(1e-300))[:200_001]
+    print(f"exp LUT max relative error on [-20, 0]: {rel.max():.2e}")
+    assert rel.max() < 2e-6
+    assert (out[-3:] == 0).all() and out[-5] > 0
+
+
+# ---- KV write and paged attention --------------------------------------------------------------------
+def make_pool(num_blocks, nkv, bs, hd):
+    kc = torch.zeros(num_blocks, nkv, bs, hd, dtype=torch.int8)
+    return kc, kc.clone(), torch.zeros(num_blocks, nkv), torch.zeros(num_blocks, nkv)
+
+
+def write_kv(nl, pool, k, v, slots):
+    kc, vc, ks, vs = pool
+    t, nkv, hd = k.shape
+    call(nl, "write_kv_q8", kc, ks, vc, vs, k, v, slots, t, nkv, hd, kc.shape[2], kc.shape[0], nkv * hd, nkv * hd)
+
+
+def pool_float(cache, scales):
+    return cache.float() * scales[:, :, None, None]
+
+
+def test_write_kv_quantizes_within_half_a_step(nl):
+    """Each token is within half a step of its tile's scale, plus half a step per later requantization."""
+    torch.manual_seed(5)
+    nkv, bs, hd = 3, 16, 64
+    pool = make_pool(6, nkv, bs, hd)
+    pool[2][:] = 50.0                                   # stale scales from an earlier owner of the blocks
+    pool[3][:] = 50.0
+    k, v = torch.randn(20, nkv, hd), torch.randn(20, nkv, hd)
+    k[9] *= 30                                          # a large token mid-tile: requantizes its tile
+    slots = torch.tensor([3 * bs + i for i in range(16)] + [1 * bs + i for i in range(3)] + [-1], dtype=torch.int32)
+    before = pool[0].clone()
+    write_kv(nl, pool, k, v, slots)
+    for src, cache, scales in ((k, pool[0], pool[2]), (v, pool[1], pool[3])):
+        got = pool_float(cache, scales)
+        for h in range(nkv):
+            bound: dict[int, float] = {}                 # slot -> error bound, grown by every requantization
+            scale = {}
+            for t, slot in enumerate(slots.tolist()):
+                if slot < 0:
+                    continue
+                blk, off = divmod(slot, bs)
+                amax = src[t, h].abs().max().item() / 127
+                if off == 0 or amax > scale[blk]:
+                    scale[blk] = amax
+                    for other in bound:
+                        if other // bs == blk:
+                            bound[other] += scale[blk] / 2
+                bound[slot] = scale[blk] / 2
+            for t, slot in enumerate(slots.tolist()):
+                if slot >= 0:
+                    blk, off = divmod(slot, bs)
+                    err = (got[blk, h, off] - src[t, h]).abs().max().item()
+                    assert err <= bound[slot] * (1 + 1e-5) + 1e-7, (t, h, err, bound[slot])
+            for blk, sc in scale.items():
+                assert scales[blk, h].item() == pytest.approx(sc, rel=1e-6)   # offset 0 reset the stale 50
+    assert pool[2][3, 0] > 0.1                             # the k outlier raised its tile's scale
+    assert torch.equal(pool[0][[0, 2, 4, 5]], before[[0, 2, 4, 5]])   # untouched blocks, -1 skipped
+
+
+def attention_case(nl, seqs, nh=9, nkv=3, hd=64, bs=16, seed=0):
+    """seqs: (context_len, query_len) each. Random int8 pools, random block tables."""
+    gen = torch.Generator().manual_seed(seed)
+    need = [(c + bs - 1) // bs for c, _ in seqs]
+    num_blocks = sum(need) + 3
+    kc = torch.randint(-127, 128, (num_blocks, nkv, bs, hd), dtype=torch.int8, generator=gen)
+    vc = torch.randint(-127, 128, (num_blocks, nkv, bs, hd), dtype=torch.int8, generator=gen)
+    ks = torch.rand(num_blocks, nkv, generator=gen) * 0.02 + 0.001
+    vs = torch.rand(num_blocks, nkv, generator=gen) * 0.02 + 0.001
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.full((len(seqs), max(need) + 1), -1, dtype=torch.int32)
+    for s, n in enumerate(need):
+        tables[s, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
+    qsl = torch.tensor([0] + [sum(q for _, q in seqs[: i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    ctx = torch.tensor([c for c, _ in seqs], dtype=torch.int32)
+    t = int(qsl[-1])
+    q = torch.randn(t, nh, hd, generator=gen) * 2
+    out = nan(t, nh, hd)
+    call(nl, "paged_attention_q8", out, q, kc, ks, vc, vs, tables, ctx, qsl, len(seqs), t, nh, nkv, hd, bs,
+         tables.shape[1], num_blocks, nh * hd, hd ** -0.5)
+    ref = paged_attention_ref(q, pool_float(kc, ks), pool_float(vc, vs), tables, ctx, qsl, hd ** -0.5)
+    return out, ref
+
+
+@pytest.mark.parametrize("seqs", [
+    [(1, 1)],                                   # one token
+    [(16, 1)], [(32, 1)],                       # block boundary
+    [(17, 1)], [(37, 1)],                       # partial last block
+    [(33, 33)],                                 # prefill from empty, partial last block
+    [(40, 7)],                                  # a chunk on top of a cached prefix
+    [(5, 1), (16, 16), (50, 3), (1, 1), (23, 11)],   # a mixed batch
+], ids=lambda s: "-".join(f"{c}c{q}q" for c, q in s))
+def test_paged_attention_gqa(nl, seqs):
+    out, ref = attention_case(nl, seqs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64)])
+def test_paged_attention_other_geometries(nl, nh, nkv, hd, bs):
+    out, ref = attention_case(nl, [(70, 1), (65, 20)], nh, nkv, hd, bs, seed=nh + bs)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ---- status codes ---------------------------------------------------------------------------------------
+def test_bad_arguments_raise(nl):
+    x, q, s = torch.randn(2, 48), torch.zeros(4, 48, dtype=torch.int8), torch.zeros(4, 1)
+    with pytest.raises(NativeError, match="multiple of 32"):
+        call(nl, "gemm_q8", nan(2, 4), torch.zeros(2, 48, dtype=torch.int8), torch.zeros(2, 1), q, s, 2, 4, 48)
+    small = torch.empty(10, dtype=torch.uint8)
+    with pytest.raises(NativeError, match="scratch"):
+        call(nl, "linear_q8", nan(2, 4), small, 10, torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8),
+             torch.zeros(4, 2), 2, 4, 64)
+    with pytest.raises(NativeError, match="is NULL"):
+        call(nl, "rms_norm", None, None, x, torch.ones(48), 2, 48, 1e-5)
+    pool = make_pool(2, 1, 4, 8)
+    with pytest.raises(NativeError, match="slot_mapping"):
+        write_kv(nl, pool, torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.tensor([8], dtype=torch.int32))
+    kc, vc, ks, vs = pool
+    bad_table = torch.tensor([[0, 5]], dtype=torch.int32)
+    with pytest.raises(NativeError, match="block_tables"):
+        call(nl, "paged_attention_q8", nan(1, 1, 8), torch.randn(1, 1, 8), kc, ks, vc, vs, bad_table,
+             torch.tensor([6], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32), 1, 1, 1, 1, 8, 4, 2, 2, 8,
+             0.3)
+    with pytest.raises(NativeError, match="context_len"):
+        call(nl, "paged_attention_q8", nan(2, 1, 8), torch.randn(2, 1, 8), kc, ks, vc, vs,
+             torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32),
+             torch.tensor([0, 2], dtype=torch.int32), 1, 2, 1, 1, 8, 4, 2, 2, 8, 0.3)
+    with pytest.raises(NativeError, match="ids"):
+        call(nl, "embed_q8", nan(1, 32), torch.tensor([7]), torch.zeros(4, 32, dtype=torch.int8), torch.ones(4, 1),
+             1, 4, 32)
+
+
+# ---- the backend: embed, copy_blocks, fused layer vs composed ops ---------------------------------------
+TINY = ModelConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=16, rope_theta=10000.0)
+
+
+def tiny_weights(cfg: ModelConfig, seed=0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen) * 0.2  # noqa: E731
+    qkv_n = cfg.q_size + 2 * cfg.kv_size
+    w = {"embed": r(cfg.vocab_size, cfg.hidden_size), "norm": 1 + r(cfg.hidden_size)}
+    w["lm_head"] = w["embed"]
+    for i in range(cfg.num_layers):
+        w |= {f"layers.{i}.input_norm": 1 + r(cfg.hidden_size), f"layers.{i}.post_norm": 1 + r(cfg.hidden_size),
+              f"layers.{i}.qkv": r(qkv_n, cfg.hidden_size), f"layers.{i}.o": r(cfg.hidden_size, cfg.q_size),
+              f"layers.{i}.gate_up": r(2 * cfg.intermediate_size, cfg.hidden_size),
+              f"layers.{i}.down": r(cfg.hidden_size, cfg.intermediate_size)}
+    return w
+
+
+@pytest.fixture()
+def tiny_backend(nl):
+    b = CpuInt8Backend(TINY, lib=nl)
+    b.load_weights(tiny_weights(TINY))
+    b.allocate_kv_cache(num_blocks=16, block_size=8)
+    return b
+
+
+def test_embed_reads_int8_rows(tiny_backend):
+    ids = torch.tensor([0, 299, 5, 5])
+    q, s = tiny_backend.q["embed"]
+    torch.testing.assert_close(tiny_backend.embed(ids), dequant(q, s)[ids], rtol=0, atol=0)
+
+
+def test_kv_pool_is_int8_and_copy_blocks_copies_scales(tiny_backend):
+    b = tiny_backend
+    assert b.key_caches[0].dtype == torch.int8
+    assert b.kv_bytes_per_block(16) * 3.9 < 2 * TINY.num_layers * TINY.kv_size * 16 * 4
+    for t in b.key_caches + b.value_caches:
+        t.random_(-127, 128)
+    for t in b.k_scales + b.v_scales:
+        t.uniform_()
+    b.copy_blocks([(1, 4), (2, 9)])
+    for t in b.key_caches + b.value_caches + b.k_scales + b.v_scales:
+        assert torch.equal(t[4], t[1]) and torch.equal(t[9], t[2])
+
+
+def steps(cfg, block_size):
+    """Two sequences: a 13-token prefill chunk + a 5-token one, then a decode step for both."""
+    tables = [[3, 7], [10, 2]]
+    first = Batch.build([(list(range(1, 14)), 0, tables[0]), (list(range(20, 25)), 0, tables[1])], block_size,
+                        [True, True])
+    second = Batch.build([([40], 13, tables[0]), ([41], 5, tables[1])], block_size, [True, True])
+    return [first, second]
+
+
+def test_fused_layer_matches_composed_ops(nl):
+    """forward_layer (one native call) == model.layer over the backend's separate ops."""
+    logits = []
+    for fused in (True, False):
+        b = CpuInt8Backend(TINY, lib=nl)
+        b.load_weights(tiny_weights(TINY))
+        b.allocate_kv_cache(num_blocks=16, block_size=8)
+        if not fused:
+            b.forward_layer = lambda *a: None
+        model = LlamaModel(TINY, b)
+        logits.append([model.forward(batch) for batch in steps(TINY, 8)])
+    for a, c in zip(*logits):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_prepare_adds_rope_table(tiny_backend):
+    batch = tiny_backend.prepare(steps(TINY, 8)[0])
+    assert isinstance(batch, CpuBatch)
+    cos, _ = rope_cos_sin(batch.positions, TINY.head_dim, TINY.rope_theta)
+    torch.testing.assert_close(batch.rope_cos, cos[:, : TINY.head_dim // 2], rtol=0, atol=1e-6)
