@@ -1,0 +1,191 @@
+// The chat page: wires the store, settings, transport and views together.
+import { loadConversations, newId, saveConversations } from "./store.js";
+import { createSettings } from "./settings.js";
+import { createTransport } from "./transport.js";
+import { messageView, renderConversationList } from "./render.js";
+
+const page = JSON.parse(document.getElementById("page-config").textContent);
+const $ = (id) => document.getElementById(id);
+const ui = {
+  layout: $("layout"), messages: $("messages"), empty: $("empty-state"), prompt: $("prompt"),
+  composer: $("composer"), send: $("send"), stop: $("stop"), title: $("chat-title"),
+  conversations: $("conversations"), newChat: $("new-chat"), settings: $("settings"),
+  toggleSettings: $("toggle-settings"), closeSettings: $("close-settings"), toggleSidebar: $("toggle-sidebar"),
+  statusDot: $("status-dot"), modelName: $("model-name"), transportName: $("transport-name"),
+};
+
+const settings = createSettings($("settings-form"), { max_tokens: page.defaultMaxTokens });
+if (!page.needsApiKey) $("api-key-field").hidden = true;
+const transport = createTransport({
+  getApiKey: () => settings.values.api_key,
+  onMode: (mode) => { ui.transportName.textContent = mode === "websocket" ? "WebSocket" : "SSE"; },
+  forceSse: new URLSearchParams(location.search).get("transport") === "sse",
+});
+
+const state = { conversations: loadConversations(), currentId: null };
+
+function current() {
+  return state.conversations.find((c) => c.id === state.currentId) || null;
+}
+
+// ---- conversations ---------------------------------------------------------------------------
+function persist() {
+  saveConversations(state.conversations);
+  renderConversationList(ui.conversations, state.conversations.filter((c) => c.messages.length), state.currentId,
+                         { onOpen: openConversation, onDelete: deleteConversation });
+}
+
+function openConversation(id) {
+  if (transport.busy) transport.stop();
+  state.currentId = id;
+  const conv = current();
+  ui.messages.replaceChildren(ui.empty);
+  ui.empty.hidden = conv.messages.length > 0;
+  ui.title.textContent = conv.title;
+  for (const msg of conv.messages) {
+    const view = messageView(msg.role, msg.content);
+    if (msg.stats) view.setStats(msg.stats);
+    ui.messages.append(view.root);
+  }
+  ui.layout.classList.remove("sidebar-open");
+  persist();
+  scrollToEnd(true);
+}
+
+function newConversation() {
+  const fresh = state.conversations.find((c) => c.messages.length === 0);
+  const conv = fresh || { id: newId(), title: "New chat", updated: Date.now(), messages: [] };
+  if (!fresh) state.conversations.unshift(conv);
+  openConversation(conv.id);
+  ui.prompt.focus();
+}
+
+function deleteConversation(id) {
+  state.conversations = state.conversations.filter((c) => c.id !== id);
+  if (id === state.currentId) newConversation();
+  else persist();
+}
+
+// ---- a turn ----------------------------------------------------------------------------------
+function nearBottom() {
+  const m = ui.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 80;
+}
+
+function scrollToEnd(force = false) {
+  if (force || nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+function setBusy(busy) {
+  ui.send.hidden = busy;
+  ui.stop.hidden = !busy;
+}
+
+function conversationForServer(conv) {
+  const system = settings.values.system.trim();
+  const turns = conv.messages.map(({ role, content }) => ({ role, content }));
+  return system ? [{ role: "system", content: system }, ...turns] : turns;
+}
+
+async function send(text) {
+  const conv = current();
+  if (!text.trim() || transport.busy) return;
+  conv.messages.push({ role: "user", content: text });
+  if (conv.messages.length === 1) conv.title = text.trim().slice(0, 60);
+  conv.updated = Date.now();
+  state.conversations = [conv, ...state.conversations.filter((c) => c !== conv)];
+  ui.title.textContent = conv.title;
+  ui.empty.hidden = true;
+  ui.messages.append(messageView("user", text).root);
+  const view = messageView("assistant");
+  view.setState("waiting");
+  ui.messages.append(view.root);
+  scrollToEnd(true);
+  persist();
+  setBusy(true);
+
+  const started = performance.now();
+  let firstAt = null;
+  let tokens = 0;
+  const finish = (info, ok) => {
+    setBusy(false);
+    if (!ok) return;
+    view.setState("done");
+    view.setStats(info);
+    conv.messages.push({ role: "assistant", content: view.text(), stats: info });
+    persist();
+  };
+  await transport.send(conversationForServer(conv), settings.params(), {
+    onDelta(ev) {
+      if (firstAt === null) { firstAt = performance.now(); view.setState("streaming"); }
+      tokens += (ev.token_ids || []).length;
+      view.append(ev.text);
+      scrollToEnd();
+    },
+    onDone(ev) {
+      const timing = ev.timing || {};
+      const elapsed = (performance.now() - (firstAt ?? started)) / 1000;
+      finish({
+        ttft_s: timing.ttft_s ?? (firstAt === null ? undefined : (firstAt - started) / 1000),
+        tokens_per_s: timing.tokens_per_s ?? (tokens > 1 && elapsed > 0 ? (tokens - 1) / elapsed : undefined),
+        completion_tokens: ev.usage ? ev.usage.completion_tokens : tokens,
+        finish_reason: ev.finish_reason,
+      }, true);
+    },
+    onError(err) {
+      view.setError(`Error: ${err.message || "something went wrong"}`);
+      finish(null, false);
+    },
+  });
+}
+
+// ---- status ------------------------------------------------------------------------------------
+async function pollHealth() {
+  try {
+    const res = await fetch("/health", { cache: "no-store" });
+    const body = await res.json();
+    ui.statusDot.dataset.state = res.ok ? "ready" : body.status === "error" ? "error" : "loading";
+    ui.modelName.textContent = res.ok ? `${body.model} · ${body.backend}` : body.status === "error"
+      ? "model failed to load" : "loading the model…";
+    if (res.ok) return;
+  } catch {
+    ui.statusDot.dataset.state = "error";
+    ui.modelName.textContent = "server unreachable";
+  }
+  setTimeout(pollHealth, 2000);
+}
+
+// ---- events ------------------------------------------------------------------------------------
+ui.composer.addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = ui.prompt.value;
+  if (!text.trim() || transport.busy) return;
+  ui.prompt.value = "";
+  autosize();
+  send(text);
+});
+ui.prompt.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    ui.composer.requestSubmit();
+  }
+});
+function autosize() {
+  ui.prompt.style.height = "auto";
+  ui.prompt.style.height = `${Math.min(ui.prompt.scrollHeight, 200)}px`;
+}
+ui.prompt.addEventListener("input", autosize);
+ui.stop.addEventListener("click", () => transport.stop());
+ui.newChat.addEventListener("click", newConversation);
+ui.toggleSidebar.addEventListener("click", () => ui.layout.classList.toggle("sidebar-open"));
+function showSettings(show) {
+  ui.settings.hidden = !show;
+  ui.toggleSettings.setAttribute("aria-expanded", String(show));
+}
+ui.toggleSettings.addEventListener("click", () => showSettings(ui.settings.hidden));
+ui.closeSettings.addEventListener("click", () => showSettings(false));
+
+// ---- start -------------------------------------------------------------------------------------
+if (state.conversations.length) openConversation(state.conversations[0].id);
+else newConversation();
+pollHealth();
