@@ -63,10 +63,43 @@ def build_decoder(args):
         raise CliError(str(exc)) from exc
 
 
+def beam_params(args):
+    from engine.beam import BeamParams
+    try:
+        return BeamParams(beam_width=args.beams, max_tokens=args.max_tokens, length_penalty=args.length_penalty)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+
+
+def cmd_beam(args, dec) -> int:
+    """generate --beams W: print the candidates with their scores (reranked with --rerank)."""
+    res = dec.beam_search(args.prompt, beam_params(args))
+    cands = res.beams or []
+    if args.rerank or args.export:
+        from engine.reranker import Reranker
+        cands = Reranker.load().rank(args.prompt, cands)
+    if args.export:
+        from engine.rerank_data import append_jsonl
+        append_jsonl(args.export, args.prompt, cands)
+    if args.json:
+        print(json.dumps({"candidates": cands, "finish_reason": res.finish_reason}))
+        return 0
+    for i, cand in enumerate(cands):
+        extra = f"  rerank {cand['rerank_score']:+.3f}" if "rerank_score" in cand else ""
+        print(f"[{i}] score {cand['score']:.4f}{extra}\n{cand['text']}\n")
+    return 0
+
+
 def cmd_generate(args) -> int:
+    if args.beams < 1:
+        raise CliError("--beams must be >= 1")
+    if (args.rerank or args.export) and args.beams == 1:
+        raise CliError("--rerank and --export need --beams > 1")
     params = sampling_params(args)
     dec = build_decoder(args)
     try:
+        if args.beams > 1:
+            return cmd_beam(args, dec)
         if args.stream and not args.json:
             for delta in dec.stream(args.prompt, params):
                 print(delta, end="", flush=True)
@@ -167,6 +200,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--stream", action="store_true")
     g.add_argument("--json", action="store_true")
+    g.add_argument("--beams", type=int, default=1, help="beam width (>1: beam search)")
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--rerank", action="store_true", help="rerank the beam candidates")
+    g.add_argument("--export", default=None, help="append the candidates to this JSONL file")
     add_model_args(g)
     add_sampling_args(g)
     g.set_defaults(func=cmd_generate)
@@ -191,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     add_model_args(s)
     s.set_defaults(func=cmd_serve)
+    from engine.rerank_cli import add_rerank_commands
+    add_rerank_commands(sub)
     return ap
 
 
