@@ -1,6 +1,7 @@
 """GET /ws/chat: multi-turn chat over a WebSocket (flask-sock).
 
-Client frames: {"type": "chat", "messages": [...], "params": {...}} starts a generation;
+Client frames: {"type": "chat", "messages": [...], "params": {...}} starts a generation (a
+"prompt" instead of "messages" is taken too, as in /stream);
 {"type": "stop"} aborts the running one; {"type": "ping"} is answered with {"type": "pong"}.
 Server frames: {"type": "delta", ...}* then {"type": "done", ...}, or {"type": "error", ...}.
 The same JSON as /stream's events (webapp/schema.py). A closed socket aborts the generation.
@@ -58,8 +59,6 @@ def _send(ws, event: dict) -> None:
 
 def _run_chat(ws, rt, frame: dict) -> None:
     try:
-        if "messages" not in frame:
-            raise schema.ApiError("a chat frame needs messages", param="messages")
         req = schema.parse_generate(frame, max_model_len=rt.engine.max_model_len, defaults=defaults())
         gen = rt.start(req.prompt, req.messages, req.params)
     except schema.ApiError as err:

@@ -80,8 +80,14 @@ def _check_text(value: str, field: str) -> str:
     try:
         value.encode("utf-8")  # lone surrogates (\ud800) parse as JSON but are not text
     except UnicodeEncodeError:
-        raise ApiError(f"{field} contains an unpaired surrogate (not valid Unicode text)", param=field) from None
+        raise ApiError(f"{field} contains an unpaired surrogate (not valid Unicode text)",
+                       param=_top(field)) from None
     return value
+
+
+def _top(field: str) -> str:
+    """The top-level field an error belongs to: messages[2].content -> messages."""
+    return field.split("[", 1)[0].split(".", 1)[0]
 
 
 # ---- sampling parameters ----------------------------------------------------------------------
@@ -141,12 +147,12 @@ def parse_prompt(value, field: str = "prompt") -> str | list[int]:
     """A text prompt or a list of token ids."""
     if isinstance(value, str):
         if not value:
-            raise ApiError(f"{field} is empty", param=field)
+            raise ApiError(f"{field} is empty", param=_top(field))
         return _check_text(value, field)
     if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         return value
     raise ApiError(f"{field} must be a non-empty string or a non-empty list of token ids, got {_kind(value)}",
-                   param=field)
+                   param=_top(field))
 
 
 def _content_text(content, field: str) -> str:
@@ -156,10 +162,10 @@ def _content_text(content, field: str) -> str:
         parts = []
         for part in content:
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(f"{field} parts must be {{\"type\": \"text\", \"text\": ...}}", param=field)
+                raise ApiError(f"{field} parts must be {{\"type\": \"text\", \"text\": ...}}", param=_top(field))
             parts.append(_check_text(part["text"], field))
         return "".join(parts)
-    raise ApiError(f"{field} must be a string, got {_kind(content)}", param=field)
+    raise ApiError(f"{field} must be a string, got {_kind(content)}", param=_top(field))
 
 
 def parse_messages(value, field: str = "messages") -> list[dict]:

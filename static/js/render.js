@@ -1,10 +1,23 @@
-// DOM for messages. Model output is ALWAYS text: Text nodes and textContent, never innerHTML.
+// DOM for messages. Model output is ALWAYS text: Text nodes and textContent; no string is ever
+// parsed as HTML anywhere on this page (tests/test_webapp.py checks the JS for HTML sinks).
 
 function el(tag, className, text) {
   const node = document.createElement(tag);
   if (className) node.className = className;
   if (text !== undefined) node.textContent = text;
   return node;
+}
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+function icon(pathData) {
+  const svg = document.createElementNS(SVG_NS, "svg");
+  svg.setAttribute("viewBox", "0 0 24 24");
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(SVG_NS, "path");
+  path.setAttribute("d", pathData);
+  svg.append(path);
+  return svg;
 }
 
 const ROLE_LABEL = { user: "You", assistant: "Assistant" };
@@ -70,7 +83,7 @@ export function renderConversationList(nav, conversations, currentId, { onOpen, 
     const del = el("button", "conv-delete");
     del.type = "button";
     del.setAttribute("aria-label", "Delete conversation");
-    del.innerHTML = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18"/></svg>';  // static icon, no data
+    del.append(icon("M6 6l12 12M18 6L6 18"));
     del.addEventListener("click", (ev) => { ev.stopPropagation(); onDelete(conv.id); });
     item.append(del);
     item.addEventListener("click", () => onOpen(conv.id));
