@@ -126,6 +126,73 @@ pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, v
 
 /* ---- CUDA (native/cuda) ------------------------------------------------------------------ */
 /* CUDA_EXPORTS_BEGIN */
+/* All pointers are device pointers except `stream` (a cudaStream_t: torch's current stream).
+ * Element type of the 16-bit tensors (q, k, v, caches, activations, weights) is given by `dtype`.
+ * Token strides (`*_stride`) are in elements between consecutive tokens' rows, so q/k/v may be
+ * views into one fused qkv activation. Head rows themselves are contiguous ([heads, head_dim]).
+ * Supported: head_dim 64 or 128; block_size a power of two; num_heads / num_kv_heads <= 32. */
+#define PA_CUDA_DTYPE_BF16 0
+#define PA_CUDA_DTYPE_F16 1
+
+/* out = rms_norm(x + residual) * weight, rounded like HF (normalised value -> dtype -> * weight).
+ * out [num_tokens, hidden]; residual_out [num_tokens, hidden] gets x + residual (NULL: not stored;
+ * may alias residual); x [num_tokens, hidden]; residual [num_tokens, hidden] or NULL; weight [hidden]. */
+pa_status pa_rms_norm_cuda(void *out, void *residual_out, const void *x, const void *residual,
+                           const void *weight, int32_t num_tokens, int32_t hidden, float eps,
+                           int32_t dtype, void *stream);
+
+/* out [num_tokens, intermediate] = silu(gate) * up; gate_up [num_tokens, 2 * intermediate]. */
+pa_status pa_silu_mul_cuda(void *out, const void *gate_up, int32_t num_tokens, int32_t intermediate,
+                           int32_t dtype, void *stream);
+
+/* RoPE (HF rotate_half; cos/sin from float32 positions * theta^(-2i/head_dim), cast to dtype), in place.
+ * q [num_tokens, num_heads, head_dim] (row stride q_stride); k [num_tokens, num_kv_heads, head_dim]
+ * (row stride k_stride); positions [num_tokens] int32. */
+pa_status pa_rope_cuda(void *q, void *k, const int32_t *positions, int32_t num_tokens, int32_t num_heads,
+                       int32_t num_kv_heads, int32_t head_dim, int64_t q_stride, int64_t k_stride,
+                       float theta, int32_t dtype, void *stream);
+
+/* Store k, v [num_tokens, num_kv_heads, head_dim] into their slots of key_cache, value_cache
+ * [num_blocks, num_kv_heads, block_size, head_dim]; slot_mapping [num_tokens] int32, -1 = skip. */
+pa_status pa_write_kv_cuda(void *key_cache, void *value_cache, const void *k, const void *v,
+                           const int32_t *slot_mapping, int32_t num_tokens, int32_t num_kv_heads,
+                           int32_t head_dim, int32_t block_size, int64_t k_stride, int64_t v_stride,
+                           int32_t dtype, void *stream);
+
+/* pa_rope_cuda then pa_write_kv_cuda of the rotated k, in one launch. */
+pa_status pa_rope_write_kv_cuda(void *q, void *k, void *key_cache, void *value_cache, const void *v,
+                                const int32_t *positions, const int32_t *slot_mapping, int32_t num_tokens,
+                                int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                int64_t q_stride, int64_t k_stride, int64_t v_stride, float theta,
+                                int32_t dtype, void *stream);
+
+/* Decode attention: one query row per sequence (query_start_loc[s+1] - query_start_loc[s] == 1;
+ * 0 = no output), over its context_lens[s] cached tokens, flash-decoding style: the context is cut
+ * into partitions of partition_size tokens (a multiple of 16), one thread block per
+ * (partition, kv head, sequence); a second kernel merges partitions by log-sum-exp.
+ * out [num_tokens, num_heads, head_dim] (contiguous); q [num_tokens, num_heads, head_dim] (row stride
+ * q_stride); block_tables [num_seqs, max_blocks_per_seq]; context_lens [num_seqs];
+ * query_start_loc [num_seqs + 1]. A sequence with context_lens 0 gets zeros.
+ * max_splits: partitions launched per sequence (>= ceil(max context / partition_size); extra ones exit).
+ * partial_out [num_seqs, num_heads, max_splits, head_dim] float32 and partial_ml
+ * [num_seqs, num_heads, max_splits, 2] float32 are workspace (may be NULL when max_splits == 1). */
+pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
+                                         const void *key_cache, const void *value_cache,
+                                         const int32_t *block_tables, const int32_t *context_lens,
+                                         const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
+                                         int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                         int32_t max_blocks_per_seq, int32_t partition_size, int32_t max_splits,
+                                         int64_t q_stride, float scale, int32_t dtype, void *stream);
+
+/* Prefill / mixed attention: any query_len per sequence (the last query_len of context_lens[s] tokens,
+ * causal), tiled over the paged K/V. Shapes as in the decode entry; max_query_len bounds the grid. */
+pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *key_cache,
+                                          const void *value_cache, const int32_t *block_tables,
+                                          const int32_t *context_lens, const int32_t *query_start_loc,
+                                          int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
+                                          int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
+                                          int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
+                                          void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */

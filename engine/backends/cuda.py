@@ -1,0 +1,433 @@
+"""CUDA backend: bf16 weights on the GPU, GEMMs through torch (cuBLAS), our kernels (native/cuda) for
+attention, KV write, RoPE, RMSNorm and SiLU-mul, and CUDA graphs for decode-only steps."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+from engine import native
+from engine.backends.base import Backend
+from engine.batch import Batch
+from engine.config import ModelConfig
+
+DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class CudaKernels:
+    """Checked wrappers of the pa_*_cuda exports: validate tensors, pass pointers and torch's stream."""
+
+    def __init__(self):
+        self.lib = native.load("cuda")
+        self.ffi = self.lib.ffi
+        self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    # ---- plumbing ------------------------------------------------------------------------------
+    def _p(self, t: torch.Tensor | None):
+        return self.ffi.NULL if t is None else self.ffi.cast("void *", t.data_ptr())
+
+    def _stream(self):
+        return self.ffi.cast("void *", torch.cuda.current_stream().cuda_stream)
+
+    def _call(self, op: str, *args) -> None:
+        self.lib.check(getattr(self.lib.lib, op)(*args, self._stream()), op)
+
+    @staticmethod
+    def _check(op: str, name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple | None = None,
+               rows: bool = False) -> None:
+        """dtype, device and shape; contiguous, or (rows=True) contiguous within each token row."""
+        if not isinstance(t, torch.Tensor):
+            raise native.NativeError(f"{op}: {name} must be a torch.Tensor")
+        if t.device.type != "cuda":
+            raise native.NativeError(f"{op}: {name} is on {t.device}, not on the GPU")
+        if t.dtype != dtype:
+            raise native.NativeError(f"{op}: {name} has dtype {t.dtype}, expected {dtype}")
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise native.NativeError(f"{op}: {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if rows:
+            inner = t[0].is_contiguous() if t.shape[0] > 0 else True
+            if not inner or t.stride(0) % 8 or t.data_ptr() % 16:
+                raise native.NativeError(f"{op}: {name} rows must be contiguous and 16-byte aligned")
+        elif not t.is_contiguous():
+            raise native.NativeError(f"{op}: {name} is not contiguous")
+
+    @staticmethod
+    def _code(t: torch.Tensor) -> int:
+        if t.dtype not in DTYPE_CODES:
+            raise native.NativeError(f"CUDA kernels take bfloat16 or float16, got {t.dtype}")
+        return DTYPE_CODES[t.dtype]
+
+    # ---- ops -----------------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual) * weight, x + residual); x, residual [T, hidden]."""
+        op, code = "pa_rms_norm_cuda", self._code(x)
+        self._check(op, "x", x, x.dtype)
+        self._check(op, "weight", weight, x.dtype, (x.shape[-1],))
+        if residual is not None:
+            self._check(op, "residual", residual, x.dtype, x.shape)
+        out = torch.empty_like(x)                                   # [T, hidden]
+        total = torch.empty_like(x) if residual is not None else x
+        self._call(op, self._p(out), self._p(total) if residual is not None else self.ffi.NULL, self._p(x),
+                   self._p(residual), self._p(weight), x.shape[0], x.shape[1], float(eps), code)
+        return out, total
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        op = "pa_silu_mul_cuda"
+        self._check(op, "gate_up", gate_up, gate_up.dtype)
+        inter = gate_up.shape[1] // 2
+        out = torch.empty(gate_up.shape[0], inter, dtype=gate_up.dtype, device=gate_up.device)  # [T, I]
+        self._call(op, self._p(out), self._p(gate_up), gate_up.shape[0], inter, self._code(gate_up))
+        return out
+
+    def rope(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float,
+             cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """In place on q [T, nh, hd] and k [T, nkv, hd]; with cache=(key_cache, value_cache, v,
+        slot_mapping) the rotated k and v are also stored in their slots (one launch)."""
+        op = "pa_rope_cuda" if cache is None else "pa_rope_write_kv_cuda"
+        T, nh, hd = q.shape
+        nkv = k.shape[1]
+        self._check(op, "q", q, q.dtype, rows=True)
+        self._check(op, "k", k, q.dtype, (T, nkv, hd), rows=True)
+        self._check(op, "positions", positions, torch.int32, (T,))
+        if cache is None:
+            self._call(op, self._p(q), self._p(k), self._p(positions), T, nh, nkv, hd, q.stride(0), k.stride(0),
+                       float(theta), self._code(q))
+            return
+        key_cache, value_cache, v, slots = cache
+        self._check_cache(op, key_cache, value_cache, q.dtype, nkv, hd)
+        self._check(op, "v", v, q.dtype, (T, nkv, hd), rows=True)
+        self._check(op, "slot_mapping", slots, torch.int32, (T,))
+        self._call(op, self._p(q), self._p(k), self._p(key_cache), self._p(value_cache), self._p(v),
+                   self._p(positions), self._p(slots), T, nh, nkv, hd, key_cache.shape[2], q.stride(0),
+                   k.stride(0), v.stride(0), float(theta), self._code(q))
+
+    def write_kv(self, key_cache: torch.Tensor, value_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        op = "pa_write_kv_cuda"
+        T, nkv, hd = k.shape
+        self._check_cache(op, key_cache, value_cache, k.dtype, nkv, hd)
+        self._check(op, "k", k, key_cache.dtype, rows=True)
+        self._check(op, "v", v, key_cache.dtype, (T, nkv, hd), rows=True)
+        self._check(op, "slot_mapping", slot_mapping, torch.int32, (T,))
+        self._call(op, self._p(key_cache), self._p(value_cache), self._p(k), self._p(v), self._p(slot_mapping),
+                   T, nkv, hd, key_cache.shape[2], k.stride(0), v.stride(0), self._code(k))
+
+    def decode_partition(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
+        """Tokens per thread block: small enough that the grid covers the SMs about twice."""
+        units = max(1, num_seqs * num_kv_heads)
+        splits = max(1, -(-2 * self.num_sms // units))
+        part = -(-max(1, max_context_len) // splits)
+        return int(min(512, max(64, -(-part // 16) * 16)))
+
+    def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
+                               scale: float, max_context_len: int, partition: int | None = None,
+                               max_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given."""
+        op = "pa_paged_attention_decode_cuda"
+        T, nh, hd = q.shape
+        S = context_lens.shape[0]
+        self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
+        if partition is None:
+            partition = self.decode_partition(S, key_cache.shape[1], max_context_len)
+        if max_splits is None:
+            max_splits = max(1, -(-max_context_len // partition))
+        out = self._out(op, out, q)
+        po = pml = None
+        if max_splits > 1:
+            po = torch.empty(S, nh, max_splits, hd, dtype=torch.float32, device=q.device)
+            pml = torch.empty(S, nh, max_splits, 2, dtype=torch.float32, device=q.device)
+        self._call(op, self._p(out), self.ffi.cast("float *", po.data_ptr()) if po is not None else self.ffi.NULL,
+                   self.ffi.cast("float *", pml.data_ptr()) if pml is not None else self.ffi.NULL, self._p(q),
+                   self._p(key_cache), self._p(value_cache), self._p(block_tables), self._p(context_lens),
+                   self._p(query_start_loc), S, nh, key_cache.shape[1], hd, key_cache.shape[2],
+                   block_tables.shape[1], partition, max_splits, q.stride(0), float(scale), self._code(q))
+        return out
+
+    def paged_attention_prefill(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
+                                scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        op = "pa_paged_attention_prefill_cuda"
+        T, nh, hd = q.shape
+        self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
+        out = self._out(op, out, q)
+        self._call(op, self._p(out), self._p(q), self._p(key_cache), self._p(value_cache), self._p(block_tables),
+                   self._p(context_lens), self._p(query_start_loc), context_lens.shape[0], nh,
+                   key_cache.shape[1], hd, key_cache.shape[2], block_tables.shape[1], int(max_query_len),
+                   q.stride(0), float(scale), self._code(q))
+        return out
+
+    def _out(self, op, out, q) -> torch.Tensor:
+        if out is None:
+            return torch.empty(q.shape, dtype=q.dtype, device=q.device)      # [T, nh, hd]
+        self._check(op, "out", out, q.dtype, q.shape)
+        return out
+
+    def _check_cache(self, op, key_cache, value_cache, dtype, nkv, hd) -> None:
+        self._check(op, "key_cache", key_cache, dtype)
+        if key_cache.dim() != 4 or key_cache.shape[1] != nkv or key_cache.shape[3] != hd:
+            raise native.NativeError(f"{op}: key_cache shape {tuple(key_cache.shape)} is not "
+                                     f"[num_blocks, {nkv}, block_size, {hd}]")
+        self._check(op, "value_cache", value_cache, dtype, key_cache.shape)
+
+    def _check_attention(self, op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc):
+        self._check(op, "q", q, q.dtype, rows=True)
+        self._check_cache(op, key_cache, value_cache, q.dtype, key_cache.shape[1], q.shape[2])
+        S = context_lens.shape[0]
+        self._check(op, "context_lens", context_lens, torch.int32, (S,))
+        self._check(op, "query_start_loc", query_start_loc, torch.int32, (S + 1,))
+        self._check(op, "block_tables", block_tables, torch.int32)
+        if block_tables.dim() != 2 or block_tables.shape[0] < S:
+            raise native.NativeError(f"{op}: block_tables shape {tuple(block_tables.shape)} has fewer than {S} rows")
+
+
+@dataclasses.dataclass
+class CudaBatch(Batch):
+    """A Batch whose index tensors are int32 on the GPU, plus this backend's per-step plan."""
+
+    partition: int | None = None      # decode attention tokens per block (None: chosen per call)
+    max_splits: int | None = None
+    graph: "_DecodeGraph | None" = None
+
+
+class _DecodeGraph:
+    """Static int32 inputs of one captured decode step: ids, positions, slots, context_lens,
+    logits rows, query_start_loc, block tables ([B, W]); padding rows have slot -1 and context 0."""
+
+    def __init__(self, size: int, width: int, block_size: int, partition: int, max_splits: int, device):
+        B, self.size, self.width = size, size, width
+        # layout: ids [B] | positions [B] | slots [B] | context_lens [B] | logits rows [B] | qsl [B+1] | tables
+        self.host = torch.zeros(6 * B + 1 + B * width, dtype=torch.int32, pin_memory=True)
+        self.host[2 * B:3 * B] = -1
+        self.host[4 * B:5 * B] = torch.arange(B, dtype=torch.int32)
+        self.host[5 * B:6 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
+        self.host[6 * B + 1:] = -1
+        self.ints = self.host.to(device)
+        d = self.ints
+        self.batch = CudaBatch(
+            input_ids=d[:B], positions=d[B:2 * B], slot_mapping=d[2 * B:3 * B], context_lens=d[3 * B:4 * B],
+            logits_indices=d[4 * B:5 * B], query_start_loc=d[5 * B:6 * B + 1],
+            block_tables=d[6 * B + 1:].view(B, width), max_query_len=1, max_context_len=width * block_size,
+            block_size=block_size, partition=partition, max_splits=max_splits)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.h_out = self.res_out = None
+
+    def load(self, batch: Batch) -> CudaBatch:
+        """Copy a decode batch of n <= size rows into the static inputs; returns its view of them."""
+        B, n, L = self.size, batch.num_seqs, batch.logits_indices.shape[0]
+        w = min(self.width, batch.block_tables.shape[1])
+        h = self.host
+        self.copied.synchronize()       # the previous step's copy has left the pinned buffer
+        for i, (src, pad) in enumerate(((batch.input_ids, 0), (batch.positions, 0), (batch.slot_mapping, -1),
+                                        (batch.context_lens, 0))):
+            h[i * B:i * B + n] = src
+            h[i * B + n:(i + 1) * B] = pad
+        h[4 * B:4 * B + L] = batch.logits_indices
+        h[6 * B + 1:].view(B, self.width)[:n, :w] = batch.block_tables[:, :w]
+        end = 6 * B + 1 + n * self.width
+        self.ints[:end].copy_(h[:end], non_blocking=True)
+        self.copied.record()
+        g = self.batch
+        return dataclasses.replace(
+            g, input_ids=g.input_ids[:n], positions=g.positions[:n], slot_mapping=g.slot_mapping[:n],
+            context_lens=g.context_lens[:n], logits_indices=g.logits_indices[:L],
+            query_start_loc=g.query_start_loc[:n + 1], block_tables=g.block_tables[:n],
+            max_context_len=batch.max_context_len, graph=self)
+
+
+class CudaBackend(Backend):
+    """bf16 (or fp16) on one GPU; decode-only steps of up to 128 sequences replay a CUDA graph."""
+
+    name = "cuda"
+
+    def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+                 use_cuda_graphs: bool = True, graph_max_context: int = 8192):
+        super().__init__(config)
+        if not torch.cuda.is_available():
+            raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"CudaBackend dtype must be bfloat16 or float16, got {dtype}")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.kernels = CudaKernels()
+        self.use_cuda_graphs = use_cuda_graphs
+        self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
+        self.scale = config.head_dim ** -0.5
+        self.w: dict[str, torch.Tensor] = {}
+        self.key_caches: list[torch.Tensor] = []
+        self.value_caches: list[torch.Tensor] = []
+        self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}
+        self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
+        self._staged = None                              # event: the staging buffer's last copy finished
+        self._logit_bufs: list[torch.Tensor | None] = [None, None]
+        self._logit_turn = 0
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.w = {n: t.to(self.device, self.dtype).contiguous() for n, t in weights.items() if n != "lm_head"}
+        tied = weights["lm_head"] is weights["embed"]
+        self.w["lm_head"] = self.w["embed"] if tied else weights["lm_head"].to(self.device, self.dtype).contiguous()
+        self._graphs.clear()
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
+        c = self.config
+        return 2 * c.num_layers * c.num_kv_heads * block_size * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        if block_size & (block_size - 1):
+            raise ValueError(f"CudaBackend: block_size must be a power of two, got {block_size}")
+        c = self.config
+        shape = (num_blocks, c.num_kv_heads, block_size, c.head_dim)     # per layer, K and V
+        self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._graphs.clear()
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        idx = torch.tensor(pairs, dtype=torch.int64).to(self.device, non_blocking=True)
+        for cache in self.key_caches + self.value_caches:
+            cache[idx[:, 1]] = cache[idx[:, 0]]
+
+    def prepare(self, batch: Batch) -> CudaBatch:
+        """Upload the index tensors once (one copy from pinned memory); decode steps go to a graph."""
+        graph = self._graph_for(batch)
+        if graph is not None:
+            return graph.load(batch)
+        parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc, batch.context_lens,
+                 batch.logits_indices, batch.block_tables.reshape(-1)]
+        sizes = [p.numel() for p in parts]
+        total = sum(sizes)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(max(total, 4096), dtype=torch.int32, pin_memory=True)
+            self._staged = None
+        if self._staged is not None:
+            self._staged.synchronize()
+        torch.cat([p.to(torch.int32) for p in parts], out=self._staging[:total])
+        ints = self._staging[:total].to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        ids, pos, slots, qsl, ctx, rows, tables = ints.split(sizes)
+        return CudaBatch(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl, context_lens=ctx,
+                         block_tables=tables.view(batch.block_tables.shape), logits_indices=rows,
+                         max_query_len=batch.max_query_len, max_context_len=batch.max_context_len,
+                         block_size=batch.block_size)
+
+    # ---- ops -----------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.w["embed"])
+
+    def rms_norm(self, x, name, residual=None):
+        return self.kernels.rms_norm(x, self.w[name], self.config.rms_norm_eps, residual)
+
+    def linear(self, x, name):
+        return F.linear(x, self.w[name])
+
+    def rope(self, q, k, positions):
+        self.kernels.rope(q, k, positions, self.config.rope_theta)
+        return q, k
+
+    def write_kv(self, layer, k, v, batch):
+        self.kernels.write_kv(self.key_caches[layer], self.value_caches[layer], k, v, batch.slot_mapping)
+
+    def paged_attention(self, layer, q, batch):
+        args = (q, self.key_caches[layer], self.value_caches[layer], batch.block_tables, batch.context_lens,
+                batch.query_start_loc, self.scale)
+        if batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs:
+            return self.kernels.paged_attention_decode(*args, batch.max_context_len, getattr(batch, "partition", None),
+                                                       getattr(batch, "max_splits", None))
+        return self.kernels.paged_attention_prefill(*args, batch.max_query_len)
+
+    def silu_mul(self, gate_up):
+        return self.kernels.silu_mul(gate_up)
+
+    def forward_layer(self, layer, h, residual, batch):
+        """Our own layer (RoPE and KV write fused); in a graph step, layer 0 replays all layers."""
+        graph = getattr(batch, "graph", None)
+        if graph is None:
+            return self._layer(layer, h, residual, batch)
+        if layer == 0:
+            graph.graph.replay()
+            n = batch.num_tokens
+            return graph.h_out[:n], graph.res_out[:n]
+        return h, residual
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 [n, vocab] in pinned CPU memory; valid until the next-but-one logits() call."""
+        out = self.logits_device(h)
+        n = out.numel()
+        turn = self._logit_turn = 1 - self._logit_turn
+        buf = self._logit_bufs[turn]
+        if buf is None or buf.numel() < n:
+            buf = self._logit_bufs[turn] = torch.empty(max(n, 1 << 20), dtype=torch.float32, pin_memory=True)
+        host = buf[:n].view(out.shape)
+        host.copy_(out, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+        return host
+
+    def logits_device(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 [n, vocab] on the GPU (for callers that sample there)."""
+        return F.linear(h, self.w["lm_head"]).float()
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _layer(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, batch: CudaBatch):
+        c = self.config
+        x, residual = self.rms_norm(h, f"layers.{i}.input_norm", residual)
+        qkv = self.linear(x, f"layers.{i}.qkv")                                # [T, q_size + 2 kv_size]
+        T = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)                 # views, row stride = qkv's
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
+        self.kernels.rope(q, k, batch.positions, c.rope_theta,
+                          cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
+        attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
+        h = self.linear(attn.view(T, c.q_size), f"layers.{i}.o")
+        x, residual = self.rms_norm(h, f"layers.{i}.post_norm", residual)
+        h = self.linear(self.silu_mul(self.linear(x, f"layers.{i}.gate_up")), f"layers.{i}.down")
+        return h, residual
+
+    def _graph_partition(self, size: int) -> int:
+        return 64 if size <= 4 else 128 if size <= 16 else 256 if size <= 64 else 512
+
+    def _graph_for(self, batch: Batch) -> _DecodeGraph | None:
+        """The captured graph for this decode step's padded size (capturing it the first time), or None."""
+        if not self.use_cuda_graphs or batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
+            return None
+        n = batch.num_seqs
+        size = next((s for s in GRAPH_BATCH_SIZES if s >= n), None)
+        if size is None or batch.max_context_len > self.graph_max_context or not self.key_caches:
+            return None
+        part = self._graph_partition(size)
+        split = batch.max_context_len > part
+        key = (size, split)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(size, part, split)
+        return self._graphs[key]
+
+    def _capture(self, size: int, partition: int, split: bool) -> _DecodeGraph:
+        width = -(-self.graph_max_context // self.block_size)
+        max_splits = -(-self.graph_max_context // partition) if split else 1
+        g = _DecodeGraph(size, width, self.block_size, partition, max_splits, self.device)
+        torch.cuda.synchronize()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):                       # warm-up: cuBLAS picks its kernels, workspaces exist
+                self._run_layers(g.batch)
+        torch.cuda.current_stream().wait_stream(side)
+        g.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g.graph), torch.inference_mode():
+            g.h_out, g.res_out = self._run_layers(g.batch)
+        return g
+
+    def _run_layers(self, batch: CudaBatch):
+        h, residual = self.embed(batch.input_ids), None
+        for i in range(self.config.num_layers):
+            h, residual = self._layer(i, h, residual, batch)
+        return h, residual
+

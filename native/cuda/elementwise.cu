@@ -1,0 +1,275 @@
+// elementwise.cu -- the small per-token kernels: fused RMSNorm + residual, SiLU-mul, RoPE (+ KV write).
+// Rounding follows HF transformers in bf16/fp16 step by step, so greedy tokens can match it exactly.
+#include "common.cuh"
+
+// =============================================================================================
+// RMSNorm (+ residual add)
+// =============================================================================================
+static constexpr int kNormVecsPerThread = 4;   // 16-byte vectors a thread keeps in registers
+
+// One block per token row: sum = x + residual (rounded to T, as torch adds in T), sum of squares in
+// float, then out = T(T(sum * rsqrt(mean + eps)) * weight).
+template <typename T>
+__global__ void rms_norm_kernel(T *__restrict__ out, T *residual_out, const T *__restrict__ x,
+                                const T *residual, const T *__restrict__ weight, int hidden, float eps) {
+    const int nvec = hidden / 8;
+    const int64_t row = (int64_t)blockIdx.x * hidden;
+    __shared__ float warp_sums[32];
+
+    // 1. load, add the residual, keep the (rounded) sum in registers
+    uint4 sum[kNormVecsPerThread];
+    float sq = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNormVecsPerThread; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= nvec) continue;
+        uint4 xv = reinterpret_cast<const uint4 *>(x + row)[v];
+        float f[8];
+        Vec<T>::to_float(xv, f);
+        if (residual != nullptr) {
+            float r[8];
+            Vec<T>::to_float(reinterpret_cast<const uint4 *>(residual + row)[v], r);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) f[e] = round_to<T>(f[e] + r[e]);
+            xv = Vec<T>::from_float(f);
+            if (residual_out != nullptr) reinterpret_cast<uint4 *>(residual_out + row)[v] = xv;
+        } else if (residual_out != nullptr) {
+            reinterpret_cast<uint4 *>(residual_out + row)[v] = xv;
+        }
+        sum[j] = xv;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sq += f[e] * f[e];
+    }
+
+    // 2. block-wide sum of squares
+    sq = warp_sum(sq);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) warp_sums[warp] = sq;
+    __syncthreads();
+    if (warp == 0) {
+        float t = lane < (int)(blockDim.x / 32) ? warp_sums[lane] : 0.f;
+        t = warp_sum(t);
+        if (lane == 0) warp_sums[0] = t;
+    }
+    __syncthreads();
+    const float inv_rms = rsqrtf(warp_sums[0] / (float)hidden + eps);
+
+    // 3. normalise, round, scale by the weight, round
+#pragma unroll
+    for (int j = 0; j < kNormVecsPerThread; ++j) {
+        const int v = threadIdx.x + j * blockDim.x;
+        if (v >= nvec) continue;
+        float f[8], w[8];
+        Vec<T>::to_float(sum[j], f);
+        Vec<T>::to_float(reinterpret_cast<const uint4 *>(weight)[v], w);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = round_to<T>(f[e] * inv_rms) * w[e];
+        reinterpret_cast<uint4 *>(out + row)[v] = Vec<T>::from_float(f);
+    }
+}
+
+template <typename T>
+static pa_status launch_rms_norm(T *out, T *residual_out, const T *x, const T *residual, const T *weight,
+                                 int num_tokens, int hidden, float eps, cudaStream_t stream) {
+    const int nvec = hidden / 8;
+    int threads = (nvec + kNormVecsPerThread - 1) / kNormVecsPerThread;
+    threads = ((threads + 31) / 32) * 32;
+    rms_norm_kernel<T><<<num_tokens, threads, 0, stream>>>(out, residual_out, x, residual, weight, hidden, eps);
+    return check_launch("rms_norm_kernel");
+}
+
+extern "C" pa_status pa_rms_norm_cuda(void *out, void *residual_out, const void *x, const void *residual,
+                                      const void *weight, int32_t num_tokens, int32_t hidden, float eps,
+                                      int32_t dtype, void *stream) {
+    if (out == nullptr || x == nullptr || weight == nullptr || num_tokens < 0 || hidden <= 0 || hidden % 8 ||
+        hidden > 8 * kNormVecsPerThread * 1024)
+        return cuda_fail(PA_ERR_INVALID_ARG, "rms_norm_kernel: bad arguments (hidden %d must be a multiple "
+                         "of 8 and at most %d)", (int)hidden, 8 * kNormVecsPerThread * 1024);
+    if (num_tokens == 0) return PA_OK;
+    return dispatch_dtype(dtype, "rms_norm_kernel", [&](auto tag) {
+        using T = decltype(tag);
+        return launch_rms_norm<T>((T *)out, (T *)residual_out, (const T *)x, (const T *)residual,
+                                  (const T *)weight, num_tokens, hidden, eps, (cudaStream_t)stream);
+    });
+}
+
+// =============================================================================================
+// SiLU(gate) * up
+// =============================================================================================
+// One thread per 8 outputs: out = T(T(silu(gate)) * up), as HF's act_fn(gate) * up in T.
+template <typename T>
+__global__ void silu_mul_kernel(T *__restrict__ out, const T *__restrict__ gate_up, int64_t num_vecs,
+                                int intermediate) {
+    const int vecs_per_row = intermediate / 8;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < num_vecs;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = i / vecs_per_row;
+        const int col = (int)(i % vecs_per_row);
+        const uint4 *src = reinterpret_cast<const uint4 *>(gate_up + row * 2 * intermediate);
+        float g[8], u[8];
+        Vec<T>::to_float(src[col], g);
+        Vec<T>::to_float(src[col + vecs_per_row], u);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) g[e] = round_to<T>(g[e] / (1.f + expf(-g[e]))) * u[e];
+        reinterpret_cast<uint4 *>(out)[i] = Vec<T>::from_float(g);
+    }
+}
+
+extern "C" pa_status pa_silu_mul_cuda(void *out, const void *gate_up, int32_t num_tokens, int32_t intermediate,
+                                      int32_t dtype, void *stream) {
+    if (out == nullptr || gate_up == nullptr || num_tokens < 0 || intermediate <= 0 || intermediate % 8)
+        return cuda_fail(PA_ERR_INVALID_ARG, "silu_mul_kernel: bad arguments (intermediate %d must be a "
+                         "multiple of 8)", (int)intermediate);
+    if (num_tokens == 0) return PA_OK;
+    return dispatch_dtype(dtype, "silu_mul_kernel", [&](auto tag) {
+        using T = decltype(tag);
+        const int64_t num_vecs = (int64_t)num_tokens * intermediate / 8;
+        const int threads = 256;
+        const int64_t blocks = (num_vecs + threads - 1) / threads;
+        silu_mul_kernel<T><<<(unsigned)(blocks < 65535 ? blocks : 65535), threads, 0, (cudaStream_t)stream>>>(
+            (T *)out, (const T *)gate_up, num_vecs, intermediate);
+        return check_launch("silu_mul_kernel");
+    });
+}
+
+// =============================================================================================
+// RoPE, optionally followed by the KV write of the rotated k and of v
+// =============================================================================================
+// One block per token. cos/sin as HF: float32 inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq,
+// cos/sin rounded to T; x1' = T(T(x1 c) + T(-x2 s)), x2' = T(T(x2 c) + T(x1 s)).
+template <typename T, bool WRITE_KV>
+__global__ void rope_kernel(T *q, T *k, T *key_cache, T *value_cache, const T *v, const int32_t *positions,
+                            const int32_t *slot_mapping, int num_heads, int num_kv_heads, int head_dim,
+                            int block_size, int64_t q_stride, int64_t k_stride, int64_t v_stride, float theta) {
+    extern __shared__ float cs[];   // [head_dim / 2] cos, then [head_dim / 2] sin
+    const int half = head_dim / 2;
+    const int64_t token = blockIdx.x;
+    const float pos = (float)positions[token];
+
+    // 1. this token's cos/sin table
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        const float inv_freq = 1.f / powf(theta, (float)(2 * i) / (float)head_dim);
+        float s, c;
+        sincosf(pos * inv_freq, &s, &c);
+        cs[i] = round_to<T>(c);
+        cs[half + i] = round_to<T>(s);
+    }
+    __syncthreads();
+
+    // 2. where this token's K/V go (if anywhere)
+    int64_t slot = -1;
+    if (WRITE_KV) slot = slot_mapping[token];
+    const int64_t block = slot >= 0 ? slot / block_size : 0, offset = slot >= 0 ? slot % block_size : 0;
+
+    // 3. rotate q and k head by head, pair by pair; k also lands in the cache
+    const int pairs = (num_heads + num_kv_heads) * half;
+    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
+        const int head = i / half, j = i % half;
+        const bool is_q = head < num_heads;
+        const int kv_head = head - num_heads;
+        T *row = is_q ? q + token * q_stride + (int64_t)head * head_dim : k + token * k_stride + (int64_t)kv_head * head_dim;
+        const float x1 = to_f(row[j]), x2 = to_f(row[j + half]);
+        const float c = cs[j], s = cs[half + j];
+        const T y1 = from_f<T>(round_to<T>(x1 * c) + round_to<T>(-x2 * s));
+        const T y2 = from_f<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
+        row[j] = y1;
+        row[j + half] = y2;
+        if (WRITE_KV && !is_q && slot >= 0) {
+            T *dst = key_cache + ((block * num_kv_heads + kv_head) * block_size + offset) * head_dim;
+            dst[j] = y1;
+            dst[j + half] = y2;
+        }
+    }
+
+    // 4. v into the cache, 16 bytes a thread
+    if (WRITE_KV && slot >= 0) {
+        const int vecs = num_kv_heads * head_dim / 8, per_head = head_dim / 8;
+        for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
+            const int kv_head = i / per_head, c = i % per_head;
+            const uint4 val = reinterpret_cast<const uint4 *>(v + token * v_stride + (int64_t)kv_head * head_dim)[c];
+            reinterpret_cast<uint4 *>(value_cache + ((block * num_kv_heads + kv_head) * block_size + offset) *
+                                                        head_dim)[c] = val;
+        }
+    }
+}
+
+template <bool WRITE_KV>
+static pa_status launch_rope(int32_t dtype, void *q, void *k, void *key_cache, void *value_cache, const void *v,
+                             const int32_t *positions, const int32_t *slot_mapping, int32_t num_tokens,
+                             int32_t num_heads, int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                             int64_t q_stride, int64_t k_stride, int64_t v_stride, float theta, void *stream) {
+    const char *name = WRITE_KV ? "rope_write_kv_kernel" : "rope_kernel";
+    if (q == nullptr || k == nullptr || positions == nullptr || num_tokens < 0 || num_heads <= 0 ||
+        num_kv_heads <= 0 || head_dim <= 0 || head_dim % 8 || head_dim > 512 || !(theta > 0.f))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
+    if (WRITE_KV && (key_cache == nullptr || value_cache == nullptr || v == nullptr || slot_mapping == nullptr ||
+                     block_size <= 0))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad cache arguments", name);
+    if (num_tokens == 0) return PA_OK;
+    return dispatch_dtype(dtype, name, [&](auto tag) {
+        using T = decltype(tag);
+        rope_kernel<T, WRITE_KV><<<num_tokens, 128, head_dim * sizeof(float), (cudaStream_t)stream>>>(
+            (T *)q, (T *)k, (T *)key_cache, (T *)value_cache, (const T *)v, positions, slot_mapping, num_heads,
+            num_kv_heads, head_dim, block_size, q_stride, k_stride, v_stride, theta);
+        return check_launch(name);
+    });
+}
+
+extern "C" pa_status pa_rope_cuda(void *q, void *k, const int32_t *positions, int32_t num_tokens, int32_t num_heads,
+                                  int32_t num_kv_heads, int32_t head_dim, int64_t q_stride, int64_t k_stride,
+                                  float theta, int32_t dtype, void *stream) {
+    return launch_rope<false>(dtype, q, k, nullptr, nullptr, nullptr, positions, nullptr, num_tokens, num_heads,
+                              num_kv_heads, head_dim, 1, q_stride, k_stride, 0, theta, stream);
+}
+
+extern "C" pa_status pa_rope_write_kv_cuda(void *q, void *k, void *key_cache, void *value_cache, const void *v,
+                                           const int32_t *positions, const int32_t *slot_mapping,
+                                           int32_t num_tokens, int32_t num_heads, int32_t num_kv_heads,
+                                           int32_t head_dim, int32_t block_size, int64_t q_stride,
+                                           int64_t k_stride, int64_t v_stride, float theta, int32_t dtype,
+                                           void *stream) {
+    return launch_rope<true>(dtype, q, k, key_cache, value_cache, v, positions, slot_mapping, num_tokens,
+                             num_heads, num_kv_heads, head_dim, block_size, q_stride, k_stride, v_stride, theta,
+                             stream);
+}
+
+// =============================================================================================
+// KV write
+// =============================================================================================
+// One block per token; each thread moves 16 bytes of k and of v into the token's slot.
+template <typename T>
+__global__ void write_kv_kernel(T *__restrict__ key_cache, T *__restrict__ value_cache, const T *__restrict__ k,
+                                const T *__restrict__ v, const int32_t *__restrict__ slot_mapping,
+                                int num_kv_heads, int head_dim, int block_size, int64_t k_stride,
+                                int64_t v_stride) {
+    const int64_t token = blockIdx.x;
+    const int64_t slot = slot_mapping[token];
+    if (slot < 0) return;
+    const int64_t block = slot / block_size, offset = slot % block_size;
+    const int per_head = head_dim / 8, vecs = num_kv_heads * per_head;
+    for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
+        const int kv_head = i / per_head, c = i % per_head;
+        const int64_t dst = ((block * num_kv_heads + kv_head) * block_size + offset) * head_dim;
+        reinterpret_cast<uint4 *>(key_cache + dst)[c] =
+            reinterpret_cast<const uint4 *>(k + token * k_stride + (int64_t)kv_head * head_dim)[c];
+        reinterpret_cast<uint4 *>(value_cache + dst)[c] =
+            reinterpret_cast<const uint4 *>(v + token * v_stride + (int64_t)kv_head * head_dim)[c];
+    }
+}
+
+extern "C" pa_status pa_write_kv_cuda(void *key_cache, void *value_cache, const void *k, const void *v,
+                                      const int32_t *slot_mapping, int32_t num_tokens, int32_t num_kv_heads,
+                                      int32_t head_dim, int32_t block_size, int64_t k_stride, int64_t v_stride,
+                                      int32_t dtype, void *stream) {
+    if (key_cache == nullptr || value_cache == nullptr || k == nullptr || v == nullptr || slot_mapping == nullptr ||
+        num_tokens < 0 || num_kv_heads <= 0 || head_dim <= 0 || head_dim % 8 || block_size <= 0)
+        return cuda_fail(PA_ERR_INVALID_ARG, "write_kv_kernel: bad arguments");
+    if (num_tokens == 0) return PA_OK;
+    return dispatch_dtype(dtype, "write_kv_kernel", [&](auto tag) {
+        using T = decltype(tag);
+        write_kv_kernel<T><<<num_tokens, 128, 0, (cudaStream_t)stream>>>(
+            (T *)key_cache, (T *)value_cache, (const T *)k, (const T *)v, slot_mapping, num_kv_heads, head_dim,
+            block_size, k_stride, v_stride);
+        return check_launch("write_kv_kernel");
+    });
+}

@@ -1,0 +1,247 @@
+"""Parity of every CUDA kernel (native/cuda) with the torch reference, plus the CPU-only export check."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from engine import native
+from engine.backends.torch_ref import apply_rope, paged_attention_ref, rope_cos_sin
+
+HAS_GPU = torch.cuda.is_available()
+needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU visible to torch: CUDA kernel parity not run")
+DTYPES = [torch.bfloat16, torch.float16]
+TOL = 1e-2
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert not torch.isnan(out).any(), "NaN in the kernel's output (unwritten or poisoned)"
+    return ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+# ---- always (CI has nvcc but no GPU) -----------------------------------------------------------
+def test_header_declares_the_cuda_exports():
+    names = native.declared_exports("cuda")
+    for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
+               "paged_attention_prefill", "abi_version", "last_error"):
+        assert f"pa_{op}_cuda" in names
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: libpa_cuda.so is not built here")
+def test_library_exports_every_declared_symbol():
+    lib = native.LIB_DIR / "libpa_cuda.so"
+    assert lib.exists(), f"{lib} missing although nvcc is present: `make -C native cuda` failed?"
+    out = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True, check=True).stdout
+    exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
+    missing = [n for n in native.declared_exports("cuda") if n not in exported]
+    assert not missing, f"declared in pa.h but not exported by {lib.name}: {missing}"
+
+
+# ---- GPU parity ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def kernels():
+    if not HAS_GPU:
+        pytest.skip("no CUDA GPU visible to torch: CUDA kernel parity not run")
+    from engine.backends.cuda import CudaKernels
+    return CudaKernels()
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
+def randn(*shape, g, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,hidden", [(1, 576), (7, 2048), (64, 576), (3, 4096)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm(kernels, dtype, tokens, hidden, with_residual):
+    g = gen(tokens * hidden + with_residual)
+    x, w = randn(tokens, hidden, g=g, dtype=dtype), randn(hidden, g=g, dtype=dtype, scale=0.5) + 1
+    res = randn(tokens, hidden, g=g, dtype=dtype) if with_residual else None
+    out, total = kernels.rms_norm(x, w, 1e-5, res)
+    s = x.double() + (res.double() if with_residual else 0)
+    ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert rel_err(out, ref) <= TOL
+    assert rel_err(total, s) <= 4e-3
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,inter", [(1, 1536), (33, 8192)])
+def test_silu_mul(kernels, dtype, tokens, inter):
+    g = gen(inter + tokens)
+    gate_up = randn(tokens, 2 * inter, g=g, dtype=dtype, scale=3)
+    out = kernels.silu_mul(gate_up)
+    gd, ud = gate_up.double().chunk(2, dim=-1)
+    assert rel_err(out, torch.nn.functional.silu(gd) * ud) <= TOL
+
+
+def fused_qkv(T, nh, nkv, hd, g, dtype):
+    """q, k, v as views into one [T, (nh + 2 nkv) hd] activation, as the model produces them."""
+    qkv = randn(T, (nh + 2 * nkv) * hd, g=g, dtype=dtype)
+    q = qkv[:, :nh * hd].view(T, nh, hd)
+    k = qkv[:, nh * hd:(nh + nkv) * hd].view(T, nkv, hd)
+    v = qkv[:, (nh + nkv) * hd:].view(T, nkv, hd)
+    return qkv, q, k, v
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hd,nh,nkv,theta", [(64, 9, 3, 100000.0), (128, 32, 8, 500000.0)])
+def test_rope_in_place_on_views(kernels, dtype, hd, nh, nkv, theta):
+    g, T = gen(hd), 50
+    qkv, q, k, v = fused_qkv(T, nh, nkv, hd, g, dtype)
+    v_before = v.clone()
+    pos = torch.randint(0, 32768, (T,), generator=g, device="cuda", dtype=torch.int32)
+    pos[0], pos[1] = 0, 1
+    cos, sin = rope_cos_sin(pos.cpu(), hd, theta, torch.float64)
+    q_ref = apply_rope(q.double().cpu(), cos, sin)
+    k_ref = apply_rope(k.double().cpu(), cos, sin)
+    kernels.rope(q, k, pos, theta)
+    assert rel_err(q.cpu(), q_ref) <= TOL and rel_err(k.cpu(), k_ref) <= TOL
+    assert torch.equal(v, v_before), "RoPE wrote outside q and k"
+
+
+def poisoned_cache(num_blocks, nkv, bs, hd, dtype):
+    kc = torch.full((num_blocks, nkv, bs, hd), float("nan"), dtype=dtype, device="cuda")
+    return kc, kc.clone()
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [False, True])
+def test_write_kv_and_fused_rope_write(kernels, dtype, fused):
+    g, T, nh, nkv, hd, bs, nb = gen(7 + fused), 40, 8, 2, 128, 16, 12
+    qkv, q, k, v = fused_qkv(T, nh, nkv, hd, g, dtype)
+    slots = torch.randperm(nb * bs, generator=torch.Generator().manual_seed(1))[:T].to(torch.int32).cuda()
+    slots[3] = -1
+    pos = torch.arange(T, dtype=torch.int32, device="cuda") + 1000
+    kc, vc = poisoned_cache(nb, nkv, bs, hd, dtype)
+    q_ref, k_ref = q.clone(), k.clone()
+    if fused:
+        kernels.rope(q_ref, k_ref, pos, 10000.0)
+        kernels.rope(q, k, pos, 10000.0, cache=(kc, vc, v, slots))
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref), "fused RoPE differs from pa_rope_cuda"
+    else:
+        kernels.write_kv(kc, vc, k, v, slots)
+    s = slots.long()
+    keep = s >= 0
+    blk, off = s[keep] // bs, s[keep] % bs
+    assert torch.equal(kc[blk, :, off], k_ref[keep]) and torch.equal(vc[blk, :, off], v[keep])
+    written = torch.zeros(nb * bs, dtype=torch.bool, device="cuda")
+    written[s[keep]] = True
+    untouched = kc.permute(0, 2, 1, 3).reshape(nb * bs, nkv, hd)[~written]
+    assert torch.isnan(untouched).all(), "a skipped (-1) or foreign slot was written"
+
+
+def paged_setup(ctx_lens, q_lens, nh, nkv, hd, bs, dtype, g, spare_blocks=3):
+    """Random K/V for each sequence in shuffled (non-contiguous) blocks; unused slots are NaN."""
+    blocks_per = [-(-c // bs) for c in ctx_lens]
+    total = sum(blocks_per) + spare_blocks
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(sum(ctx_lens)))
+    width = max(max(blocks_per), 1)
+    tables = torch.full((len(ctx_lens), width), -1, dtype=torch.int32)
+    kc, vc = poisoned_cache(total, nkv, bs, hd, dtype)
+    used = 0
+    for s, (c, nblk) in enumerate(zip(ctx_lens, blocks_per)):
+        ids = perm[used:used + nblk]
+        used += nblk
+        tables[s, :nblk] = ids.to(torch.int32)
+        for j, b in enumerate(ids.tolist()):
+            n = min(bs, c - j * bs)
+            kc[b, :, :n] = randn(nkv, n, hd, g=g, dtype=dtype)
+            vc[b, :, :n] = randn(nkv, n, hd, g=g, dtype=dtype)
+    qsl = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0).tolist()), dtype=torch.int32)
+    q = randn(int(qsl[-1]), nh, hd, g=g, dtype=dtype)
+    ctx = torch.tensor(ctx_lens, dtype=torch.int32)
+    return q, kc, vc, tables.cuda(), ctx.cuda(), qsl.cuda()
+
+
+def attention_ref(q, kc, vc, tables, ctx, qsl, scale):
+    """torch_ref's attention in float64 on the CPU (its causal mask is built on the CPU)."""
+    kc, vc = torch.nan_to_num(kc.double().cpu()), torch.nan_to_num(vc.double().cpu())   # NaN slots: unused
+    return paged_attention_ref(q.double().cpu(), kc, vc, tables.long().cpu(), ctx, qsl, scale)
+
+
+DECODE_CASES = [  # (context lens, head_dim, group)
+    ([1], 128, 4),                       # one token
+    ([17, 16, 15, 33], 64, 1),           # partial last block, block boundary
+    ([4096], 128, 8),
+    ([32768, 5], 128, 4),                # long context next to a short one
+    ([300, 1000, 2049], 64, 3),          # SmolLM2's group of 3 (padded to 4 in the kernel)
+    ([513, 64], 128, 12),                # group > 8: two head groups per kv head
+    ([0, 40], 64, 4),                    # an empty (padding) sequence gets zeros
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx_lens,hd,group", DECODE_CASES)
+@pytest.mark.parametrize("partition", [None, 16, 512])
+def test_decode_attention(kernels, dtype, ctx_lens, hd, group, partition):
+    nkv, bs = 2, 16
+    nh = nkv * group
+    g = gen(sum(ctx_lens) + hd + group)
+    q, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, [1] * len(ctx_lens), nh, nkv, hd, bs, dtype, g)
+    scale = hd ** -0.5
+    out = torch.full_like(q, float("nan"))
+    max_ctx = max(ctx_lens)
+    splits = None if partition is None else max(1, -(-max_ctx // partition)) + 2   # extra splits must exit
+    kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, scale, max_ctx, partition, splits, out=out)
+    ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), scale)
+    ref[torch.tensor(ctx_lens) == 0] = 0
+    assert rel_err(out.cpu(), ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_decode_attention_block_size_8_and_fp16_scale(kernels):
+    g, nkv, hd, bs = gen(99), 4, 128, 8
+    q, kc, vc, tables, ctx, qsl = paged_setup([9, 100, 8], [1, 1, 1], 16, nkv, hd, bs, torch.float16, g)
+    out = kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, hd ** -0.5, 100)
+    assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
+
+
+PREFILL_CASES = [  # (context lens, query lens, head_dim, group)
+    ([1], [1], 64, 1),
+    ([37, 16, 100], [37, 16, 50], 64, 3),         # whole prompts; chunk on a cached prefix
+    ([250, 33, 1], [250, 1, 1], 128, 4),          # mixed prefill + decode rows
+    ([64, 2048], [32, 100], 128, 8),
+    ([32768], [24], 128, 4),                      # a chunk on a 32k prefix
+    ([129], [129], 64, 12),
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx_lens,q_lens,hd,group", PREFILL_CASES)
+def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group):
+    nkv, bs = 2, 16
+    g = gen(sum(ctx_lens) * 7 + group)
+    q, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, q_lens, nkv * group, nkv, hd, bs, dtype, g)
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, hd ** -0.5, max(q_lens), out=out)
+    assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_unsupported_shape_raises_naming_the_kernel(kernels):
+    g = gen(5)
+    q, kc, vc, tables, ctx, qsl = paged_setup([20], [1], 4, 2, 128, 16, torch.bfloat16, g)
+    with pytest.raises(native.NativeError, match="decode_kernel"):
+        kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, 0.1, 20, partition=24)
+    with pytest.raises(native.NativeError, match="float32"):
+        kernels.rms_norm(torch.ones(2, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-5)
