@@ -1,10 +1,12 @@
 """Decode throughput on the GPU: LlamaModel + CudaBackend (bf16, CUDA graphs) next to HF transformers'
 generate on the same random weights, for the SmolLM2-135M configuration and a Llama-3.2-1B-like one.
 
-Two ways of counting our steps, both greedy and both through LlamaModel's composition:
-  engine-like: model.forward() -> float32 logits in (pinned) CPU memory -> argmax on the CPU
-               (what Engine + Sampler do today);
-  gpu-greedy:  the same forward but argmax on the GPU and only token ids copied back (what HF does).
+Three ways of counting our steps, all greedy:
+  engine-like:   model.forward() -> float32 logits in (pinned) CPU memory -> argmax on the CPU
+                 (what Engine + Sampler do today);
+  gpu-greedy:    the same forward but argmax on the GPU and only token ids copied back (what HF does);
+  gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
+                 the GPU, no host round trip per token (the GPU-bound step time).
 Batches are built vectorised (the Batch dataclass directly); Batch.build's own cost is printed apart.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--hf-compile]
@@ -84,6 +86,15 @@ class Runner:
             return self.model.forward(batch).argmax(-1)
         return forward_gpu_greedy(self.model, batch)
 
+    def run_multistep(self, warmup: int = 4) -> float:
+        """tokens / second of backend.greedy_steps from the same start (the replays overwrite the same slots)."""
+        batch = self.decode_batch(self.prefill())
+        self.model.backend.greedy_steps(batch, warmup)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        self.model.backend.greedy_steps(batch, self.steps)
+        return self.B * self.steps / (time.perf_counter() - t0)
+
     def run(self, gpu_greedy: bool, warmup: int = 4) -> float:
         """tokens / second over self.steps decode steps (after warm-up steps, which capture the graph)."""
         tokens = self.prefill()
@@ -109,6 +120,28 @@ def forward_gpu_greedy(model: LlamaModel, batch: Batch) -> torch.Tensor:
     rows = batch.logits_indices
     h, _ = b.rms_norm(h[rows], "norm", residual[rows])
     return b.logits_device(h).argmax(-1).cpu()
+
+
+def profile_steps(runner: Runner, steps: int = 5) -> None:
+    """Where a batch-1 decode step's GPU time goes (torch.profiler over a few graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+    tokens = runner.prefill()
+    for _ in range(3):
+        tokens = runner.step(tokens, gpu_greedy=True)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            tokens = runner.step(tokens, gpu_greedy=True)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    g = next(iter(runner.model.backend._graphs.values()))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        g.graph.replay()
+    end.record()
+    end.synchronize()
+    print(f"graph replay alone: {start.elapsed_time(end) / 20 * 1e3:.1f} us per step (all layers)")
 
 
 def hf_tok_s(model, batch: int, prompt_len: int, steps: int, **gen) -> float:
@@ -149,14 +182,15 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile, llama1b batch 1")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
 
     prop = torch.cuda.get_device_properties(0)
     print(f"# {prop.name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| model | batch | ours engine-like tok/s | ours gpu-greedy tok/s | HF generate tok/s | gpu-greedy / HF |"
-             " Batch.build ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | ours engine-like tok/s | ours gpu-greedy tok/s | ours gpu-multistep tok/s |"
+             " HF generate tok/s | gpu-greedy / HF | Batch.build ms |", "|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
@@ -176,18 +210,22 @@ def main() -> None:
             with torch.inference_mode():
                 ours = Runner(model, b, args.prompt_len, args.steps).run(gpu_greedy=False)
                 ours_gpu = Runner(model, b, args.prompt_len, args.steps).run(gpu_greedy=True)
+                ours_ms = Runner(model, b, args.prompt_len, args.steps).run_multistep()
+                if args.profile and b == 1:
+                    profile_steps(Runner(model, b, args.prompt_len, args.steps))
             hf_ts = float("nan") if args.no_hf else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
-            print(f"{name} B={b}: ours {ours:,.0f} tok/s engine-like, {ours_gpu:,.0f} tok/s gpu-greedy | HF "
-                  f"{hf_ts:,.0f} tok/s | Batch.build {build * 1e3:.2f} ms", flush=True)
-            lines.append(f"| {name} | {b} | {ours:,.0f} | {ours_gpu:,.0f} | {hf_ts:,.0f} | {ours_gpu / hf_ts:.1f}x | "
-                         f"{build * 1e3:.2f} |")
+            print(f"{name} B={b}: ours {ours:,.0f} tok/s engine-like, {ours_gpu:,.0f} tok/s gpu-greedy, "
+                  f"{ours_ms:,.0f} tok/s gpu-multistep | HF {hf_ts:,.0f} tok/s | Batch.build {build * 1e3:.2f} ms",
+                  flush=True)
+            lines.append(f"| {name} | {b} | {ours:,.0f} | {ours_gpu:,.0f} | {ours_ms:,.0f} | {hf_ts:,.0f} | "
+                         f"{ours_gpu / hf_ts:.1f}x | {build * 1e3:.2f} |")
         if args.hf_compile and name == "llama1b":
             try:
                 hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
                 t = hf_tok_s(hf, 1, args.prompt_len, args.hf_steps, cache_implementation="static")
                 print(f"{name} B=1 HF static cache + torch.compile: {t:,.0f} tok/s")
-                lines.append(f"| {name} (HF static+compile) | 1 | | | {t:,.0f} | | |")
+                lines.append(f"| {name} (HF static+compile) | 1 | | | | {t:,.0f} | | |")
             except Exception as exc:  # noqa: BLE001
                 print(f"HF static cache + torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
         del model, backend, hf

@@ -37,7 +37,7 @@ for stage in "$@"; do
         python3 benchmarks/gpu_attention.py --out "$OUT/attention.md" 2>&1 | tee "$OUT/attention.log" | tail -40
         ;;
     e2e)
-        python3 benchmarks/gpu_e2e.py --out "$OUT/e2e.md" 2>&1 | tee "$OUT/e2e.log" | tail -30
+        python3 benchmarks/gpu_e2e.py --profile --out "$OUT/e2e.md" 2>&1 | tee "$OUT/e2e.log" | tail -30
         ;;
     e2e-compile)
         python3 benchmarks/gpu_e2e.py --models llama1b --batches 1 --hf-compile --out "$OUT/e2e_compile.md" 2>&1 \

@@ -25,7 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_prefill", "abi_version", "last_error"):
+               "paged_attention_prefill", "gemv", "abi_version", "last_error"):
         assert f"pa_{op}_cuda" in names
 
 
@@ -188,7 +188,7 @@ DECODE_CASES = [  # (context lens, head_dim, group)
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx_lens,hd,group", DECODE_CASES)
-@pytest.mark.parametrize("partition", [None, 16, 512])
+@pytest.mark.parametrize("partition", [None, 16, 512, 2048])
 def test_decode_attention(kernels, dtype, ctx_lens, hd, group, partition):
     nkv, bs = 2, 16
     nh = nkv * group
@@ -236,6 +236,49 @@ def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group):
     assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
 
 
+GEMV_CASES = [  # (rows, n, k, mode)
+    (1, 960, 576, "norm"), (3, 576, 576, "plain"), (8, 1536, 576, "silu"),
+    (1, 16384, 2048, "norm"), (4, 2048, 8192, "silu"), (2, 49152, 576, "plain"), (5, 2048, 2048, "plain"),
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k,mode", GEMV_CASES)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_gemv(kernels, dtype, rows, n, k, mode, with_residual):
+    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
+    g = gen(rows * n + k + with_residual)
+    x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
+    w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
+    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode == "norm" else None
+    res = randn(rows, n, g=g, dtype=dtype) if with_residual else None
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU}[mode]
+    kernels.gemv(x, w, code, nw, res, 1e-5, out=out)
+    xd = x.double()
+    if mode == "norm":
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    elif mode == "silu":
+        gd, ud = xd.chunk(2, dim=-1)
+        xd = torch.nn.functional.silu(gd) * ud
+    ref = xd @ w.double().T + (res.double() if with_residual else 0)
+    assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gemv_residual_may_alias_out(kernels):
+    g = gen(77)
+    x, w = randn(2, 576, g=g), randn(960, 576, g=g, scale=576 ** -0.5)
+    x, w = x.bfloat16(), w.bfloat16()
+    res = randn(2, 960, g=g, dtype=torch.bfloat16)
+    ref = x.double() @ w.double().T + res.double()
+    kernels.gemv(x, w, residual=res, out=res)
+    assert rel_err(res, ref) <= TOL
+
+
 @pytest.mark.cuda
 @needs_gpu
 def test_unsupported_shape_raises_naming_the_kernel(kernels):
@@ -245,3 +288,6 @@ def test_unsupported_shape_raises_naming_the_kernel(kernels):
         kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, 0.1, 20, partition=24)
     with pytest.raises(native.NativeError, match="float32"):
         kernels.rms_norm(torch.ones(2, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-5)
+    with pytest.raises(native.NativeError, match="gemv_kernel"):
+        kernels.gemv(torch.ones(9, 64, device="cuda", dtype=torch.bfloat16),
+                     torch.ones(32, 64, device="cuda", dtype=torch.bfloat16))

@@ -14,6 +14,8 @@ from engine.batch import Batch
 from engine.config import ModelConfig
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
+GEMV_PLAIN, GEMV_NORM, GEMV_SILU = 0, 1, 2                 # PA_CUDA_GEMV_* in pa.h
+GEMV_MAX_ROWS = 8
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -116,12 +118,32 @@ class CudaKernels:
         self._call(op, self._p(key_cache), self._p(value_cache), self._p(k), self._p(v), self._p(slot_mapping),
                    T, nkv, hd, key_cache.shape[2], k.stride(0), v.stride(0), self._code(k))
 
+    def gemv(self, x: torch.Tensor, weight: torch.Tensor, mode: int = GEMV_PLAIN,
+             norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None, eps: float = 1e-5,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+        """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up."""
+        op = "pa_gemv_cuda"
+        n, k = weight.shape
+        rows = x.shape[0]
+        self._check(op, "weight", weight, x.dtype)
+        self._check(op, "x", x, x.dtype, (rows, 2 * k if mode == GEMV_SILU else k))
+        if norm_weight is not None:
+            self._check(op, "norm_weight", norm_weight, x.dtype, (k,))
+        if residual is not None:
+            self._check(op, "residual", residual, x.dtype, (rows, n))
+        if out is None:
+            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)               # [rows, n]
+        self._check(op, "out", out, x.dtype, (rows, n))
+        self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(residual), rows, n,
+                   k, mode, float(eps), self._code(x))
+        return out
+
     def decode_partition(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
-        """Tokens per thread block: small enough that the grid covers the SMs about twice."""
+        """Tokens per thread block: the grid covers the SMs about four times over."""
         units = max(1, num_seqs * num_kv_heads)
-        splits = max(1, -(-2 * self.num_sms // units))
+        splits = max(1, -(-4 * self.num_sms // units))
         part = -(-max(1, max_context_len) // splits)
-        return int(min(512, max(64, -(-part // 16) * 16)))
+        return int(min(2048, max(64, -(-part // 16) * 16)))
 
     def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                scale: float, max_context_len: int, partition: int | None = None,
@@ -199,22 +221,33 @@ class _DecodeGraph:
     def __init__(self, size: int, width: int, block_size: int, partition: int, max_splits: int, device):
         B, self.size, self.width = size, size, width
         # layout: ids [B] | positions [B] | slots [B] | context_lens [B] | logits rows [B] | qsl [B+1] | tables
-        self.host = torch.zeros(6 * B + 1 + B * width, dtype=torch.int32, pin_memory=True)
-        self.host[2 * B:3 * B] = -1
-        self.host[4 * B:5 * B] = torch.arange(B, dtype=torch.int32)
-        self.host[5 * B:6 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
-        self.host[6 * B + 1:] = -1
-        self.ints = self.host.to(device)
+        self.host = torch.empty(6 * B + 1 + B * width, dtype=torch.int32, pin_memory=True)
+        self.ints = torch.empty(self.host.shape, dtype=torch.int32, device=device)
+        self.copied = torch.cuda.Event()
+        self.load_padding()
         d = self.ints
         self.batch = CudaBatch(
             input_ids=d[:B], positions=d[B:2 * B], slot_mapping=d[2 * B:3 * B], context_lens=d[3 * B:4 * B],
             logits_indices=d[4 * B:5 * B], query_start_loc=d[5 * B:6 * B + 1],
             block_tables=d[6 * B + 1:].view(B, width), max_query_len=1, max_context_len=width * block_size,
             block_size=block_size, partition=partition, max_splits=max_splits)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.h_out = self.res_out = None
+        self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, B] int32 chosen tokens
+        self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU
+
+    def load_padding(self) -> None:
+        """Every row a padding row (slot -1, context 0); synchronous."""
+        B, h = self.size, self.host
+        self.copied.synchronize()
+        h.zero_()
+        h[2 * B:3 * B] = -1
+        h[4 * B:5 * B] = torch.arange(B, dtype=torch.int32)
+        h[5 * B:6 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
+        h[6 * B + 1:] = -1
+        self.ints.copy_(h)
+        self.copied.record()
+        self.copied.synchronize()
 
     def load(self, batch: Batch) -> CudaBatch:
         """Copy a decode batch of n <= size rows into the static inputs; returns its view of them."""
@@ -245,7 +278,7 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 use_cuda_graphs: bool = True, graph_max_context: int = 8192):
+                 use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -255,12 +288,13 @@ class CudaBackend(Backend):
         self.dtype = dtype
         self.kernels = CudaKernels()
         self.use_cuda_graphs = use_cuda_graphs
+        self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
-        self._graphs: dict[tuple[int, bool], _DecodeGraph] = {}
+        self._graphs: dict[tuple, _DecodeGraph] = {}
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
         self._logit_bufs: list[torch.Tensor | None] = [None, None]
@@ -372,7 +406,25 @@ class CudaBackend(Backend):
 
     def logits_device(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU (for callers that sample there)."""
+        if 0 < h.shape[0] <= self.gemv_max_rows:
+            return self.kernels.gemv(h.contiguous(), self.w["lm_head"]).float()
         return F.linear(h, self.w["lm_head"]).float()
+
+    @torch.inference_mode()
+    def greedy_steps(self, batch: Batch, num_steps: int) -> torch.Tensor:
+        """Multi-step greedy decode on the GPU: num_steps graph replays, each feeding its argmax to the next,
+        with no host round trip in between. batch is a decode step; its block tables must already hold
+        context_lens + num_steps - 1 positions. Returns the chosen tokens [num_steps, num_seqs] (CPU)."""
+        g = self._graph_for(batch, greedy=True)
+        if g is None:
+            raise ValueError("greedy_steps needs a decode-only batch that fits a CUDA graph")
+        if num_steps > g.tokens.shape[0] or batch.max_context_len + num_steps - 1 > self.graph_max_context:
+            raise ValueError(f"greedy_steps: {num_steps} steps do not fit the graph's buffers")
+        g.load(batch)
+        g.step.zero_()
+        for _ in range(num_steps):
+            g.graph.replay()
+        return g.tokens[:num_steps, :batch.num_seqs].cpu()
 
     # ---- internals -----------------------------------------------------------------------------
     def _layer(self, i: int, h: torch.Tensor, residual: torch.Tensor | None, batch: CudaBatch):
@@ -394,7 +446,7 @@ class CudaBackend(Backend):
     def _graph_partition(self, size: int) -> int:
         return 64 if size <= 4 else 128 if size <= 16 else 256 if size <= 64 else 512
 
-    def _graph_for(self, batch: Batch) -> _DecodeGraph | None:
+    def _graph_for(self, batch: Batch, greedy: bool = False) -> _DecodeGraph | None:
         """The captured graph for this decode step's padded size (capturing it the first time), or None."""
         if not self.use_cuda_graphs or batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
             return None
@@ -403,31 +455,72 @@ class CudaBackend(Backend):
         if size is None or batch.max_context_len > self.graph_max_context or not self.key_caches:
             return None
         part = self._graph_partition(size)
-        split = batch.max_context_len > part
-        key = (size, split)
+        split = greedy or batch.max_context_len > part
+        key = (size, split, greedy)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(size, part, split)
+            self._graphs[key] = self._capture(size, part, split, greedy)
         return self._graphs[key]
 
-    def _capture(self, size: int, partition: int, split: bool) -> _DecodeGraph:
+    def _capture(self, size: int, partition: int, split: bool, greedy: bool) -> _DecodeGraph:
         width = -(-self.graph_max_context // self.block_size)
         max_splits = -(-self.graph_max_context // partition) if split else 1
         g = _DecodeGraph(size, width, self.block_size, partition, max_splits, self.device)
+        if greedy:
+            g.tokens = torch.zeros(1024, size, dtype=torch.int32, device=self.device)
+            g.step = torch.zeros(1, dtype=torch.int64, device=self.device)
+        run = self._run_greedy if greedy else self._run_layers
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):                       # warm-up: cuBLAS picks its kernels, workspaces exist
-                self._run_layers(g.batch)
+                run(g)
         torch.cuda.current_stream().wait_stream(side)
+        g.load_padding()                             # the warm-up of a greedy graph advanced the inputs
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph), torch.inference_mode():
-            g.h_out, g.res_out = self._run_layers(g.batch)
+            g.h_out, g.res_out = run(g)
         return g
 
-    def _run_layers(self, batch: CudaBatch):
+    def _run_layers(self, g: _DecodeGraph):
+        """All layers of a decode step on the graph's static inputs -> (h, residual) as model.py expects."""
+        batch = g.batch
         h, residual = self.embed(batch.input_ids), None
+        if batch.num_seqs <= self.gemv_max_rows:
+            for i in range(self.config.num_layers):
+                h = self._layer_gemv(i, h, batch)
+            return h, torch.zeros_like(h)            # h is already the residual stream
         for i in range(self.config.num_layers):
             h, residual = self._layer(i, h, residual, batch)
         return h, residual
 
+    def _run_greedy(self, g: _DecodeGraph):
+        """A decode step that picks its argmax and advances the static inputs to the next step."""
+        b = g.batch
+        h, residual = self._run_layers(g)
+        h, _ = self.rms_norm(h, "norm", residual)
+        nxt = self.logits_device(h).argmax(-1).to(torch.int32)                   # [B]
+        live = b.context_lens > 0
+        g.tokens.index_copy_(0, g.step, nxt[None])
+        g.step += 1
+        b.input_ids.copy_(torch.where(live, nxt, b.input_ids))
+        b.positions.add_(live.to(torch.int32))
+        b.context_lens.add_(live.to(torch.int32))
+        page = b.block_tables.gather(1, (b.positions.long() // self.block_size)[:, None])[:, 0]
+        b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
+        return h, None
+
+    def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
+        """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
+        c, kn, w, eps = self.config, self.kernels, self.w, self.config.rms_norm_eps
+        qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps)
+        T = qkv.shape[0]
+        q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
+        kn.rope(q, k, batch.positions, c.rope_theta,
+                cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
+        attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r)
+        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps)
+        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r)

@@ -1,12 +1,12 @@
 // decode_attention.cu -- paged decode attention, flash-decoding style, GQA-aware.
 //
-// One thread block per (partition of the context, kv head [x group of <= 8 query heads], sequence).
-// The block reads each K/V row of its partition once, for all query heads of its kv head:
-//   1. a warp takes 16 tokens at a time; a token row (head_dim 16-bit values) is read by LPT lanes,
-//      16 bytes each, so a warp load moves 32 x 16 B; dots for all heads, reduced by a butterfly
-//      that halves the heads at each shuffle stage, land as log2-scaled scores in shared memory;
-//   2. softmax of the partition per head (max, exp2, sum), probabilities back in shared memory;
-//   3. the same walk over V accumulates p * v per head in registers; warps are summed in shared memory.
+// One thread block (4 warps) per (partition of the context, kv head [x group of <= 8 query heads],
+// sequence). Each K/V row of the partition is read once, for all query heads of its kv head:
+//   - a warp takes 16-token chunks (warp, warp + 4, ...); K and V of a chunk come in by cp.async,
+//     16 bytes a lane, two chunks in flight per warp; a token row is head_dim / 8 lanes wide;
+//   - dots for all heads, reduced by a butterfly that halves the heads at each shuffle stage;
+//   - an online softmax per warp (running max and sum per head, log2 domain), p . v in registers;
+//   - the warps' states are merged through shared memory at the end.
 // With one partition the block writes the output; otherwise it writes (unnormalised out, max, sum)
 // and merge_kernel combines the partitions by log-sum-exp.
 #include "common.cuh"
@@ -42,6 +42,12 @@ template <int N, int W> struct Butterfly {
     }
 };
 
+// The head whose full dot Butterfly<N, W> leaves in `lane`.
+template <int N, int W> __device__ __forceinline__ int butterfly_head(int lane) {
+    if constexpr (N > 1) return ((lane & W) ? N / 2 : 0) + butterfly_head<N / 2, W / 2>(lane);
+    else return 0;
+}
+
 struct DecodeArgs {
     void *out;
     float *partial_out, *partial_ml;
@@ -52,16 +58,37 @@ struct DecodeArgs {
     float scale_log2e;
 };
 
-// Shared memory of one block: scores [GP][partition] (reused as [kWarps][GP][D] sums), then the
-// partition's block-table slice, then (max, sum) per head.
-template <int GP, int D> __host__ __device__ constexpr int reduce_floats() { return kWarps * GP * D; }
+// cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+constexpr int kStages = 2;   // 16-token K+V chunks in flight per warp
+
+// Shared memory of one block, in floats: the warps' copy stages (reused for the final warp merge),
+// the per-warp exchange of probabilities and rescale factors, then the partition's block-table slice.
+template <int GP, int D> __host__ __device__ constexpr int stage_floats() {
+    return kWarps * kStages * 2 * (kChunk * D / 8) * 4;   // [warp][stage][K|V][16 tokens x D] 16-bit
+}
+template <int GP, int D> __host__ __device__ constexpr int merge_floats() { return kWarps * GP * (D + 2); }
+template <int GP> __host__ __device__ constexpr int exchange_floats() { return kWarps * (kChunk + 1) * GP; }
+template <int GP, int D> __host__ __device__ constexpr int front_floats() {
+    return (stage_floats<GP, D>() > merge_floats<GP, D>() ? stage_floats<GP, D>() : merge_floats<GP, D>()) +
+           exchange_floats<GP>();
+}
 
 template <typename T, int D, int GP>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int LPT = D / 8;              // lanes per token row (16 B each)
     constexpr int TPI = 32 / LPT;           // tokens per warp load
-    constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token step
-    extern __shared__ float smem[];
+    constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token chunk
+    extern __shared__ __align__(16) float smem[];
 
     const int seq = blockIdx.z, split = blockIdx.x;
     const int kv_head = blockIdx.y / a.head_groups, hg = blockIdx.y % a.head_groups;
@@ -82,12 +109,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
         return;
     }
 
-    const int red_floats = reduce_floats<GP, D>();
-    const int score_floats = GP * a.partition;
-    float *scores = smem;                                                      // [GP][partition]
-    int *table = (int *)(smem + (score_floats > red_floats ? score_floats : red_floats));
+    uint4 *stages = reinterpret_cast<uint4 *>(smem);                         // [warp][stage][2][ITERS][32]
+    float *xchg = smem + (front_floats<GP, D>() - exchange_floats<GP>());    // [warp][16 + 1][GP]
+    int *table = reinterpret_cast<int *>(smem + front_floats<GP, D>());
     const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
-    float *ml = (float *)(table + nblk + 1);                                   // [GP][2]
 
     // 1. this partition's slice of the block table; this lane's 8 dims of every query head
     const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
@@ -108,123 +133,162 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     }
     __syncthreads();
 
+    // 2. each warp walks its chunks (warp, warp + 4, ...) through a kStages-deep cp.async pipeline.
+    //    A lane only ever reads back the 16-byte pieces it copied itself: no barrier is needed.
     const int bs_mask = (1 << a.bs_log2) - 1;
     const int64_t head_off = (int64_t)kv_head << a.bs_log2;
-    const int nchunks = (ntok + kChunk - 1) / kChunk;
     const int sub = lane / LPT;               // which token of a warp load this lane reads
-    auto row_ptr = [&](const T *cache, int t) {   // t: token index within the partition
-        const int gt = start + t;
-        const int64_t blk = table[(gt >> a.bs_log2) - first_blk];
-        return cache + (((blk * a.num_kv_heads) << a.bs_log2) + head_off + (gt & bs_mask)) * D + dim0;
-    };
-
-    // 2. scores: q . k for 16 tokens per warp step
-    const bool writer = (lane & (LPT / GP - 1)) == 0;
-    for (int c = warp; c < nchunks; c += kWarps) {
-        uint4 kv[ITERS];
+    const int nchunks = (ntok + kChunk - 1) / kChunk;
+    const int mine = nchunks > warp ? (nchunks - warp + kWarps - 1) / kWarps : 0;
+    uint4 *my_stages = stages + (size_t)warp * kStages * 2 * ITERS * 32;
+    auto issue = [&](int j) {                  // j-th chunk of this warp -> stage j % kStages
+        const int c = warp + j * kWarps;
+        uint4 *dst = my_stages + (size_t)(j % kStages) * 2 * ITERS * 32;
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
             const int t = c * kChunk + it * TPI + sub;
-            kv[it] = t < ntok ? __ldg(reinterpret_cast<const uint4 *>(row_ptr((const T *)a.key_cache, t)))
-                              : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it) {
-            float kf[8], dot[GP];
-            Vec<T>::to_float(kv[it], kf);
-#pragma unroll
-            for (int h = 0; h < GP; ++h) {
-                float acc = 0.f;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc = fmaf(qr[h][e], kf[e], acc);
-                dot[h] = acc;
+            const bool ok = t < ntok;
+            int64_t off = 0;
+            if (ok) {
+                const int gt = start + t;
+                const int64_t blk = table[(gt >> a.bs_log2) - first_blk];
+                off = (((blk * a.num_kv_heads) << a.bs_log2) + head_off + (gt & bs_mask)) * D + dim0;
             }
-            int head = 0;
-            const float s = Butterfly<GP, LPT / 2>::run(dot, lane, head);
-            const int t = c * kChunk + it * TPI + sub;
-            if (writer && t < ntok && head < nheads) scores[head * a.partition + t] = s;
+            cp_async16(dst + it * 32 + lane, (const T *)a.key_cache + off, ok ? 16 : 0);
+            cp_async16(dst + (ITERS + it) * 32 + lane, (const T *)a.value_cache + off, ok ? 16 : 0);
         }
+    };
+#pragma unroll
+    for (int j = 0; j < kStages - 1; ++j) {
+        if (j < mine) issue(j);
+        cp_async_commit();
     }
-    __syncthreads();
 
-    // 3. softmax of the partition, per head (log2 domain)
-    for (int h = warp; h < nheads; h += kWarps) {
-        float *sc = scores + h * a.partition;
-        float m = -INFINITY;
-        for (int t = lane; t < ntok; t += 32) m = fmaxf(m, sc[t]);
-        m = warp_max(m);
-        float l = 0.f;
-        for (int t = lane; t < ntok; t += 32) {
-            const float p = exp2f(sc[t] - m);
-            sc[t] = p;
-            l += p;
-        }
-        l = warp_sum(l);
-        if (lane == 0) {
-            ml[2 * h] = m;
-            ml[2 * h + 1] = l;
-        }
-    }
-    __syncthreads();
-
-    // 4. p . v, same walk as the scores
     float acc[GP][8];
 #pragma unroll
     for (int h = 0; h < GP; ++h)
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[h][e] = 0.f;
-    for (int c = warp; c < nchunks; c += kWarps) {
-        uint4 vv[ITERS];
+    float m_run = -INFINITY, l_run = 0.f;      // of this lane's head
+    const int head = butterfly_head<GP, LPT / 2>(lane);
+    const bool writer = (lane & (LPT / GP - 1)) == 0;
+    float *wx = xchg + warp * (kChunk + 1) * GP;   // [16 tokens][GP] probabilities, then [GP] rescales
+
+    for (int j = 0; j < mine; ++j) {
+        if (j + kStages - 1 < mine) issue(j + kStages - 1);
+        cp_async_commit();
+        cp_async_wait<kStages - 1>();           // this lane's copies of chunk j have landed
+        const uint4 *src = my_stages + (size_t)(j % kStages) * 2 * ITERS * 32;
+        const int c = warp + j * kWarps;
+
+        // 2a. scores of the chunk's 16 tokens; after the butterfly a lane holds its head's score
+        float s[ITERS];
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
-            const int t = c * kChunk + it * TPI + sub;
-            vv[it] = t < ntok ? __ldg(reinterpret_cast<const uint4 *>(row_ptr((const T *)a.value_cache, t)))
-                              : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it) {
-            const int t = c * kChunk + it * TPI + sub;
-            float vf[8];
-            Vec<T>::to_float(vv[it], vf);
+            float kf[8], dot[GP];
+            Vec<T>::to_float(src[it * 32 + lane], kf);
 #pragma unroll
             for (int h = 0; h < GP; ++h) {
-                const float p = (t < ntok && h < nheads) ? scores[h * a.partition + t] : 0.f;
+                float d = 0.f;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(p, vf[e], acc[h][e]);
+                for (int e = 0; e < 8; ++e) d = fmaf(qr[h][e], kf[e], d);
+                dot[h] = d;
             }
+            int h_it = 0;
+            s[it] = Butterfly<GP, LPT / 2>::run(dot, lane, h_it);
+            if (c * kChunk + it * TPI + sub >= ntok) s[it] = -INFINITY;
         }
+        // 2b. online softmax of this lane's head over the chunk (all subs of the warp)
+        float mc = s[0];
+#pragma unroll
+        for (int it = 1; it < ITERS; ++it) mc = fmaxf(mc, s[it]);
+#pragma unroll
+        for (int o = LPT; o < 32; o <<= 1) mc = fmaxf(mc, __shfl_xor_sync(kFull, mc, o));
+        const float m_new = fmaxf(m_run, mc);   // finite: every chunk has a valid token
+        const float alpha = exp2f(m_run - m_new);
+        float ps = 0.f;
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            s[it] = exp2f(s[it] - m_new);
+            ps += s[it];
+        }
+#pragma unroll
+        for (int o = LPT; o < 32; o <<= 1) ps += __shfl_xor_sync(kFull, ps, o);
+        l_run = l_run * alpha + ps;
+        m_run = m_new;
+        if (writer) {
+#pragma unroll
+            for (int it = 0; it < ITERS; ++it) wx[(it * TPI + sub) * GP + head] = s[it];
+            if (sub == 0) wx[kChunk * GP + head] = alpha;
+        }
+        __syncwarp();
+        // 2c. rescale and accumulate p . v for every head
+        float al[GP];
+#pragma unroll
+        for (int h = 0; h < GP; ++h) al[h] = wx[kChunk * GP + h];
+#pragma unroll
+        for (int h = 0; h < GP; ++h)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[h][e] *= al[h];
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+            float vf[8], p[GP];
+            Vec<T>::to_float(src[(ITERS + it) * 32 + lane], vf);   // zeros past the context
+#pragma unroll
+            for (int h = 0; h < GP; ++h) p[h] = wx[(it * TPI + sub) * GP + h];
+#pragma unroll
+            for (int h = 0; h < GP; ++h)
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[h][e] = fmaf(p[h], vf[e], acc[h][e]);
+        }
+        __syncwarp();   // wx is rewritten by the next chunk
     }
-    // sum the token groups of the warp, then the warps
+    cp_async_wait<0>();
+
+    // 3. sum the token groups of the warp, then merge the warps (each has its own running max)
 #pragma unroll
     for (int o = LPT; o < 32; o <<= 1)
 #pragma unroll
         for (int h = 0; h < GP; ++h)
 #pragma unroll
             for (int e = 0; e < 8; ++e) acc[h][e] += __shfl_xor_sync(kFull, acc[h][e], o);
-    __syncthreads();   // scores are no longer read: reuse them for the warp sums
-    float *red = smem;   // [kWarps][GP][D]
+    __syncthreads();   // every warp is done with its stages: reuse them
+    float *red = smem;                         // [warp][GP][D]
+    float *wml = smem + kWarps * GP * D;       // [warp][GP][2]
     if (lane < LPT) {
 #pragma unroll
         for (int h = 0; h < GP; ++h)
 #pragma unroll
             for (int e = 0; e < 8; ++e) red[(warp * GP + h) * D + dim0 + e] = acc[h][e];
     }
+    if (writer && sub == 0) {
+        wml[(warp * GP + head) * 2] = m_run;
+        wml[(warp * GP + head) * 2 + 1] = l_run;
+    }
     __syncthreads();
 
-    // 5. write the output (one partition) or this partition's share for merge_kernel
+    // 4. write the output (one partition) or this partition's share for merge_kernel
     for (int i = tid; i < nheads * D; i += kThreads) {
         const int h = i / D, d = i % D;
-        float v = 0.f;
+        float m = -INFINITY;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) v += red[(w * GP + h) * D + d];
+        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[(w * GP + h) * 2]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float wm = wml[(w * GP + h) * 2];
+            const float f = wm == -INFINITY ? 0.f : exp2f(wm - m);   // a warp without chunks
+            num = fmaf(f, red[(w * GP + h) * D + d], num);
+            den = fmaf(f, wml[(w * GP + h) * 2 + 1], den);
+        }
         if (direct) {
-            out[i] = from_f<T>(v / ml[2 * h + 1]);
+            out[i] = from_f<T>(num / den);
         } else {
             const int64_t idx = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits + split;
-            a.partial_out[idx * D + d] = v;
+            a.partial_out[idx * D + d] = num;
             if (d == 0) {
-                a.partial_ml[idx * 2] = ml[2 * h];
-                a.partial_ml[idx * 2 + 1] = ml[2 * h + 1];
+                a.partial_ml[idx * 2] = m;
+                a.partial_ml[idx * 2 + 1] = den;
             }
         }
     }
@@ -256,12 +320,15 @@ __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
 
 template <typename T, int D, int GP>
 pa_status launch_decode(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
-    const int score_floats = GP * a.partition, red_floats = reduce_floats<GP, D>();
-    const size_t smem = sizeof(float) * (score_floats > red_floats ? score_floats : red_floats) +
-                        sizeof(int) * ((a.partition >> a.bs_log2) + 3) + sizeof(float) * 2 * GP;
-    if (smem > 48 * 1024)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "decode_kernel: partition_size %d needs %zu bytes of shared "
-                         "memory (at most 49152)", a.partition, smem);
+    const size_t smem = sizeof(float) * front_floats<GP, D>() + sizeof(int) * ((a.partition >> a.bs_log2) + 2);
+    if (smem > 200 * 1024)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "decode_kernel: partition_size %d with block_size %d needs %zu "
+                         "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
+    // Raise this kernel's dynamic shared-memory limit once (the first launch of each instantiation).
+    static const cudaError_t attr = cudaFuncSetAttribute(decode_kernel<T, D, GP>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    if (attr != cudaSuccess)
+        return cuda_fail(PA_ERR_CUDA, "decode_kernel: cudaFuncSetAttribute: %s", cudaGetErrorString(attr));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
     decode_kernel<T, D, GP><<<grid, kThreads, smem, stream>>>(a);
     PA_RETURN_IF_ERR(check_launch("decode_kernel"));

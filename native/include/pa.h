@@ -193,6 +193,17 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
                                           int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
                                           int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
                                           void *stream);
+/* Small-batch GEMV (decode, num_rows <= 8): out[m, j] = sum_i x'[m, i] * weight[j, i] (+ residual[m, j]).
+ * x' is x (PA_CUDA_GEMV_PLAIN; x [num_rows, k]); rms_norm(x) * norm_weight rounded as pa_rms_norm_cuda
+ * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
+ * pa_silu_mul_cuda does (PA_CUDA_GEMV_SILU; x = [gate | up] [num_rows, 2k]). weight [n, k] (HF [out, in]).
+ * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out). */
+#define PA_CUDA_GEMV_PLAIN 0
+#define PA_CUDA_GEMV_NORM 1
+#define PA_CUDA_GEMV_SILU 2
+pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
+                       const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
+                       int32_t dtype, void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */

@@ -1,0 +1,211 @@
+// gemv.cu -- small-batch matrix-vector products for decode steps, with the neighbouring element-wise
+// work fused in: RMSNorm of the input (qkv, gate_up, lm_head), SiLU-mul of the input (down), and the
+// residual add in the epilogue (o, down). Memory-bound: each weight row is read once, 16 bytes a lane.
+//
+// One block (8 warps) per 8 * RPW output rows. The block first stages its input rows (after the
+// prologue transform) in shared memory as T, rounded exactly as pa_rms_norm_cuda / pa_silu_mul_cuda
+// round them; then each warp streams RPW weight rows and accumulates MR dot products in float.
+#include "common.cuh"
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kUnroll = 4;   // 16-byte weight loads in flight per lane and row
+
+struct GemvArgs {
+    void *out;
+    const void *x, *weight, *norm_weight, *residual;
+    int rows, n, k, mode;
+    float eps;
+};
+
+template <typename T, int MR>
+__device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
+    const int nv = a.k / 8, tid = threadIdx.x;
+    const T *x = (const T *)a.x;
+    if (a.mode == PA_CUDA_GEMV_SILU) {          // x = [gate | up], [rows, 2k]
+        for (int i = tid; i < MR * nv; i += kThreads) {
+            const int m = i / nv, v = i % nv;
+            float g[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, u[8];
+            if (m < a.rows) {
+                const uint4 *row = reinterpret_cast<const uint4 *>(x + (int64_t)m * 2 * a.k);
+                Vec<T>::to_float(row[v], g);
+                Vec<T>::to_float(row[v + nv], u);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) g[e] = round_to<T>(g[e] / (1.f + expf(-g[e]))) * u[e];
+            }
+            reinterpret_cast<uint4 *>(xs)[i] = Vec<T>::from_float(g);
+        }
+        return;
+    }
+    float inv_rms[MR];
+    if (a.mode == PA_CUDA_GEMV_NORM) {          // one pass for the sums of squares of all rows
+        float sq[MR];
+#pragma unroll
+        for (int m = 0; m < MR; ++m) sq[m] = 0.f;
+        for (int v = tid; v < nv; v += kThreads) {
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                if (m >= a.rows) break;
+                float f[8];
+                Vec<T>::to_float(reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v], f);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) sq[m] += f[e] * f[e];
+            }
+        }
+        const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            sq[m] = warp_sum(sq[m]);
+            if (lane == 0) scratch[warp * MR + m] = sq[m];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            float t = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) t += scratch[w * MR + m];
+            inv_rms[m] = rsqrtf(t / (float)a.k + a.eps);
+        }
+    }
+    for (int i = tid; i < MR * nv; i += kThreads) {
+        const int m = i / nv, v = i % nv;
+        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (m < a.rows) {
+            Vec<T>::to_float(reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v], f);
+            if (a.mode == PA_CUDA_GEMV_NORM) {
+                float w[8];
+                Vec<T>::to_float(reinterpret_cast<const uint4 *>(a.norm_weight)[v], w);
+                float r = 0.f;
+#pragma unroll
+                for (int mm = 0; mm < MR; ++mm)
+                    if (mm == m) r = inv_rms[mm];   // constant-indexed: stays in registers
+#pragma unroll
+                for (int e = 0; e < 8; ++e) f[e] = round_to<T>(f[e] * r) * w[e];
+            }
+        }
+        reinterpret_cast<uint4 *>(xs)[i] = Vec<T>::from_float(f);
+    }
+}
+
+template <typename T, int MR, int RPW>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
+    extern __shared__ __align__(16) unsigned char gemv_smem[];
+    T *xs = reinterpret_cast<T *>(gemv_smem);                              // [MR][k]
+    float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int nv = a.k / 8;
+
+    // 1. the input rows, transformed, into shared memory
+    stage_input<T, MR>(a, xs, scratch);
+    __syncthreads();
+
+    // 2. RPW weight rows per warp, kUnroll 16-byte loads in flight per row
+    const int row0 = (blockIdx.x * kWarps + warp) * RPW;
+    if (row0 >= a.n) return;
+    const uint4 *wrow[RPW];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)min(row0 + r, a.n - 1) * a.k);
+    float acc[RPW][MR];
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+        for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
+    const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
+    for (int v0 = lane; v0 < nv; v0 += 32 * kUnroll) {
+        uint4 wv[RPW][kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int r = 0; r < RPW; ++r) {
+                const int v = v0 + u * 32;
+                wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const int v = v0 + u * 32;
+            if (v >= nv) break;
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                float xf[8];
+                Vec<T>::to_float(xv[m * nv + v], xf);
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) {
+                    float wf[8];
+                    Vec<T>::to_float(wv[r][u], wf);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[e], xf[e], acc[r][m]);
+                }
+            }
+        }
+    }
+
+    // 3. reduce over the warp; lane m writes row m's value (+ residual)
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int n = row0 + r;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            const float s = warp_sum(acc[r][m]);
+            if (lane == m && m < a.rows && n < a.n) {
+                const int64_t idx = (int64_t)m * a.n + n;
+                float y = round_to<T>(s);
+                if (a.residual != nullptr) y += to_f(((const T *)a.residual)[idx]);
+                ((T *)a.out)[idx] = from_f<T>(y);
+            }
+        }
+    }
+}
+
+template <typename T, int MR>
+pa_status launch_gemv(const GemvArgs &a, int num_sms, cudaStream_t stream) {
+    const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
+    if (smem > 200 * 1024)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
+                         a.k, smem);
+    // Two rows per warp when that still gives every SM two blocks, else one (small matrices).
+    const bool two = (a.n + 2 * kWarps - 1) / (2 * kWarps) >= 2 * num_sms;
+    if (two) {
+        static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, 2>,
+                                                             cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
+        gemv_kernel<T, MR, 2><<<(a.n + 2 * kWarps - 1) / (2 * kWarps), kThreads, smem, stream>>>(a);
+    } else {
+        static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, 1>,
+                                                             cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+        if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
+        gemv_kernel<T, MR, 1><<<(a.n + kWarps - 1) / kWarps, kThreads, smem, stream>>>(a);
+    }
+    return check_launch("gemv_kernel");
+}
+
+}  // namespace
+
+extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
+                                  const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode,
+                                  float eps, int32_t dtype, void *stream) {
+    const char *name = "gemv_kernel";
+    if (out == nullptr || x == nullptr || weight == nullptr || num_rows < 0 || n <= 0 || k <= 0 || k % 8)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (k %d must be a positive multiple of 8)", name, (int)k);
+    if (mode != PA_CUDA_GEMV_PLAIN && mode != PA_CUDA_GEMV_NORM && mode != PA_CUDA_GEMV_SILU)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown mode %d", name, (int)mode);
+    if (mode == PA_CUDA_GEMV_NORM && norm_weight == nullptr)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM needs norm_weight", name);
+    if (num_rows > 8)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, (int)num_rows);
+    if (num_rows == 0) return PA_OK;
+    int device = 0, num_sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    GemvArgs a{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps};
+    cudaStream_t st = (cudaStream_t)stream;
+    return dispatch_dtype(dtype, name, [&](auto tag) {
+        using T = decltype(tag);
+        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, st);
+        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, st);
+        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, st);
+        return launch_gemv<T, 8>(a, num_sms, st);
+    });
+}
