@@ -25,6 +25,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                               block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per sequence (decode), all sequences at once: gather to the longest context, mask the rest."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    max_ctx = int(context_lens.max())
+    pos = torch.arange(max_ctx)
+    blocks = block_tables[:, pos // block_size].long().clamp(min=0)              # [S, L]
+    offsets = (pos % block_size).expand(num_seqs, max_ctx)
+    k = key_cache[blocks, :, offsets].to(q.dtype)                                 # [S, L, nkv, hd]
+    v = value_cache[blocks, :, offsets].to(q.dtype)
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)     # [S, nkv, g, hd]
+    scores = torch.einsum("skgd,slkd->skgl", qg, k) * scale                      # [S, nkv, g, L]
+    masked = pos[None, :] >= context_lens[:, None].long()                          # [S, L]
+    scores = scores.masked_fill(masked[:, None, None, :], float("-inf"))
+    out = torch.einsum("skgl,slkd->skgd", scores.softmax(-1), v)
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
 def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,6 +142,9 @@ class TorchRefBackend(Backend):
         self.value_caches[layer][blocks, :, offsets] = v.to(self.dtype)
 
     def paged_attention(self, layer, q, batch):
+        if batch.is_decode_only and batch.num_seqs > 1:
+            return paged_decode_attention_ref(q, self.key_caches[layer], self.value_caches[layer],
+                                              batch.block_tables, batch.context_lens, self.config.head_dim ** -0.5)
         return paged_attention_ref(q, self.key_caches[layer], self.value_caches[layer], batch.block_tables,
                                    batch.context_lens, batch.query_start_loc, self.config.head_dim ** -0.5)
 
