@@ -10,6 +10,7 @@ from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from engine.config import CONFIG_DIR, load_file, load_runtime_config
+from webapp.edge import drain_unread_body
 from webapp.runtime import Limits, Runtime
 from webapp.schema import ApiError, error_body
 
@@ -114,6 +115,8 @@ def _register_errors(app: Flask) -> None:
 
     @app.after_request
     def count_response(response):
+        if response.status_code >= 400:
+            drain_unread_body()
         rule = request.url_rule.rule if request.url_rule is not None else "unmatched"
         app.extensions["pagedecode"].metrics.responses.labels(rule, str(response.status_code)).inc()
         return response

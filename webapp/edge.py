@@ -4,12 +4,14 @@ from __future__ import annotations
 import functools
 import hmac
 
-from flask import Response, current_app, request
+from flask import Response, current_app, g, request
+from werkzeug.wsgi import LimitedStream
 
 from webapp.runtime import Runtime
 from webapp.schema import ApiError, load_json
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_DRAIN_BYTES = 16 << 20
 
 
 def runtime() -> Runtime:
@@ -18,7 +20,24 @@ def runtime() -> Runtime:
 
 def request_json() -> dict:
     """The body as a JSON object (400 otherwise; 413 past MAX_CONTENT_LENGTH, raised by Werkzeug)."""
-    return load_json(request.get_data(cache=False))
+    raw = request.get_data(cache=False)
+    g.body_read = True
+    return load_json(raw)
+
+
+def drain_unread_body() -> None:
+    """Read and drop the body of a request refused before reading it (413, 401, 429, 503).
+
+    gunicorn drains at most 64 KiB of an unread body itself; past that it closes the connection
+    after a response that announced keep-alive, and the client's next request on it fails.
+    """
+    length = request.content_length
+    if g.get("body_read") or not length or length > MAX_DRAIN_BYTES:
+        return
+    stream = LimitedStream(request.environ["wsgi.input"], length)
+    while stream.read(1 << 16):
+        pass
+    g.body_read = True
 
 
 def defaults(**overrides) -> dict:

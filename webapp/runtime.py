@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from engine.request import RequestError
 from webapp.metrics import Metrics
 from webapp.schema import ApiError
 
@@ -123,9 +122,12 @@ class Runtime:
         elif engine.tokenizer is None:
             raise ApiError("this model has no tokenizer: send prompt as a list of token ids", param=field)
         else:
-            with self._tokenize_lock:
-                ids = (engine.tokenizer.apply_chat_template(messages) if messages is not None
-                       else engine.tokenizer.encode(prompt))
+            try:
+                with self._tokenize_lock:
+                    ids = (engine.tokenizer.apply_chat_template(messages) if messages is not None
+                           else engine.tokenizer.encode(prompt))
+            except ValueError as exc:
+                raise ApiError(f"{field}: {exc}", param=field) from None
         limit = min(self.limits.max_prompt_tokens, engine.max_model_len - 1)
         if len(ids) > limit:
             raise ApiError(f"the prompt has {len(ids)} tokens; at most {limit} are allowed "
@@ -175,6 +177,7 @@ class Generation:
     def outputs(self, poll_s: float | None = None) -> Iterator:
         """Yield RequestOutputs until the final one; with poll_s, yield None after each quiet poll_s
         (a chance to send a keep-alive or read the client)."""
+        from engine.request import RequestError  # here, so importing webapp does not load torch
         while not self.finished:
             try:
                 out = self.handle.get(timeout=poll_s)

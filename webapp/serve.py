@@ -6,9 +6,15 @@ Engine inside the worker.
 """
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
+
+# See wsgi.py: spinning OpenMP pools (torch's and the native library's) starve each other when the
+# engine runs on a background thread. Set here, before the worker (forked from this process)
+# loads torch; importing webapp does not load torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from gunicorn.app.base import BaseApplication
 
