@@ -191,6 +191,32 @@ def pool_float(cache, scales):
     return cache.float() * scales[:, :, None, None]
 
 
+def simulate_tile_scales(calls, src_rows, bs):
+    """Per-token error bounds of the write rule: a call's run of tokens in one tile sets
+    scale = max(scale, run absmax / 127) (fresh at offset 0); a raise costs earlier tokens half a step."""
+    bound, scale = {}, {}
+    for slots, rows in calls:
+        t = 0
+        while t < len(slots):
+            if slots[t] < 0:
+                t += 1
+                continue
+            n = 1
+            while t + n < len(slots) and slots[t + n] == slots[t] + n and (slots[t] + n) % bs:
+                n += 1
+            blk, off = divmod(slots[t], bs)
+            amax = max(src_rows[r].abs().max().item() for r in rows[t:t + n]) / 127
+            if off == 0 or amax > scale[blk]:
+                scale[blk] = amax
+                for other in bound:
+                    if other // bs == blk:
+                        bound[other] += amax / 2
+            for i in range(n):
+                bound[slots[t] + i] = scale[blk] / 2
+            t += n
+    return bound, scale
+
+
 def test_write_kv_quantizes_within_half_a_step(nl):
     """Each token is within half a step of its tile's scale, plus half a step per later requantization."""
     torch.manual_seed(5)
@@ -198,32 +224,26 @@ def test_write_kv_quantizes_within_half_a_step(nl):
     pool = make_pool(6, nkv, bs, hd)
     pool[2][:] = 50.0                                   # stale scales from an earlier owner of the blocks
     pool[3][:] = 50.0
-    k, v = torch.randn(20, nkv, hd), torch.randn(20, nkv, hd)
+    k, v = torch.randn(22, nkv, hd), torch.randn(22, nkv, hd)
     k[9] *= 30                                          # a large token mid-tile: requantizes its tile
-    slots = torch.tensor([3 * bs + i for i in range(16)] + [1 * bs + i for i in range(3)] + [-1], dtype=torch.int32)
+    v[12] *= 5
+    # three calls: a prefill chunk, a chunk continuing block 3 (+ block 1), single-token decodes
+    calls = [(list(range(3 * bs, 3 * bs + 9)), list(range(0, 9))),
+             ([3 * bs + i for i in range(9, 14)] + [1 * bs + i for i in range(3)] + [-1], list(range(9, 18))),
+             ([3 * bs + 14], [18]), ([3 * bs + 15], [19]), ([1 * bs + 3], [20])]
     before = pool[0].clone()
-    write_kv(nl, pool, k, v, slots)
+    for slots, rows in calls:
+        write_kv(nl, pool, k[rows], v[rows], torch.tensor(slots, dtype=torch.int32))
     for src, cache, scales in ((k, pool[0], pool[2]), (v, pool[1], pool[3])):
         got = pool_float(cache, scales)
         for h in range(nkv):
-            bound: dict[int, float] = {}                 # slot -> error bound, grown by every requantization
-            scale = {}
-            for t, slot in enumerate(slots.tolist()):
-                if slot < 0:
-                    continue
-                blk, off = divmod(slot, bs)
-                amax = src[t, h].abs().max().item() / 127
-                if off == 0 or amax > scale[blk]:
-                    scale[blk] = amax
-                    for other in bound:
-                        if other // bs == blk:
-                            bound[other] += scale[blk] / 2
-                bound[slot] = scale[blk] / 2
-            for t, slot in enumerate(slots.tolist()):
-                if slot >= 0:
-                    blk, off = divmod(slot, bs)
-                    err = (got[blk, h, off] - src[t, h]).abs().max().item()
-                    assert err <= bound[slot] * (1 + 1e-5) + 1e-7, (t, h, err, bound[slot])
+            bound, scale = simulate_tile_scales(calls, src[:, h], bs)
+            for slots, rows in calls:
+                for slot, r in zip(slots, rows):
+                    if slot >= 0:
+                        blk, off = divmod(slot, bs)
+                        err = (got[blk, h, off] - src[r, h]).abs().max().item()
+                        assert err <= bound[slot] * (1 + 1e-5) + 1e-7, (r, h, err, bound[slot])
             for blk, sc in scale.items():
                 assert scales[blk, h].item() == pytest.approx(sc, rel=1e-6)   # offset 0 reset the stale 50
     assert pool[2][3, 0] > 0.1                             # the k outlier raised its tile's scale
@@ -378,3 +398,27 @@ def test_prepare_adds_rope_table(tiny_backend):
     assert isinstance(batch, CpuBatch)
     cos, _ = rope_cos_sin(batch.positions, TINY.head_dim, TINY.rope_theta)
     torch.testing.assert_close(batch.rope_cos, cos[:, : TINY.head_dim // 2], rtol=0, atol=1e-6)
+
+
+def test_load_quantized_weights_hf_names_match_quantize_on_load(nl):
+    """The weights/ layout's int8 tensors (HF names, q/k/v separate) give the same model as quantize-on-load."""
+    w = tiny_weights(TINY)
+    c = TINY
+    int8 = {"model.embed_tokens.weight": quantize_int8_local(w["embed"])}
+    for i in range(c.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        q, k, v = w[f"layers.{i}.qkv"].split([c.q_size, c.kv_size, c.kv_size])
+        g, u = w[f"layers.{i}.gate_up"].chunk(2)
+        for name, t in ((a + "q_proj", q), (a + "k_proj", k), (a + "v_proj", v), (a + "o_proj", w[f"layers.{i}.o"]),
+                        (m + "gate_proj", g), (m + "up_proj", u), (m + "down_proj", w[f"layers.{i}.down"])):
+            int8[name + ".weight"] = quantize_int8_local(t)
+    out = []
+    for how in ("float", "int8"):
+        b = CpuInt8Backend(TINY, lib=nl)
+        if how == "float":
+            b.load_weights(w)
+        else:
+            b.load_quantized_weights(int8, w)
+        b.allocate_kv_cache(num_blocks=16, block_size=8)
+        out.append(LlamaModel(TINY, b).forward(steps(TINY, 8)[0]))
+    assert torch.equal(out[0], out[1])

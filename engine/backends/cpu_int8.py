@@ -35,6 +35,30 @@ def quantize_int8(w: torch.Tensor, group_size: int = GROUP) -> tuple[torch.Tenso
     return shared(w, group_size=group_size)
 
 
+def fuse_int8(int8: dict[str, tuple[torch.Tensor, torch.Tensor]], config: ModelConfig
+              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF-named int8 weights -> backend names (rows of q/k/v and gate/up stacked, with their scales)."""
+    if "model.embed_tokens.weight" not in int8 and "lm_head.weight" not in int8 \
+            and not any(n.startswith("model.layers.") for n in int8):
+        return dict(int8)
+    cat = lambda names: tuple(torch.cat([int8[n][j] for n in names]).contiguous() for j in (0, 1))  # noqa: E731
+    out = {}
+    if "model.embed_tokens.weight" in int8:
+        out["embed"] = int8["model.embed_tokens.weight"]
+    head = int8.get("lm_head.weight")
+    if head is not None and not config.tie_word_embeddings:
+        out["lm_head"] = head
+    elif "embed" in out:
+        out["lm_head"] = out["embed"]
+    for i in range(config.num_layers):
+        a, m = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out[f"layers.{i}.qkv"] = cat([a + f"{x}_proj.weight" for x in "qkv"])
+        out[f"layers.{i}.o"] = int8[a + "o_proj.weight"]
+        out[f"layers.{i}.gate_up"] = cat([m + "gate_proj.weight", m + "up_proj.weight"])
+        out[f"layers.{i}.down"] = int8[m + "down_proj.weight"]
+    return out
+
+
 def load_cpu_lib() -> NativeLib:
     """libpa_cpu.so, or NativeError when this CPU lacks AVX2/FMA (the engine then uses torch)."""
     if os.path.exists("/proc/cpuinfo"):
@@ -62,8 +86,9 @@ class CpuInt8Backend(Backend):
 
     name = "cpu-int8"
 
-    def __init__(self, config: ModelConfig, lib: NativeLib | None = None):
+    def __init__(self, config: ModelConfig, lib: NativeLib | None = None, smooth_keys: float = 1.0):
         super().__init__(config)
+        self.smooth_keys = smooth_keys
         self.nl = lib or load_cpu_lib()
         self.lib, self.ffi = self.nl.lib, self.nl.ffi
         self.q: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (int8 [N, K], scales [N, K/32])
@@ -90,23 +115,52 @@ class CpuInt8Backend(Backend):
 
     def load_quantized_weights(self, int8: dict[str, tuple[torch.Tensor, torch.Tensor]],
                                float_rest: dict[str, torch.Tensor]) -> None:
-        """int8: name -> (q [N, K] int8, scales [N, K/32] float32); float_rest: the norms.
-        "embed" may be absent: the embedding then reads lm_head's rows (tied weights)."""
+        """int8: name -> (q [N, K] int8, scales [N, K/32] float32), in backend names (layers.0.qkv) or
+        HF names (weights/ layout: q/k/v and gate/up are stacked here); float_rest: at least the norms,
+        backend names. "embed" may be absent: the embedding then reads lm_head's rows (tied weights)."""
         c = self.config
+        int8 = fuse_int8(int8, c)
+        if "lm_head" not in int8:                         # float lm_head only: quantize it here
+            int8["lm_head"] = quantize_int8(float_rest["lm_head"].float())
         self.q = {}
         for name, (q, s) in int8.items():
+            if name not in ("embed", "lm_head") and name.split(".")[-1] not in LINEARS:
+                continue
             if q.dtype != torch.int8 or q.dim() != 2 or q.shape[1] % GROUP:
                 raise ValueError(f"{name}: want int8 [N, K] with K % {GROUP} == 0, got {q.dtype} {tuple(q.shape)}")
             if s.shape != (q.shape[0], q.shape[1] // GROUP):
                 raise ValueError(f"{name}: scales {tuple(s.shape)} do not match {tuple(q.shape)}")
             self.q[name] = (q.contiguous(), s.float().contiguous())
         self.q.setdefault("embed", self.q["lm_head"])
-        self.f = {n: t.float().contiguous() for n, t in float_rest.items() if n != "lm_head"}
+        if self.smooth_keys:
+            for i in range(c.num_layers):
+                self._smooth_keys(i, float_rest[f"layers.{i}.input_norm"].float())
+        self.f = {n: t.float().contiguous() for n, t in float_rest.items()
+                  if n == "norm" or n.endswith("_norm")}                # only the norms stay float
         for i in range(c.num_layers):
             for name in LINEARS:
                 if f"layers.{i}.{name}" not in self.q:
                     raise ValueError(f"missing int8 weight layers.{i}.{name}")
         self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
+
+    def _smooth_keys(self, i: int, input_norm: torch.Tensor) -> None:
+        """Flatten K's channel magnitudes before the per-tile int8 KV cache sees them.
+
+        q . k is unchanged when key channel d is divided by c_d and the query channels that meet it are
+        multiplied by c_d; c_d is the norm of W_k's row d (input norm folded in), shared by the RoPE pair
+        (d, d + head_dim / 2) so the rotation commutes.  Only the rows' scales change (q stays int8).
+        """
+        c = self.config
+        q, s = self.q[f"layers.{i}.qkv"]
+        rows = q[c.q_size:c.q_size + c.kv_size].float().reshape(c.kv_size, -1, GROUP) * s[c.q_size:c.q_size + c.kv_size, :, None]
+        norm = (rows.reshape(c.kv_size, -1) * input_norm[None, :]).norm(dim=1)       # [kv_size]
+        pair = norm.reshape(c.num_kv_heads, 2, c.head_dim // 2).pow(2).mean(1, keepdim=True).sqrt()
+        f = pair.expand(c.num_kv_heads, 2, c.head_dim // 2).reshape(c.num_kv_heads, c.head_dim)
+        f = (f / f.mean()).clamp_min(1e-3) ** self.smooth_keys                          # [nkv, hd]
+        s = s.clone()
+        s[c.q_size:c.q_size + c.kv_size] /= f.reshape(-1, 1)
+        s[:c.q_size] *= f.repeat_interleave(c.num_heads // c.num_kv_heads, 0).reshape(-1, 1)
+        self.q[f"layers.{i}.qkv"] = (q, s.contiguous())
 
     def _layer_struct(self, i: int):
         w = self.ffi.new("pa_layer_weights_cpu *")

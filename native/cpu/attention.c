@@ -10,32 +10,46 @@
 
 /* ================================================================================================
  * KV write.  Tokens of one tile arrive in increasing offsets (a sequence fills its blocks in order).
- * Offset 0 starts the tile afresh (a reused block keeps a stale scale); otherwise a token whose
- * absmax exceeds 127 * scale raises the scale and requantizes the tile's earlier tokens to it.
+ * The tokens of one call that land in the same tile are stored together: the tile's scale becomes
+ * max(scale, absmax of the new tokens / 127) once, the tile's earlier tokens are requantized once if
+ * it grew, and the new tokens are quantized with it.  A run that starts at offset 0 starts the tile
+ * afresh (a reused block keeps a stale scale).
  * ============================================================================================== */
-static void store_token(int8_t *tile, float *scale, const float *x, int64_t off, int64_t head_dim) {
-    /* step 1: absmax of the new vector */
+static float absmax(const float *x, int64_t n) {
+    __m256 m = _mm256_setzero_ps();
+    const __m256 sign_bit = _mm256_set1_ps(-0.0f);
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign_bit, _mm256_loadu_ps(x + d)));
+    float r = hmax_ps(m);
+    for (; d < n; d++) r = fmaxf(r, fabsf(x[d]));
+    return r;
+}
+
+/* x: the run's tokens (row stride `stride`), stored at offsets off0 .. off0 + count - 1 of the tile. */
+static void store_run(int8_t *tile, float *scale, const float *x, int64_t stride, int64_t off0, int64_t count,
+                      int64_t head_dim) {
+    /* step 1: absmax of the new tokens */
     float amax = 0.0f;
-    for (int64_t d = 0; d < head_dim; d++) amax = fmaxf(amax, fabsf(x[d]));
-    float s = off == 0 ? 0.0f : *scale;
-    /* step 2: grow the tile's scale, rescaling the tokens already stored */
+    for (int64_t i = 0; i < count; i++) amax = fmaxf(amax, absmax(x + i * stride, head_dim));
+    float s = off0 == 0 ? 0.0f : *scale;
+    /* step 2: grow the tile's scale, requantizing the tokens already stored */
     if (amax > 127.0f * s) {
-        float s_new = amax / 127.0f;
+        const float s_new = amax / 127.0f;
         if (s > 0.0f) {
             const float ratio = s / s_new;
-            for (int64_t i = 0; i < off * head_dim; i++) tile[i] = (int8_t)lrintf((float)tile[i] * ratio);
+            for (int64_t i = 0; i < off0 * head_dim; i++) tile[i] = (int8_t)nearbyintf((float)tile[i] * ratio);
         }
         s = s_new;
-        *scale = s;
-    } else if (off == 0) {
-        *scale = s;
     }
-    /* step 3: quantize the new token (round to nearest even, clamp to +-127) */
+    *scale = s;
+    /* step 3: quantize the new tokens (round to nearest even, clamp to +-127) */
     const float inv = s > 0.0f ? 1.0f / s : 0.0f;
-    int8_t *dst = tile + off * head_dim;
-    for (int64_t d = 0; d < head_dim; d++) {
-        float q = nearbyintf(x[d] * inv);
-        dst[d] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+    for (int64_t i = 0; i < count; i++) {
+        int8_t *dst = tile + (off0 + i) * head_dim;
+        for (int64_t d = 0; d < head_dim; d++) {
+            float q = nearbyintf(x[i * stride + d] * inv);
+            dst[d] = (int8_t)(q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q));
+        }
     }
 }
 
@@ -43,7 +57,7 @@ HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache,
                         const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
                         int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
                         int64_t v_stride) {
-    /* threads over (kv head, K or V); each walks the tokens in order */
+    /* threads over (kv head, K or V); each walks the tokens in order, a run of one tile at a time */
     #pragma omp parallel for schedule(static) if (num_tokens >= 16)
     for (int64_t hv = 0; hv < 2 * num_kv_heads; hv++) {
         const int64_t h = hv >> 1, is_v = hv & 1;
@@ -51,13 +65,16 @@ HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache,
         float *scales = is_v ? v_scales : k_scales;
         const float *src = is_v ? v : k;
         const int64_t stride = is_v ? v_stride : k_stride;
-        for (int64_t t = 0; t < num_tokens; t++) {
+        for (int64_t t = 0; t < num_tokens;) {
             const int64_t slot = slot_mapping[t];
-            if (slot < 0) continue;
-            const int64_t blk = slot / block_size, off = slot % block_size;
-            const int64_t tile = blk * num_kv_heads + h;
-            store_token(cache + tile * block_size * head_dim, scales + tile, src + t * stride + h * head_dim,
-                        off, head_dim);
+            if (slot < 0) { t++; continue; }
+            /* the run: following tokens at the next offsets of the same block */
+            int64_t n = 1;
+            while (t + n < num_tokens && slot_mapping[t + n] == slot + n && (slot + n) % block_size != 0) n++;
+            const int64_t tile = (slot / block_size) * num_kv_heads + h;
+            store_run(cache + tile * block_size * head_dim, scales + tile, src + t * stride + h * head_dim, stride,
+                      slot % block_size, n, head_dim);
+            t += n;
         }
     }
 }
