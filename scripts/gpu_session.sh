@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels model attention e2e e2e-compile
+#   stages: info tests kernels model attention e2e e2e-compile ncu
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
 set -u
@@ -38,6 +38,13 @@ for stage in "$@"; do
         ;;
     e2e)
         python3 benchmarks/gpu_e2e.py --profile --out "$OUT/e2e.md" 2>&1 | tee "$OUT/e2e.log" | tail -30
+        ;;
+    ncu)
+        ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+            --section MemoryWorkloadAnalysis -k 'regex:decode_kernel|cudnn|sdpa|fmha|flash' --launch-count 4 \
+            python3 benchmarks/gpu_attention.py --probe --batches 64 --contexts 4096 2>&1 | tee "$OUT/ncu.txt" \
+            | grep -E "^  [a-z_]|decode_kernel|cudnn|Duration|Throughput|Occupancy|Issue|Eligible|Stall|Warp Cycles|probe" \
+            | head -60
         ;;
     e2e-compile)
         python3 benchmarks/gpu_e2e.py --models llama1b --batches 1 --hf-compile --out "$OUT/e2e_compile.md" 2>&1 \

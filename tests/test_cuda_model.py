@@ -210,20 +210,21 @@ def test_bf16_greedy_tokens(runs, prompts, name):
 
 def test_graphs_were_used(runs):
     r, _ = runs
-    print("captured decode graphs (bucket, split):", r["_graphs"])
-    assert (8, True, False) in r["_graphs"], "decode steps of 8 sequences did not replay a split-context graph"
+    print("captured decode graphs (bucket, split, greedy):", r["_graphs"])
+    assert (8, False, False) in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
 
 
-def test_short_prompts_use_the_unsplit_graph(fused, runs):
-    """Contexts within one partition: the graph whose attention writes the output directly."""
+def test_graph_variants(fused, runs, prompts):
+    """Contexts within one partition (attention writes the output directly) and past it (split + merge)."""
     from engine.backends.cuda import CudaBackend
     _, ref = runs
-    short = [[7, 8, 9], list(range(100, 107)), list(range(2000, 2012))]
-    cuda = CudaBackend(SMOL)
-    cuda.load_weights(fused)
-    outs, logits = greedy(cuda, short)
-    assert (4, False, False) in cuda._graphs
-    check_against_ref("cuda-short", teacher_forced(ref, short, outs), outs, logits)
+    for batch_prompts, key in (([[7, 8, 9], list(range(100, 107)), list(range(2000, 2012))], (4, False, False)),
+                               ([prompts[-1]], (1, True, False))):
+        cuda = CudaBackend(SMOL)
+        cuda.load_weights(fused)
+        outs, logits = greedy(cuda, batch_prompts)
+        assert key in cuda._graphs, sorted(cuda._graphs)
+        check_against_ref(f"cuda-graph-{key}", teacher_forced(ref, batch_prompts, outs), outs, logits)
 
 
 def test_engine_end_to_end_on_cuda(runs, fused, prompts):

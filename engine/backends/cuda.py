@@ -26,6 +26,7 @@ class CudaKernels:
         self.lib = native.load("cuda")
         self.ffi = self.lib.ffi
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        self._partitions: dict[tuple[int, int], int] = {}     # decode_partition's answers
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _p(self, t: torch.Tensor | None):
@@ -139,11 +140,21 @@ class CudaKernels:
         return out
 
     def decode_partition(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
-        """Tokens per thread block: the grid covers the SMs about four times over."""
+        """Tokens per thread block, from a wave model: time ~ waves x (partition + 128 tokens of per-block
+        overhead), with 3 resident blocks per SM (their shared memory allows three)."""
         units = max(1, num_seqs * num_kv_heads)
-        splits = max(1, -(-4 * self.num_sms // units))
-        part = -(-max(1, max_context_len) // splits)
-        return int(min(2048, max(64, -(-part // 16) * 16)))
+        slots, ctx = 3 * self.num_sms, max(1, max_context_len)
+        if (units, ctx) in self._partitions:
+            return self._partitions[units, ctx]
+        best = (math.inf, 16)
+        for splits in range(1, 513):
+            part = -(-(-(-ctx // splits)) // 16) * 16
+            if part < 64 and splits > 1:
+                break
+            cost = -(-units * -(-ctx // part) // slots) * (part + 128)
+            best = min(best, (cost, part))
+        self._partitions[units, ctx] = int(best[1])
+        return int(best[1])
 
     def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                scale: float, max_context_len: int, partition: int | None = None,
@@ -253,16 +264,16 @@ class _DecodeGraph:
         """Copy a decode batch of n <= size rows into the static inputs; returns its view of them."""
         B, n, L = self.size, batch.num_seqs, batch.logits_indices.shape[0]
         w = min(self.width, batch.block_tables.shape[1])
-        h = self.host
-        self.copied.synchronize()       # the previous step's copy has left the pinned buffer
+        h = self.host.numpy()                   # numpy views: far cheaper per assignment than torch's
+        self.copied.synchronize()               # the previous step's copy has left the pinned buffer
         for i, (src, pad) in enumerate(((batch.input_ids, 0), (batch.positions, 0), (batch.slot_mapping, -1),
                                         (batch.context_lens, 0))):
-            h[i * B:i * B + n] = src
+            h[i * B:i * B + n] = src.numpy()
             h[i * B + n:(i + 1) * B] = pad
-        h[4 * B:4 * B + L] = batch.logits_indices
-        h[6 * B + 1:].view(B, self.width)[:n, :w] = batch.block_tables[:, :w]
+        h[4 * B:4 * B + L] = batch.logits_indices.numpy()
+        h[6 * B + 1:].reshape(B, self.width)[:n, :w] = batch.block_tables[:, :w].numpy()
         end = 6 * B + 1 + n * self.width
-        self.ints[:end].copy_(h[:end], non_blocking=True)
+        self.ints[:end].copy_(self.host[:end], non_blocking=True)
         self.copied.record()
         g = self.batch
         return dataclasses.replace(
@@ -295,6 +306,7 @@ class CudaBackend(Backend):
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
         self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._graph_ids: set[int] = set()               # data_ptr of each graph's static input ids
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
         self._logit_bufs: list[torch.Tensor | None] = [None, None]
@@ -306,6 +318,7 @@ class CudaBackend(Backend):
         tied = weights["lm_head"] is weights["embed"]
         self.w["lm_head"] = self.w["embed"] if tied else weights["lm_head"].to(self.device, self.dtype).contiguous()
         self._graphs.clear()
+        self._graph_ids.clear()
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
@@ -320,6 +333,7 @@ class CudaBackend(Backend):
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._graphs.clear()
+        self._graph_ids.clear()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -354,6 +368,8 @@ class CudaBackend(Backend):
 
     # ---- ops -----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if input_ids.data_ptr() in self._graph_ids:   # a graph step: its graph embeds them on replay
+            return input_ids
         return F.embedding(input_ids, self.w["embed"])
 
     def rms_norm(self, x, name, residual=None):
@@ -444,7 +460,7 @@ class CudaBackend(Backend):
         return h, residual
 
     def _graph_partition(self, size: int) -> int:
-        return 64 if size <= 4 else 128 if size <= 16 else 256 if size <= 64 else 512
+        return 256 if size <= 4 else 512 if size <= 16 else 1024 if size <= 64 else 2048
 
     def _graph_for(self, batch: Batch, greedy: bool = False) -> _DecodeGraph | None:
         """The captured graph for this decode step's padded size (capturing it the first time), or None."""
@@ -459,6 +475,7 @@ class CudaBackend(Backend):
         key = (size, split, greedy)
         if key not in self._graphs:
             self._graphs[key] = self._capture(size, part, split, greedy)
+            self._graph_ids.add(self._graphs[key].ints.data_ptr())
         return self._graphs[key]
 
     def _capture(self, size: int, partition: int, split: bool, greedy: bool) -> _DecodeGraph:
@@ -485,7 +502,7 @@ class CudaBackend(Backend):
     def _run_layers(self, g: _DecodeGraph):
         """All layers of a decode step on the graph's static inputs -> (h, residual) as model.py expects."""
         batch = g.batch
-        h, residual = self.embed(batch.input_ids), None
+        h, residual = F.embedding(batch.input_ids, self.w["embed"]), None
         if batch.num_seqs <= self.gemv_max_rows:
             for i in range(self.config.num_layers):
                 h = self._layer_gemv(i, h, batch)

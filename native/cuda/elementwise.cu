@@ -135,54 +135,52 @@ extern "C" pa_status pa_silu_mul_cuda(void *out, const void *gate_up, int32_t nu
 // =============================================================================================
 // RoPE, optionally followed by the KV write of the rotated k and of v
 // =============================================================================================
-// One block per token. cos/sin as HF: float32 inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq,
-// cos/sin rounded to T; x1' = T(T(x1 c) + T(-x2 s)), x2' = T(T(x2 c) + T(x1 s)).
+// One block per token, one thread per 4 rotation pairs of one head (no shared memory, no barrier).
+// cos/sin as HF: float32 inv_freq = 1 / theta^(2i/d), angle = pos * inv_freq, cos/sin rounded to T;
+// x1' = T(T(x1 c) + T(-x2 s)), x2' = T(T(x2 c) + T(x1 s)). With WRITE_KV the rotated k and v also
+// go to the token's slot (threads past the rotation work copy v, 16 bytes each).
 template <typename T, bool WRITE_KV>
 __global__ void rope_kernel(T *q, T *k, T *key_cache, T *value_cache, const T *v, const int32_t *positions,
                             const int32_t *slot_mapping, int num_heads, int num_kv_heads, int head_dim,
                             int block_size, int64_t q_stride, int64_t k_stride, int64_t v_stride, float theta) {
-    extern __shared__ float cs[];   // [head_dim / 2] cos, then [head_dim / 2] sin
-    const int half = head_dim / 2;
+    const int half = head_dim / 2, quads = half / 4;
     const int64_t token = blockIdx.x;
-    const float pos = (float)positions[token];
-
-    // 1. this token's cos/sin table
-    for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        const float inv_freq = 1.f / powf(theta, (float)(2 * i) / (float)head_dim);
-        float s, c;
-        sincosf(pos * inv_freq, &s, &c);
-        cs[i] = round_to<T>(c);
-        cs[half + i] = round_to<T>(s);
-    }
-    __syncthreads();
-
-    // 2. where this token's K/V go (if anywhere)
+    const int rot_items = (num_heads + num_kv_heads) * quads;
     int64_t slot = -1;
     if (WRITE_KV) slot = slot_mapping[token];
     const int64_t block = slot >= 0 ? slot / block_size : 0, offset = slot >= 0 ? slot % block_size : 0;
 
-    // 3. rotate q and k head by head, pair by pair; k also lands in the cache
-    const int pairs = (num_heads + num_kv_heads) * half;
-    for (int i = threadIdx.x; i < pairs; i += blockDim.x) {
-        const int head = i / half, j = i % half;
+    for (int i = threadIdx.x; i < rot_items; i += blockDim.x) {
+        const int head = i / quads, j0 = (i % quads) * 4;
         const bool is_q = head < num_heads;
         const int kv_head = head - num_heads;
-        T *row = is_q ? q + token * q_stride + (int64_t)head * head_dim : k + token * k_stride + (int64_t)kv_head * head_dim;
-        const float x1 = to_f(row[j]), x2 = to_f(row[j + half]);
-        const float c = cs[j], s = cs[half + j];
-        const T y1 = from_f<T>(round_to<T>(x1 * c) + round_to<T>(-x2 * s));
-        const T y2 = from_f<T>(round_to<T>(x2 * c) + round_to<T>(x1 * s));
-        row[j] = y1;
-        row[j + half] = y2;
+        T *row = is_q ? q + token * q_stride + (int64_t)head * head_dim
+                      : k + token * k_stride + (int64_t)kv_head * head_dim;
+        const uint2 lo = *reinterpret_cast<const uint2 *>(row + j0);          // x1: 4 values
+        const uint2 hi = *reinterpret_cast<const uint2 *>(row + j0 + half);   // x2: 4 values
+        const T *x1 = reinterpret_cast<const T *>(&lo), *x2 = reinterpret_cast<const T *>(&hi);
+        const float pos = (float)positions[token];
+        uint2 olo, ohi;
+        T *y1 = reinterpret_cast<T *>(&olo), *y2 = reinterpret_cast<T *>(&ohi);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const float inv_freq = 1.f / powf(theta, (float)(2 * (j0 + e)) / (float)head_dim);
+            float sn, cn;
+            sincosf(pos * inv_freq, &sn, &cn);
+            const float c = round_to<T>(cn), s = round_to<T>(sn);
+            const float a = to_f(x1[e]), b = to_f(x2[e]);
+            y1[e] = from_f<T>(round_to<T>(a * c) + round_to<T>(-b * s));
+            y2[e] = from_f<T>(round_to<T>(b * c) + round_to<T>(a * s));
+        }
+        *reinterpret_cast<uint2 *>(row + j0) = olo;
+        *reinterpret_cast<uint2 *>(row + j0 + half) = ohi;
         if (WRITE_KV && !is_q && slot >= 0) {
             T *dst = key_cache + ((block * num_kv_heads + kv_head) * block_size + offset) * head_dim;
-            dst[j] = y1;
-            dst[j + half] = y2;
+            *reinterpret_cast<uint2 *>(dst + j0) = olo;
+            *reinterpret_cast<uint2 *>(dst + j0 + half) = ohi;
         }
     }
-
-    // 4. v into the cache, 16 bytes a thread
-    if (WRITE_KV && slot >= 0) {
+    if (WRITE_KV && slot >= 0) {   // v into the cache
         const int vecs = num_kv_heads * head_dim / 8, per_head = head_dim / 8;
         for (int i = threadIdx.x; i < vecs; i += blockDim.x) {
             const int kv_head = i / per_head, c = i % per_head;
@@ -200,7 +198,8 @@ static pa_status launch_rope(int32_t dtype, void *q, void *k, void *key_cache, v
                              int64_t q_stride, int64_t k_stride, int64_t v_stride, float theta, void *stream) {
     const char *name = WRITE_KV ? "rope_write_kv_kernel" : "rope_kernel";
     if (q == nullptr || k == nullptr || positions == nullptr || num_tokens < 0 || num_heads <= 0 ||
-        num_kv_heads <= 0 || head_dim <= 0 || head_dim % 8 || head_dim > 512 || !(theta > 0.f))
+        num_kv_heads <= 0 || head_dim <= 0 || head_dim % 8 || head_dim > 512 || !(theta > 0.f) ||
+        q_stride % 4 || k_stride % 4)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
     if (WRITE_KV && (key_cache == nullptr || value_cache == nullptr || v == nullptr || slot_mapping == nullptr ||
                      block_size <= 0))
@@ -208,7 +207,9 @@ static pa_status launch_rope(int32_t dtype, void *q, void *k, void *key_cache, v
     if (num_tokens == 0) return PA_OK;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
-        rope_kernel<T, WRITE_KV><<<num_tokens, 128, head_dim * sizeof(float), (cudaStream_t)stream>>>(
+        const int items = (num_heads + num_kv_heads) * (head_dim / 8);
+        const int threads = items >= 512 ? 512 : ((items + 31) / 32) * 32;
+        rope_kernel<T, WRITE_KV><<<num_tokens, threads, 0, (cudaStream_t)stream>>>(
             (T *)q, (T *)k, (T *)key_cache, (T *)value_cache, (const T *)v, positions, slot_mapping, num_heads,
             num_kv_heads, head_dim, block_size, q_stride, k_stride, v_stride, theta);
         return check_launch(name);

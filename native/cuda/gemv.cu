@@ -11,7 +11,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kUnroll = 4;   // 16-byte weight loads in flight per lane and row
+constexpr int kUnroll = 4;   // 16-byte weight loads per lane and row in a batch (two batches in flight)
 
 struct GemvArgs {
     void *out;
@@ -39,93 +39,106 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
         }
         return;
     }
-    float inv_rms[MR];
-    if (a.mode == PA_CUDA_GEMV_NORM) {          // one pass for the sums of squares of all rows
-        float sq[MR];
+    // plain and norm: the raw rows into shared memory, with their sums of squares
+    float sq[MR];
 #pragma unroll
-        for (int m = 0; m < MR; ++m) sq[m] = 0.f;
-        for (int v = tid; v < nv; v += kThreads) {
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                if (m >= a.rows) break;
-                float f[8];
-                Vec<T>::to_float(reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v], f);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) sq[m] += f[e] * f[e];
-            }
-        }
-        const int warp = tid / 32, lane = tid % 32;
-#pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            sq[m] = warp_sum(sq[m]);
-            if (lane == 0) scratch[warp * MR + m] = sq[m];
-        }
-        __syncthreads();
-#pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            float t = 0.f;
-#pragma unroll
-            for (int w = 0; w < kWarps; ++w) t += scratch[w * MR + m];
-            inv_rms[m] = rsqrtf(t / (float)a.k + a.eps);
-        }
-    }
+    for (int m = 0; m < MR; ++m) sq[m] = 0.f;
     for (int i = tid; i < MR * nv; i += kThreads) {
         const int m = i / nv, v = i % nv;
-        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (m < a.rows) {
-            Vec<T>::to_float(reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v], f);
-            if (a.mode == PA_CUDA_GEMV_NORM) {
-                float w[8];
-                Vec<T>::to_float(reinterpret_cast<const uint4 *>(a.norm_weight)[v], w);
-                float r = 0.f;
+        uint4 raw = make_uint4(0, 0, 0, 0);
+        if (m < a.rows) raw = reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v];
+        reinterpret_cast<uint4 *>(xs)[i] = raw;
+        if (a.mode == PA_CUDA_GEMV_NORM) {
+            float f[8], t = 0.f;
+            Vec<T>::to_float(raw, f);
 #pragma unroll
-                for (int mm = 0; mm < MR; ++mm)
-                    if (mm == m) r = inv_rms[mm];   // constant-indexed: stays in registers
+            for (int e = 0; e < 8; ++e) t += f[e] * f[e];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) f[e] = round_to<T>(f[e] * r) * w[e];
-            }
+            for (int mm = 0; mm < MR; ++mm)
+                if (mm == m) sq[mm] += t;   // constant-indexed: stays in registers
         }
+    }
+    if (a.mode != PA_CUDA_GEMV_NORM) return;
+    const int warp = tid / 32, lane = tid % 32;
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+        sq[m] = warp_sum(sq[m]);
+        if (lane == 0) scratch[warp * MR + m] = sq[m];
+    }
+    __syncthreads();
+    float inv_rms[MR];
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) t += scratch[w * MR + m];
+        inv_rms[m] = rsqrtf(t / (float)a.k + a.eps);
+    }
+    // normalise in place: each thread rewrites the vectors it staged
+    for (int i = tid; i < MR * nv; i += kThreads) {
+        const int m = i / nv, v = i % nv;
+        float f[8], w[8], r = 0.f;
+#pragma unroll
+        for (int mm = 0; mm < MR; ++mm)
+            if (mm == m) r = inv_rms[mm];
+        Vec<T>::to_float(reinterpret_cast<const uint4 *>(xs)[i], f);
+        Vec<T>::to_float(reinterpret_cast<const uint4 *>(a.norm_weight)[v], w);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) f[e] = round_to<T>(f[e] * r) * w[e];
         reinterpret_cast<uint4 *>(xs)[i] = Vec<T>::from_float(f);
     }
 }
 
-template <typename T, int MR, int RPW>
+// KS warps share a weight row (each takes every KS-th run of 32 vectors); RPW rows per warp group.
+template <typename T, int MR, int RPW, int KS>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     T *xs = reinterpret_cast<T *>(gemv_smem);                              // [MR][k]
-    float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));
+    float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));  // [8][MR]
+    float *partial = scratch + kWarps * MR;                                 // [8][RPW][MR]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int nv = a.k / 8;
-
-    // 1. the input rows, transformed, into shared memory
-    stage_input<T, MR>(a, xs, scratch);
-    __syncthreads();
-
-    // 2. RPW weight rows per warp, kUnroll 16-byte loads in flight per row
-    const int row0 = (blockIdx.x * kWarps + warp) * RPW;
-    if (row0 >= a.n) return;
+    const int group = warp / KS, kpart = warp % KS;
+    const int row0 = (blockIdx.x * (kWarps / KS) + group) * RPW;
     const uint4 *wrow[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
         wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)min(row0 + r, a.n - 1) * a.k);
+
+    // 1. the first weight loads go out before the input is staged (they do not depend on it)
+    const int step = 32 * KS;
+    int v0 = kpart * 32 + lane;
+    uint4 wv[RPW][kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int v = v0 + u * step;
+            wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+        }
+    stage_input<T, MR>(a, xs, scratch);
+    __syncthreads();
+
+    // 2. stream the rows: kUnroll x RPW 16-byte loads in flight per lane
     float acc[RPW][MR];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
 #pragma unroll
         for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
     const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
-    for (int v0 = lane; v0 < nv; v0 += 32 * kUnroll) {
-        uint4 wv[RPW][kUnroll];
+    for (; v0 < nv; v0 += step * kUnroll) {
+        uint4 nxt[RPW][kUnroll];
+        const int vn = v0 + step * kUnroll;
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
             for (int r = 0; r < RPW; ++r) {
-                const int v = v0 + u * 32;
-                wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+                const int v = vn + u * step;
+                nxt[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-            const int v = v0 + u * 32;
+            const int v = v0 + u * step;
             if (v >= nv) break;
 #pragma unroll
             for (int m = 0; m < MR; ++m) {
@@ -140,18 +153,41 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
                 }
             }
         }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
     }
 
-    // 3. reduce over the warp; lane m writes row m's value (+ residual)
+    // 3. reduce over the warp, then over the KS warps of the row; lane m writes row m (+ residual)
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            acc[r][m] = warp_sum(acc[r][m]);
+            if (KS > 1 && lane == 0) partial[(warp * RPW + r) * MR + m] = acc[r][m];
+        }
+    if (KS > 1) {
+        __syncthreads();
+        if (kpart != 0) return;
+#pragma unroll
+        for (int r = 0; r < RPW; ++r)
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                float t = 0.f;
+#pragma unroll
+                for (int j = 0; j < KS; ++j) t += partial[((warp + j) * RPW + r) * MR + m];
+                acc[r][m] = t;
+            }
+    }
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
         const int n = row0 + r;
 #pragma unroll
         for (int m = 0; m < MR; ++m) {
-            const float s = warp_sum(acc[r][m]);
             if (lane == m && m < a.rows && n < a.n) {
                 const int64_t idx = (int64_t)m * a.n + n;
-                float y = round_to<T>(s);
+                float y = round_to<T>(acc[r][m]);
                 if (a.residual != nullptr) y += to_f(((const T *)a.residual)[idx]);
                 ((T *)a.out)[idx] = from_f<T>(y);
             }
@@ -159,26 +195,29 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     }
 }
 
+template <typename T, int MR, int RPW, int KS>
+pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, cudaStream_t stream) {
+    static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, RPW, KS>,
+                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
+    const int rows_per_block = (kWarps / KS) * RPW;
+    gemv_kernel<T, MR, RPW, KS><<<(a.n + rows_per_block - 1) / rows_per_block, kThreads, smem, stream>>>(a);
+    return check_launch("gemv_kernel");
+}
+
 template <typename T, int MR>
 pa_status launch_gemv(const GemvArgs &a, int num_sms, cudaStream_t stream) {
-    const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
+    const size_t smem = (size_t)MR * a.k * sizeof(T) + (kWarps * MR + kWarps * 2 * MR) * sizeof(float);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
-    // Two rows per warp when that still gives every SM two blocks, else one (small matrices).
-    const bool two = (a.n + 2 * kWarps - 1) / (2 * kWarps) >= 2 * num_sms;
-    if (two) {
-        static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, 2>,
-                                                             cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-        if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
-        gemv_kernel<T, MR, 2><<<(a.n + 2 * kWarps - 1) / (2 * kWarps), kThreads, smem, stream>>>(a);
-    } else {
-        static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, 1>,
-                                                             cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-        if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
-        gemv_kernel<T, MR, 1><<<(a.n + kWarps - 1) / kWarps, kThreads, smem, stream>>>(a);
-    }
-    return check_launch("gemv_kernel");
+    // Enough warps in flight to cover the chip: two rows a warp for tall matrices, a row shared by
+    // 2 or 4 warps for short ones (few rows, long k).
+    const long warps_wanted = 32L * num_sms;
+    if ((long)a.n / 2 >= warps_wanted) return launch_gemv_cfg<T, MR, 2, 1>(a, smem, stream);
+    if ((long)a.n >= warps_wanted || a.k < 1024) return launch_gemv_cfg<T, MR, 1, 1>(a, smem, stream);
+    if ((long)a.n * 2 >= warps_wanted || a.k < 4096) return launch_gemv_cfg<T, MR, 1, 2>(a, smem, stream);
+    return launch_gemv_cfg<T, MR, 1, 4>(a, smem, stream);
 }
 
 }  // namespace
