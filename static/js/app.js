@@ -12,7 +12,9 @@ const ui = {
   conversations: $("conversations"), newChat: $("new-chat"), settings: $("settings"),
   toggleSettings: $("toggle-settings"), closeSettings: $("close-settings"), toggleSidebar: $("toggle-sidebar"),
   statusDot: $("status-dot"), modelName: $("model-name"), transportName: $("transport-name"),
+  scrim: $("scrim"), hint: $("composer-hint"), suggestions: $("suggestions"),
 };
+const IDLE_HINT = ui.hint.textContent;
 
 const settings = createSettings($("settings-form"), { max_tokens: page.defaultMaxTokens });
 if (!page.needsApiKey) $("api-key-field").hidden = true;
@@ -47,7 +49,7 @@ function openConversation(id) {
     if (msg.stats) view.setStats(msg.stats);
     ui.messages.append(view.root);
   }
-  ui.layout.classList.remove("sidebar-open");
+  showSidebar(false);
   persist();
   scrollToEnd(true);
 }
@@ -79,6 +81,7 @@ function scrollToEnd(force = false) {
 function setBusy(busy) {
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
+  ui.hint.textContent = busy ? "Generating… press the stop button to abort." : IDLE_HINT;
 }
 
 function conversationForServer(conv) {
@@ -177,10 +180,23 @@ function autosize() {
 ui.prompt.addEventListener("input", autosize);
 ui.stop.addEventListener("click", () => transport.stop());
 ui.newChat.addEventListener("click", newConversation);
-ui.toggleSidebar.addEventListener("click", () => ui.layout.classList.toggle("sidebar-open"));
+// On small screens the sidebar and the settings slide over the chat, above a scrim.
+function syncScrim() {
+  ui.scrim.hidden = !ui.layout.classList.contains("sidebar-open") && ui.settings.hidden;
+}
+function showSidebar(show) {
+  ui.layout.classList.toggle("sidebar-open", show);
+  syncScrim();
+}
 function showSettings(show) {
   ui.settings.hidden = !show;
   ui.toggleSettings.setAttribute("aria-expanded", String(show));
+  syncScrim();
+}
+ui.toggleSidebar.addEventListener("click", () => showSidebar(!ui.layout.classList.contains("sidebar-open")));
+ui.scrim.addEventListener("click", () => { showSidebar(false); showSettings(false); });
+for (const button of ui.suggestions.querySelectorAll(".suggestion")) {
+  button.addEventListener("click", () => send(button.textContent));
 }
 ui.toggleSettings.addEventListener("click", () => showSettings(ui.settings.hidden));
 ui.closeSettings.addEventListener("click", () => showSettings(false));
