@@ -27,8 +27,9 @@ native: $(STAMP)
 browser:
 	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
 
+# gunicorn (config/gunicorn.conf.py) on 127.0.0.1:8000 serving the embedded model; prints the URL.
 run: setup
-	$(PY) -m engine.cli chat
+	$(PY) -m engine.cli serve --host 127.0.0.1 --port 8000
 
 chat: setup
 	$(PY) -m engine.cli chat

@@ -14,3 +14,10 @@ accesslog = "-"
 errorlog = "-"
 loglevel = "info"
 # The model takes seconds to load; the worker answers /health with 503 meanwhile.
+
+
+def worker_exit(server, worker):
+    """Stop the engine thread cleanly when the worker exits."""
+    runtime = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("pagedecode")
+    if runtime is not None:
+        runtime.close()

@@ -452,3 +452,20 @@ def test_websocket_needs_the_api_key_when_set(ws_server, scripted):
     ws.send(json.dumps({"type": "chat", "messages": [{"role": "user", "content": "x"}]}))
     assert receive_turn(ws)[0] == "Hello, world!"
     ws.close()
+
+
+# ---- deployment ---------------------------------------------------------------------------------
+def test_serve_runs_gunicorn_with_the_config_file_and_the_cli_flags():
+    from argparse import Namespace
+
+    from webapp.serve import PagedecodeServer, app_config
+    args = Namespace(host="127.0.0.1", port=9, backend="torch", model="/m", threads=2, kv_cache_mb=64.0,
+                     config="/c.yaml")
+    config = app_config(args)
+    assert config == {"ENGINE": {"backend": "torch", "num_threads": 2, "kv_cache_mb": 64.0},
+                      "RUNTIME_CONFIG": "/c.yaml", "MODEL_PATH": "/m"}
+    server = PagedecodeServer(config, "127.0.0.1:9")
+    cfg = server.cfg
+    assert cfg.bind == ["127.0.0.1:9"] and cfg.worker_class_str == "gthread" and cfg.workers == 1
+    assert cfg.threads >= 32 and not cfg.preload_app and cfg.timeout >= 120
+    assert cfg.worker_exit.__name__ == "worker_exit"
