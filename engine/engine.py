@@ -155,6 +155,7 @@ class Engine:
             elif req is not None:
                 self._finish(req, FinishReason.ABORT)
 
+    @torch.inference_mode()
     def step(self) -> int:
         """Admit, schedule, run the model once, sample, and publish outputs. Returns tokens run."""
         while True:
