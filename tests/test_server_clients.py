@@ -142,6 +142,19 @@ def test_openai_completions(openai_client):
     assert [m.id for m in openai_client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
 
 
+def test_openai_logprobs(openai_client):
+    full = openai_client.chat.completions.create(model="any", messages=USER, temperature=0, max_tokens=6,
+                                                 logprobs=True, top_logprobs=3)
+    entries = full.choices[0].logprobs.content
+    assert len(entries) == full.usage.completion_tokens
+    assert "".join(e.token for e in entries).startswith(full.choices[0].message.content[:5])
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert e.top_logprobs[0].logprob >= e.logprob - 1e-4  # greedy picks the most likely token
+    text = openai_client.completions.create(model="any", prompt="One, two,", max_tokens=3, logprobs=2)
+    assert len(text.choices[0].logprobs.tokens) == 3 and len(text.choices[0].logprobs.top_logprobs[0]) == 2
+
+
 def test_openai_client_sees_a_wrong_key_as_authentication_error(server):
     import openai
     with openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0) as bad:

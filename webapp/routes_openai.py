@@ -80,7 +80,7 @@ class _Shape:
         if not self.req.want_logprobs or not entries:
             return None
         tok = self.rt.engine.tokenizer
-        text = (lambda i: tok.decode([i])) if tok is not None else str
+        text = getattr(tok, "token_text", None) or ((lambda i: tok.decode([i])) if tok is not None else str)
         if self.kind == "chat":
             return {"content": [{"token": text(e["token_id"]), "logprob": e["logprob"],
                                  "bytes": list(text(e["token_id"]).encode()),
