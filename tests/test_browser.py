@@ -138,9 +138,14 @@ def test_sse_fallback_and_settings(site, page):
     page.fill("#settings-form input[name='max_tokens']", "300")
     send(page, "Tell me a long story")
     page.wait_for_function("() => document.querySelectorAll('.msg.assistant .msg-body')[1].textContent.length > 20")
-    page.click("#stop")  # SSE: the fetch is aborted, the server sees the client go
+    aborted_before = len(engine.aborted)
+    page.click("#stop")  # SSE: the fetch is aborted, the server sees the client go and aborts
     page.wait_for_selector(".msg.assistant:last-of-type .chip.stopped")
-    page.wait_for_function("() => true")
+    for _ in range(100):
+        if len(engine.aborted) > aborted_before:
+            break
+        page.wait_for_timeout(50)
+    assert len(engine.aborted) == aborted_before + 1
     ARTIFACTS.mkdir(exist_ok=True)
     page.set_viewport_size({"width": 420, "height": 820})
     page.screenshot(path=str(ARTIFACTS / "chat_page_mobile.png"))
