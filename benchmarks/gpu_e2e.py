@@ -119,7 +119,8 @@ def forward_gpu_greedy(model: LlamaModel, batch: Batch) -> torch.Tensor:
         h, residual = fused if fused is not None else model.layer(i, h, residual, batch)
     rows = batch.logits_indices
     h, _ = b.rms_norm(h[rows], "norm", residual[rows])
-    return b.logits_device(h).argmax(-1).cpu()
+    from engine.backends.cuda import argmax_rows
+    return argmax_rows(b.logits_device(h)).cpu()
 
 
 def profile_steps(runner: Runner, steps: int = 5) -> None:

@@ -47,7 +47,7 @@ for stage in "$@"; do
             | head -60
         ;;
     e2e-compile)
-        python3 benchmarks/gpu_e2e.py --models llama1b --batches 1 --hf-compile --out "$OUT/e2e_compile.md" 2>&1 \
+        timeout 200 python3 benchmarks/gpu_e2e.py --models llama1b --batches 1 --hf-compile --out "$OUT/e2e_compile.md" 2>&1 \
             | tee "$OUT/e2e_compile.log" | tail -12
         ;;
     *)

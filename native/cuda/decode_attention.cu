@@ -69,21 +69,22 @@ template <int N> __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-constexpr int kStages = 2;   // 16-token K+V chunks in flight per warp
-
-// Shared memory of one block, in floats: the warps' copy stages (reused for the final warp merge),
-// the per-warp exchange of probabilities and rescale factors, then the partition's block-table slice.
-template <int GP, int D> __host__ __device__ constexpr int stage_floats() {
-    return kWarps * kStages * 2 * (kChunk * D / 8) * 4;   // [warp][stage][K|V][16 tokens x D] 16-bit
+// Shared memory of one block, in floats: the warps' copy stages (STAGES 16-token K+V chunks per warp,
+// reused for the final warp merge), the per-warp exchange of probabilities and rescale factors, then
+// the partition's block-table slice. Two stages for full grids (three blocks an SM); four when the
+// grid is smaller than the chip, so a warp has more of its few chunks in flight at once.
+template <int GP, int D, int STAGES> __host__ __device__ constexpr int stage_floats() {
+    return kWarps * STAGES * 2 * (kChunk * D / 8) * 4;   // [warp][stage][K|V][16 tokens x D] 16-bit
 }
 template <int GP, int D> __host__ __device__ constexpr int merge_floats() { return kWarps * GP * (D + 2); }
 template <int GP> __host__ __device__ constexpr int exchange_floats() { return kWarps * (kChunk + 1) * GP; }
-template <int GP, int D> __host__ __device__ constexpr int front_floats() {
-    return (stage_floats<GP, D>() > merge_floats<GP, D>() ? stage_floats<GP, D>() : merge_floats<GP, D>()) +
+template <int GP, int D, int STAGES> __host__ __device__ constexpr int front_floats() {
+    return (stage_floats<GP, D, STAGES>() > merge_floats<GP, D>() ? stage_floats<GP, D, STAGES>()
+                                                                   : merge_floats<GP, D>()) +
            exchange_floats<GP>();
 }
 
-template <typename T, int D, int GP>
+template <typename T, int D, int GP, int kStages>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int LPT = D / 8;              // lanes per token row (16 B each)
     constexpr int TPI = 32 / LPT;           // tokens per warp load
@@ -110,8 +111,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     }
 
     uint4 *stages = reinterpret_cast<uint4 *>(smem);                         // [warp][stage][2][ITERS][32]
-    float *xchg = smem + (front_floats<GP, D>() - exchange_floats<GP>());    // [warp][16 + 1][GP]
-    int *table = reinterpret_cast<int *>(smem + front_floats<GP, D>());
+    float *xchg = smem + (front_floats<GP, D, kStages>() - exchange_floats<GP>());   // [warp][16 + 1][GP]
+    int *table = reinterpret_cast<int *>(smem + front_floats<GP, D, kStages>());
     const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
 
     // 1. this partition's slice of the block table; this lane's 8 dims of every query head
@@ -318,20 +319,32 @@ __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
     ((T *)a.out)[((int64_t)q_row * a.num_heads + head) * D + d] = from_f<T>(num / den);
 }
 
-template <typename T, int D, int GP>
-pa_status launch_decode(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
-    const size_t smem = sizeof(float) * front_floats<GP, D>() + sizeof(int) * ((a.partition >> a.bs_log2) + 2);
+template <typename T, int D, int GP, int STAGES>
+pa_status launch_decode_stages(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
+    const size_t smem =
+        sizeof(float) * front_floats<GP, D, STAGES>() + sizeof(int) * ((a.partition >> a.bs_log2) + 2);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_kernel: partition_size %d with block_size %d needs %zu "
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
     // Raise this kernel's dynamic shared-memory limit once (the first launch of each instantiation).
-    static const cudaError_t attr = cudaFuncSetAttribute(decode_kernel<T, D, GP>,
+    static const cudaError_t attr = cudaFuncSetAttribute(decode_kernel<T, D, GP, STAGES>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (attr != cudaSuccess)
         return cuda_fail(PA_ERR_CUDA, "decode_kernel: cudaFuncSetAttribute: %s", cudaGetErrorString(attr));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
-    decode_kernel<T, D, GP><<<grid, kThreads, smem, stream>>>(a);
-    PA_RETURN_IF_ERR(check_launch("decode_kernel"));
+    decode_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
+    return check_launch("decode_kernel");
+}
+
+template <typename T, int D, int GP>
+pa_status launch_decode(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
+    int device = 0, num_sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const long blocks = (long)a.max_splits * a.num_kv_heads * a.head_groups * num_seqs;
+    const pa_status st = blocks < num_sms ? launch_decode_stages<T, D, GP, 4>(a, num_seqs, stream)
+                                          : launch_decode_stages<T, D, GP, 2>(a, num_seqs, stream);
+    if (st != PA_OK) return st;
     if (a.max_splits > 1) {
         merge_kernel<T, D><<<dim3(a.num_heads, num_seqs), D, 0, stream>>>(a);
         PA_RETURN_IF_ERR(check_launch("decode_merge_kernel"));

@@ -89,135 +89,128 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
     }
 }
 
-// KS warps share a weight row (each takes every KS-th run of 32 vectors); RPW rows per warp group.
-template <typename T, int MR, int RPW, int KS>
+// A grid-stride loop over groups of 8 * RPW rows: the prologue (staging the transformed input) is
+// paid once per block, however many rows the block then streams.
+template <typename T, int MR, int RPW>
 __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     T *xs = reinterpret_cast<T *>(gemv_smem);                              // [MR][k]
     float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));  // [8][MR]
-    float *partial = scratch + kWarps * MR;                                 // [8][RPW][MR]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int nv = a.k / 8;
-    const int group = warp / KS, kpart = warp % KS;
-    const int row0 = (blockIdx.x * (kWarps / KS) + group) * RPW;
+    const int num_groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
+    const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
+
+    // 1. the first weight loads go out before the input is staged (they do not depend on it)
+    int group = blockIdx.x;
+    int row0 = (group * kWarps + warp) * RPW;
     const uint4 *wrow[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
         wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)min(row0 + r, a.n - 1) * a.k);
-
-    // 1. the first weight loads go out before the input is staged (they do not depend on it)
-    const int step = 32 * KS;
-    int v0 = kpart * 32 + lane;
     uint4 wv[RPW][kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
-            const int v = v0 + u * step;
+            const int v = lane + u * 32;
             wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
         }
     stage_input<T, MR>(a, xs, scratch);
     __syncthreads();
 
-    // 2. stream the rows: kUnroll x RPW 16-byte loads in flight per lane
-    float acc[RPW][MR];
+    for (; group < num_groups; group += gridDim.x) {
+        if (group != (int)blockIdx.x) {          // later groups: set up and issue their first loads
+            row0 = (group * kWarps + warp) * RPW;
 #pragma unroll
-    for (int r = 0; r < RPW; ++r)
+            for (int r = 0; r < RPW; ++r)
+                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight +
+                                                          (int64_t)min(row0 + r, a.n - 1) * a.k);
 #pragma unroll
-        for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
-    const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
-    for (; v0 < nv; v0 += step * kUnroll) {
-        uint4 nxt[RPW][kUnroll];
-        const int vn = v0 + step * kUnroll;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-            for (int r = 0; r < RPW; ++r) {
-                const int v = vn + u * step;
-                nxt[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-            }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-            const int v = v0 + u * step;
-            if (v >= nv) break;
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                float xf[8];
-                Vec<T>::to_float(xv[m * nv + v], xf);
+            for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
                 for (int r = 0; r < RPW; ++r) {
-                    float wf[8];
-                    Vec<T>::to_float(wv[r][u], wf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[e], xf[e], acc[r][m]);
+                    const int v = lane + u * 32;
+                    wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
                 }
-            }
         }
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-            for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
-    }
-
-    // 3. reduce over the warp, then over the KS warps of the row; lane m writes row m (+ residual)
-#pragma unroll
-    for (int r = 0; r < RPW; ++r)
-#pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            acc[r][m] = warp_sum(acc[r][m]);
-            if (KS > 1 && lane == 0) partial[(warp * RPW + r) * MR + m] = acc[r][m];
-        }
-    if (KS > 1) {
-        __syncthreads();
-        if (kpart != 0) return;
+        // 2. stream the rows: two batches of kUnroll x RPW 16-byte loads in flight per lane
+        float acc[RPW][MR];
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
 #pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                float t = 0.f;
+            for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
+        for (int v0 = lane; v0 < nv; v0 += 32 * kUnroll) {
+            uint4 nxt[RPW][kUnroll];
+            const int vn = v0 + 32 * kUnroll;
 #pragma unroll
-                for (int j = 0; j < KS; ++j) t += partial[((warp + j) * RPW + r) * MR + m];
-                acc[r][m] = t;
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) {
+                    const int v = vn + u * 32;
+                    nxt[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+                }
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                const int v = v0 + u * 32;
+                if (v >= nv) break;
+#pragma unroll
+                for (int m = 0; m < MR; ++m) {
+                    float xf[8];
+                    Vec<T>::to_float(xv[m * nv + v], xf);
+#pragma unroll
+                    for (int r = 0; r < RPW; ++r) {
+                        float wf[8];
+                        Vec<T>::to_float(wv[r][u], wf);
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[e], xf[e], acc[r][m]);
+                    }
+                }
             }
-    }
 #pragma unroll
-    for (int r = 0; r < RPW; ++r) {
-        const int n = row0 + r;
+            for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-        for (int m = 0; m < MR; ++m) {
-            if (lane == m && m < a.rows && n < a.n) {
-                const int64_t idx = (int64_t)m * a.n + n;
-                float y = round_to<T>(acc[r][m]);
-                if (a.residual != nullptr) y += to_f(((const T *)a.residual)[idx]);
-                ((T *)a.out)[idx] = from_f<T>(y);
+                for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
+        }
+        // 3. reduce over the warp; lane m writes row m's value (+ residual)
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int n = row0 + r;
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                const float sum = warp_sum(acc[r][m]);
+                if (lane == m && m < a.rows && n < a.n) {
+                    const int64_t idx = (int64_t)m * a.n + n;
+                    float y = round_to<T>(sum);
+                    if (a.residual != nullptr) y += to_f(((const T *)a.residual)[idx]);
+                    ((T *)a.out)[idx] = from_f<T>(y);
+                }
             }
         }
     }
 }
 
-template <typename T, int MR, int RPW, int KS>
-pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, cudaStream_t stream) {
-    static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, RPW, KS>,
+template <typename T, int MR, int RPW>
+pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, cudaStream_t stream) {
+    static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, RPW>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
-    const int rows_per_block = (kWarps / KS) * RPW;
-    gemv_kernel<T, MR, RPW, KS><<<(a.n + rows_per_block - 1) / rows_per_block, kThreads, smem, stream>>>(a);
+    const int groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
+    const int per_sm = smem <= 48 * 1024 ? 2 : 1;      // two 8-warp blocks an SM while the input is small
+    const int blocks = groups < per_sm * num_sms ? groups : per_sm * num_sms;
+    gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
     return check_launch("gemv_kernel");
 }
 
 template <typename T, int MR>
 pa_status launch_gemv(const GemvArgs &a, int num_sms, cudaStream_t stream) {
-    const size_t smem = (size_t)MR * a.k * sizeof(T) + (kWarps * MR + kWarps * 2 * MR) * sizeof(float);
+    const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
-    // Enough warps in flight to cover the chip: two rows a warp for tall matrices, a row shared by
-    // 2 or 4 warps for short ones (few rows, long k).
-    const long warps_wanted = 32L * num_sms;
-    if ((long)a.n / 2 >= warps_wanted) return launch_gemv_cfg<T, MR, 2, 1>(a, smem, stream);
-    if ((long)a.n >= warps_wanted || a.k < 1024) return launch_gemv_cfg<T, MR, 1, 1>(a, smem, stream);
-    if ((long)a.n * 2 >= warps_wanted || a.k < 4096) return launch_gemv_cfg<T, MR, 1, 2>(a, smem, stream);
-    return launch_gemv_cfg<T, MR, 1, 4>(a, smem, stream);
+    // Two rows a warp for tall matrices (more loads in flight), one for the rest.
+    if (a.n >= 32 * num_sms) return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, stream);
+    return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, stream);
 }
 
 }  // namespace
