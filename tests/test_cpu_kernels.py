@@ -369,12 +369,13 @@ def test_kv_pool_is_int8_and_copy_blocks_copies_scales(tiny_backend):
 
 
 def steps(cfg, block_size):
-    """Two sequences: a 13-token prefill chunk + a 5-token one, then a decode step for both."""
+    """Two sequences: a 13-token prefill chunk + a 5-token one, a decode step for both, one for the first."""
     tables = [[3, 7], [10, 2]]
     first = Batch.build([(list(range(1, 14)), 0, tables[0]), (list(range(20, 25)), 0, tables[1])], block_size,
                         [True, True])
     second = Batch.build([([40], 13, tables[0]), ([41], 5, tables[1])], block_size, [True, True])
-    return [first, second]
+    third = Batch.build([([42], 14, tables[0])], block_size, [True])          # one token: columns split
+    return [first, second, third]
 
 
 def test_fused_layer_matches_composed_ops(nl):

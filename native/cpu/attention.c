@@ -6,6 +6,9 @@
  * scales [num_blocks, num_kv_heads] float; value = int8 * scale.  A tile is one (block, kv head).
  */
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "cpu_common.h"
 
 /* ================================================================================================
@@ -53,13 +56,12 @@ static void store_run(int8_t *tile, float *scale, const float *x, int64_t stride
     }
 }
 
-HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
-                        const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
-                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
-                        int64_t v_stride) {
-    /* threads over (kv head, K or V); each walks the tokens in order, a run of one tile at a time */
-    #pragma omp parallel for schedule(static) if (num_tokens >= 16)
-    for (int64_t hv = 0; hv < 2 * num_kv_heads; hv++) {
+/* Items hv = part, part + nparts, ... of the 2 * num_kv_heads (kv head, K or V) streams. */
+HIDDEN void write_kv_q8_part(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
+                             int64_t v_stride, int part, int nparts) {
+    for (int64_t hv = part; hv < 2 * num_kv_heads; hv += nparts) {
         const int64_t h = hv >> 1, is_v = hv & 1;
         int8_t *cache = is_v ? value_cache : key_cache;
         float *scales = is_v ? v_scales : k_scales;
@@ -76,6 +78,23 @@ HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache,
                       slot % block_size, n, head_dim);
             t += n;
         }
+    }
+}
+
+HIDDEN void write_kv_q8(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                        const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                        int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
+                        int64_t v_stride) {
+    /* threads over (kv head, K or V); each walks the tokens in order, a run of one tile at a time */
+    #pragma omp parallel if (num_tokens >= 16)
+    {
+        int part = 0, nparts = 1;
+#ifdef _OPENMP
+        part = omp_get_thread_num();
+        nparts = omp_get_num_threads();
+#endif
+        write_kv_q8_part(key_cache, k_scales, value_cache, v_scales, k, v, slot_mapping, num_tokens, num_kv_heads,
+                         head_dim, block_size, k_stride, v_stride, part, nparts);
     }
 }
 
@@ -185,12 +204,13 @@ static void attend_item(const attn_args *a, int64_t s, int64_t g, int64_t ctx, i
     }
 }
 
-HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
-                               const int8_t *value_cache, const float *v_scales,
-                               const int32_t *block_tables, const int32_t *context_lens,
-                               const int32_t *query_start_loc, int64_t num_seqs, int64_t num_heads,
-                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                               int64_t max_blocks_per_seq, int64_t q_stride, float scale) {
+/* The calling thread's share: it claims work items from *next (zeroed before) until none are left. */
+HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                                    const int8_t *value_cache, const float *v_scales,
+                                    const int32_t *block_tables, const int32_t *context_lens,
+                                    const int32_t *query_start_loc, int64_t num_seqs, int64_t num_heads,
+                                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                    int64_t max_blocks_per_seq, int64_t q_stride, float scale, work_counter *next) {
     const attn_args a = {q, out, key_cache, k_scales, value_cache, v_scales, block_tables, num_heads,
                          num_kv_heads, head_dim, block_size, max_blocks_per_seq, q_stride, scale};
     const int64_t group = num_heads / num_kv_heads;
@@ -202,8 +222,9 @@ HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cac
     }
     const int64_t chunks = (max_qlen + qc - 1) / qc;
     const int64_t items = num_seqs * num_kv_heads * chunks;
-    #pragma omp parallel for schedule(dynamic, 1) if (items > 1)
-    for (int64_t it = 0; it < items; it++) {
+    for (;;) {
+        const int64_t it = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+        if (it >= items) break;
         const int64_t s = it / (num_kv_heads * chunks), g = (it / chunks) % num_kv_heads, c = it % chunks;
         const int64_t qlen = query_start_loc[s + 1] - query_start_loc[s];
         const int64_t row0 = c * qc;
@@ -211,6 +232,19 @@ HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cac
         const int64_t nq = qlen - row0 < qc ? qlen - row0 : qc;
         attend_item(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
     }
+}
+
+HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                               const int8_t *value_cache, const float *v_scales,
+                               const int32_t *block_tables, const int32_t *context_lens,
+                               const int32_t *query_start_loc, int64_t num_seqs, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                               int64_t max_blocks_per_seq, int64_t q_stride, float scale) {
+    work_counter next = 0;
+    #pragma omp parallel if (num_seqs * num_kv_heads > 1)
+    paged_attention_q8_part(out, q, key_cache, k_scales, value_cache, v_scales, block_tables, context_lens,
+                            query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                            max_blocks_per_seq, q_stride, scale, &next);
 }
 
 /* Validate the batch's index arrays against the pool (cheap: one pass over the needed entries). */

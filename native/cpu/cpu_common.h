@@ -6,6 +6,7 @@
 #define PA_CPU_COMMON_H
 #include <immintrin.h>
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stddef.h>
 #include "pa.h"
@@ -29,12 +30,31 @@ HIDDEN pa_status cpu_fail(pa_status status, const char *kernel, const char *fmt,
     } while (0)
 #define CHECK_PTR(p) CHECK((p) != NULL, "%s is NULL", #p)
 
+/* A team's shared work counter: threads claim chunks with atomic_fetch_add. */
+typedef _Atomic int64_t work_counter;
+
 /* ---- internal kernels shared between the exports and the fused layer ---------------------- */
 /* x [m, k] float -> xq [m, k] int8, xs [m, k/QK] float (symmetric, round to nearest even). */
 HIDDEN void quantize_rows_q8(int8_t *xq, float *xs, const float *x, int64_t m, int64_t k, int64_t x_stride);
 /* y [m, n] = dequant(xq) @ dequant(w).T ; w [n, k] int8, ws [n, k/QK]. */
 HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
                     int64_t m, int64_t n, int64_t k);
+HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
+                         int64_t m, int64_t n, int64_t k, work_counter *next);
+HIDDEN void quantize_row_q8(int8_t *q, float *s, const float *x, int64_t k);
+HIDDEN void rms_norm_row(float *out, float *res, const float *x, const float *weight, int64_t hidden, float eps);
+HIDDEN void rope_heads(float *x, int64_t heads, int64_t head_dim, const float *c, const float *s);
+HIDDEN void silu_mul_span(float *o, const float *g, const float *u, int64_t i0, int64_t i1);
+HIDDEN void write_kv_q8_part(int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
+                             const float *k, const float *v, const int32_t *slot_mapping, int64_t num_tokens,
+                             int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t k_stride,
+                             int64_t v_stride, int part, int nparts);
+HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
+                                    const int8_t *value_cache, const float *v_scales,
+                                    const int32_t *block_tables, const int32_t *context_lens,
+                                    const int32_t *query_start_loc, int64_t num_seqs, int64_t num_heads,
+                                    int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                    int64_t max_blocks_per_seq, int64_t q_stride, float scale, work_counter *next);
 HIDDEN void rms_norm_rows(float *out, float *residual, const float *x, const float *weight,
                           int64_t rows, int64_t hidden, float eps);
 HIDDEN void rope_rows(float *q, float *k, const float *cos_t, const float *sin_t, int64_t num_tokens,

@@ -25,7 +25,7 @@
 /* ================================================================================================
  * Activation quantization: x [m, k] (row stride x_stride) -> xq [m, k] int8, xs [m, k/QK] float.
  * ============================================================================================== */
-static void quantize_row_q8(int8_t *q, float *s, const float *x, int64_t k) {
+HIDDEN void quantize_row_q8(int8_t *q, float *s, const float *x, int64_t k) {
     const __m256 sign_bit = _mm256_set1_ps(-0.0f);
     const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t b = 0; b < k / QK; b++) {
@@ -80,27 +80,42 @@ static int use_vnni(void) {
 #endif
 }
 
-HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
-                    int64_t m, int64_t n, int64_t k) {
+/* The calling thread's share of y: it claims chunks of NR-row weight tiles from *next until none are
+ * left (dynamic: the 2 cores are shared, and a static split waits for the slower thread).  Every
+ * thread of a team calls this with the same counter, zeroed before. */
+HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
+                         int64_t m, int64_t n, int64_t k, work_counter *next) {
     const int64_t nb = k / QK;
-    const int nr = m == 1 ? GEMV_NR : GEMM_NR;          /* weight rows per tile */
-    const int mr = m == 1 ? 1 : GEMM_MR;          /* activation rows per tile */
+    const int nr = m == 1 ? GEMV_NR : GEMM_NR;      /* weight rows per tile */
+    const int mr = m == 1 ? 1 : GEMM_MR;            /* activation rows per tile */
     const int64_t num_tiles = (n + nr - 1) / nr;
-    const int vnni = use_vnni();
-    /* dynamic chunks: the 2 cores are shared, and a static split waits for the slower thread */
     const int64_t chunk = num_tiles / 32 > 1 ? num_tiles / 32 : 1;
-    #pragma omp parallel for schedule(dynamic, chunk) if (m * n * k >= 65536)
-    for (int64_t t = 0; t < num_tiles; t++) {
-        const int64_t n0 = t * nr;
-        const int nr_t = (int)(n - n0 < nr ? n - n0 : nr);
-        for (int64_t m0 = 0; m0 < m; m0 += mr) {
-            const int mr_t = (int)(m - m0 < mr ? m - m0 : mr);
-            if (vnni)
-                tile_dispatch_vnni(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb, mr_t, nr_t);
-            else
-                tile_dispatch_avx2(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb, mr_t, nr_t);
+    const int vnni = use_vnni();
+    for (;;) {
+        const int64_t t0 = atomic_fetch_add_explicit(next, chunk, memory_order_relaxed);
+        if (t0 >= num_tiles) break;
+        const int64_t t1 = t0 + chunk < num_tiles ? t0 + chunk : num_tiles;
+        for (int64_t t = t0; t < t1; t++) {
+            const int64_t n0 = t * nr;
+            const int nr_t = (int)(n - n0 < nr ? n - n0 : nr);
+            for (int64_t m0 = 0; m0 < m; m0 += mr) {
+                const int mr_t = (int)(m - m0 < mr ? m - m0 : mr);
+                if (vnni)
+                    tile_dispatch_vnni(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb,
+                                       mr_t, nr_t);
+                else
+                    tile_dispatch_avx2(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb,
+                                       mr_t, nr_t);
+            }
         }
     }
+}
+
+HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
+                    int64_t m, int64_t n, int64_t k) {
+    work_counter next = 0;
+    #pragma omp parallel if (m * n * k >= 65536)
+    gemm_q8_part(y, xq, xs, w, ws, m, n, k, &next);
 }
 
 /* ================================================================================================

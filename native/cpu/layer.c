@@ -3,7 +3,11 @@
  * costs more than the ops themselves at batch 1), and the int8 embedding lookup.
  * The layer is exactly model.py's LlamaModel.layer composed from this library's kernels.
  */
+#include <sched.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "cpu_common.h"
 
 static int64_t round64(int64_t n) { return (n + 63) & ~(int64_t)63; }
@@ -36,11 +40,38 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
     return carve(NULL, dims, num_tokens).bytes;
 }
 
-/* y [t, n] <- x [t, k] through int8 weights, quantizing x into the scratch */
-static void linear(float *y, const layer_scratch *s, const float *x, const int8_t *w, const float *ws,
-                   int64_t t, int64_t n, int64_t k, int64_t x_stride) {
-    quantize_rows_q8(s->xq, s->xs, x, t, k, x_stride);
-    gemm_q8(y, s->xq, s->xs, w, ws, t, n, k);
+/* ================================================================================================
+ * A spinning barrier for the layer's team.  The layer has ~9 dependent phases; OpenMP's own barriers
+ * (and fork/join) sleep on a futex under OMP_WAIT_POLICY=PASSIVE, which the web server sets, costing
+ * ~10 us a phase.  This one spins (then yields), so only one fork/join per layer remains.
+ * ============================================================================================== */
+typedef struct { _Atomic int count, phase; int n; } spin_barrier;
+
+static void barrier_wait(spin_barrier *b) {
+    const int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
+    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
+        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+        return;
+    }
+    for (long spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
+    }
+}
+
+/* Columns [c0, c1) of row t for thread tid of nt, in whole QK blocks: rows are dealt round-robin when
+ * there are enough of them, else every row is split by columns. Returns 0 when the thread has no share. */
+static int share(int64_t t, int64_t rows, int64_t cols, int tid, int nt, int64_t *c0, int64_t *c1) {
+    if (rows >= nt) {
+        *c0 = 0;
+        *c1 = cols;
+        return t % nt == tid;
+    }
+    const int64_t blocks = cols / QK;
+    *c0 = blocks * tid / nt * QK;
+    *c1 = blocks * (tid + 1) / nt * QK;
+    return *c1 > *c0;
 }
 
 pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, void *scratch, int64_t scratch_bytes,
@@ -76,25 +107,69 @@ pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, v
 
     const int64_t T = num_tokens, H = d->hidden, I = d->intermediate, hd = d->head_dim;
     const int64_t q_size = d->num_heads * hd, kv_size = d->num_kv_heads * hd, qkv_n = q_size + 2 * kv_size;
-    /* step 1: residual (+)= h; x = rms_norm(residual) * input_norm */
-    if (first) memcpy(residual, hidden_io, (size_t)(T * H) * sizeof(float));
-    rms_norm_rows(s.x, first ? NULL : residual, first ? residual : hidden_io, w->input_norm, T, H, d->eps);
-    /* step 2: qkv = x @ Wqkv.T; RoPE on q and k in place */
-    linear(s.qkv, &s, s.x, w->qkv, w->qkv_scales, T, qkv_n, H, H);
-    rope_rows(s.qkv, s.qkv + q_size, cos_t, sin_t, T, d->num_heads, d->num_kv_heads, hd, qkv_n, qkv_n);
-    /* step 3: store k, v into the int8 pool, then attend over it */
-    write_kv_q8(key_cache, k_scales, value_cache, v_scales, s.qkv + q_size, s.qkv + q_size + kv_size, slot_mapping,
-                T, d->num_kv_heads, hd, d->block_size, qkv_n, qkv_n);
-    paged_attention_q8(s.attn, s.qkv, key_cache, k_scales, value_cache, v_scales, block_tables, context_lens,
-                       query_start_loc, num_seqs, d->num_heads, d->num_kv_heads, hd, d->block_size,
-                       max_blocks_per_seq, qkv_n, d->attn_scale);
-    /* step 4: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm */
-    linear(hidden_io, &s, s.attn, w->o, w->o_scales, T, H, q_size, q_size);
-    rms_norm_rows(s.x, residual, hidden_io, w->post_norm, T, H, d->eps);
-    /* step 5: MLP: h = (silu(x @ Wg.T) * (x @ Wu.T)) @ Wd.T */
-    linear(s.gate_up, &s, s.x, w->gate_up, w->gate_up_scales, T, 2 * I, H, H);
-    silu_mul_rows(s.act, s.gate_up, T, I);
-    linear(hidden_io, &s, s.act, w->down, w->down_scales, T, H, I, I);
+    const int64_t nkv = d->num_kv_heads;
+    work_counter next[5] = {0, 0, 0, 0, 0};           /* one per dynamically shared phase */
+    spin_barrier bar = {0, 0, 1};
+    #pragma omp parallel
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        #pragma omp single
+        bar.n = nt;                                    /* the implied barrier publishes it */
+        /* step 1: residual (+)= h; x = rms_norm(residual) * input_norm, quantized (rows dealt out) */
+        for (int64_t t = tid; t < T; t += nt) {
+            float *res = residual + t * H, *h = hidden_io + t * H;
+            if (first) memcpy(res, h, (size_t)H * sizeof(float));
+            rms_norm_row(s.x + t * H, first ? NULL : res, first ? res : h, w->input_norm, H, d->eps);
+            quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
+        }
+        barrier_wait(&bar);
+        /* step 2: qkv = x @ Wqkv.T */
+        gemm_q8_part(s.qkv, s.xq, s.xs, w->qkv, w->qkv_scales, T, qkv_n, H, &next[0]);
+        barrier_wait(&bar);
+        /* step 3: RoPE on q (rows dealt out); each (kv head, K|V) stream: RoPE on its k, then the int8 write */
+        for (int64_t t = tid; t < T; t += nt)
+            rope_heads(s.qkv + t * qkv_n, d->num_heads, hd, cos_t + t * (hd / 2), sin_t + t * (hd / 2));
+        for (int64_t hv = tid; hv < 2 * nkv; hv += nt)
+            if ((hv & 1) == 0)
+                for (int64_t t = 0; t < T; t++)
+                    rope_heads(s.qkv + t * qkv_n + q_size + (hv >> 1) * hd, 1, hd, cos_t + t * (hd / 2),
+                               sin_t + t * (hd / 2));
+        write_kv_q8_part(key_cache, k_scales, value_cache, v_scales, s.qkv + q_size, s.qkv + q_size + kv_size,
+                         slot_mapping, T, nkv, hd, d->block_size, qkv_n, qkv_n, tid, nt);
+        barrier_wait(&bar);
+        /* step 4: attention over the pool */
+        paged_attention_q8_part(s.attn, s.qkv, key_cache, k_scales, value_cache, v_scales, block_tables,
+                                context_lens, query_start_loc, num_seqs, d->num_heads, nkv, hd, d->block_size,
+                                max_blocks_per_seq, qkv_n, d->attn_scale, &next[1]);
+        barrier_wait(&bar);
+        for (int64_t t = tid; t < T; t += nt)
+            quantize_row_q8(s.xq + t * q_size, s.xs + t * (q_size / QK), s.attn + t * q_size, q_size);
+        barrier_wait(&bar);
+        /* step 5: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm, quantized */
+        gemm_q8_part(hidden_io, s.xq, s.xs, w->o, w->o_scales, T, H, q_size, &next[2]);
+        barrier_wait(&bar);
+        for (int64_t t = tid; t < T; t += nt) {
+            rms_norm_row(s.x + t * H, residual + t * H, hidden_io + t * H, w->post_norm, H, d->eps);
+            quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
+        }
+        barrier_wait(&bar);
+        /* step 6: MLP: act = silu(x @ Wg.T) * (x @ Wu.T), quantized in place of x; h = act @ Wd.T */
+        gemm_q8_part(s.gate_up, s.xq, s.xs, w->gate_up, w->gate_up_scales, T, 2 * I, H, &next[3]);
+        barrier_wait(&bar);
+        for (int64_t t = 0; t < T; t++) {
+            int64_t c0, c1;
+            if (!share(t, T, I, tid, nt, &c0, &c1)) continue;
+            const float *g = s.gate_up + t * 2 * I;
+            silu_mul_span(s.act + t * I, g, g + I, c0, c1);
+            quantize_row_q8(s.xq + t * I + c0, s.xs + t * (I / QK) + c0 / QK, s.act + t * I + c0, c1 - c0);
+        }
+        barrier_wait(&bar);
+        gemm_q8_part(hidden_io, s.xq, s.xs, w->down, w->down_scales, T, H, I, &next[4]);
+    }
     return PA_OK;
 }
 

@@ -6,7 +6,7 @@
 /* ================================================================================================
  * RMSNorm: residual += x (when residual is given), out = r / sqrt(mean(r^2) + eps) * weight.
  * ============================================================================================== */
-static void rms_norm_row(float *out, float *res, const float *x, const float *weight, int64_t hidden, float eps) {
+HIDDEN void rms_norm_row(float *out, float *res, const float *x, const float *weight, int64_t hidden, float eps) {
     /* step 1: the sum r (written back to the residual) and its sum of squares */
     const float *r = res ? res : x;
     __m256 ss = _mm256_setzero_ps();
@@ -73,7 +73,7 @@ pa_status pa_rope_table_cpu(float *cos_t, float *sin_t, const int64_t *positions
 }
 
 /* x [heads, head_dim] in place: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s), no fma (torch's rounding). */
-static void rope_heads(float *x, int64_t heads, int64_t head_dim, const float *c, const float *s) {
+HIDDEN void rope_heads(float *x, int64_t heads, int64_t head_dim, const float *c, const float *s) {
     const int64_t half = head_dim / 2;
     for (int64_t h = 0; h < heads; h++) {
         float *x1 = x + h * head_dim, *x2 = x1 + half;
@@ -119,21 +119,23 @@ pa_status pa_rope_cpu(float *q, float *k, const float *cos_t, const float *sin_t
 /* ================================================================================================
  * SiLU * mul: gate_up [T, 2I] (gate then up) -> out [T, I] = gate / (1 + exp(-gate)) * up.
  * ============================================================================================== */
+/* columns [i0, i1) of one row */
+HIDDEN void silu_mul_span(float *o, const float *g, const float *u, int64_t i0, int64_t i1) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        __m256 vg = _mm256_loadu_ps(g + i);
+        __m256 e = exp_poly_ps(_mm256_sub_ps(_mm256_setzero_ps(), vg));
+        __m256 silu = _mm256_div_ps(vg, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+    }
+    for (; i < i1; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
 HIDDEN void silu_mul_rows(float *out, const float *gate_up, int64_t rows, int64_t inter) {
     #pragma omp parallel for schedule(static) if (rows * inter >= 32768)
-    for (int64_t t = 0; t < rows; t++) {
-        const float *g = gate_up + t * 2 * inter, *u = g + inter;
-        float *o = out + t * inter;
-        int64_t i = 0;
-        const __m256 one = _mm256_set1_ps(1.0f);
-        for (; i + 8 <= inter; i += 8) {
-            __m256 vg = _mm256_loadu_ps(g + i);
-            __m256 e = exp_poly_ps(_mm256_sub_ps(_mm256_setzero_ps(), vg));
-            __m256 silu = _mm256_div_ps(vg, _mm256_add_ps(one, e));
-            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
-        }
-        for (; i < inter; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-    }
+    for (int64_t t = 0; t < rows; t++)
+        silu_mul_span(out + t * inter, gate_up + t * 2 * inter, gate_up + t * 2 * inter + inter, 0, inter);
 }
 
 pa_status pa_silu_mul_cpu(float *out, const float *gate_up, int64_t num_tokens, int64_t intermediate) {
