@@ -16,10 +16,12 @@ from webapp.schema import ApiError, error_body
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("pagedecode.webapp")
+DEFAULT_BEAM_EXPORT_PATH = "artifacts/beam_choices.jsonl"  # every beam search appends its record here
 
 _SERVER_KEYS = {"max_concurrent_requests": "MAX_CONCURRENT_REQUESTS", "max_queue_length": "MAX_QUEUE_LENGTH",
                 "max_body_bytes": "MAX_CONTENT_LENGTH", "max_prompt_tokens": "MAX_PROMPT_TOKENS",
-                "api_key": "API_KEY", "default_max_tokens": "DEFAULT_MAX_TOKENS"}
+                "api_key": "API_KEY", "default_max_tokens": "DEFAULT_MAX_TOKENS",
+                "beam_export_path": "BEAM_EXPORT_PATH"}
 _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                 429: "rate_limit_error"}
 
@@ -31,13 +33,14 @@ def create_app(test_config: dict | None = None, engine=None) -> Flask:
     app = Flask(__name__, template_folder=str(ROOT / "templates"), static_folder=str(ROOT / "static"))
     app.config.update(_settings(test_config))
     app.json.sort_keys = False  # keep OpenAI's field order: id, object, created, model, choices
-    runtime = Runtime(_limits(app.config), engine=engine, model_name=app.config["MODEL_NAME"])
+    runtime = Runtime(_limits(app.config), engine=engine, model_name=app.config["MODEL_NAME"],
+                      reranker_factory=app.config.get("RERANKER_FACTORY"))
     app.extensions["pagedecode"] = runtime
     if engine is None:
         runtime.load_in_background(app.config.get("ENGINE_FACTORY") or _decoder_factory(app.config))
 
-    from webapp import routes_api, routes_openai, routes_pages, routes_stream, routes_ws
-    for module in (routes_pages, routes_api, routes_stream, routes_ws, routes_openai):
+    from webapp import routes_api, routes_beam, routes_openai, routes_pages, routes_stream, routes_ws
+    for module in (routes_pages, routes_api, routes_stream, routes_beam, routes_ws, routes_openai):
         app.register_blueprint(module.bp)
     _register_errors(app)
     return app
@@ -53,6 +56,7 @@ def _settings(test_config: dict) -> dict:
         raise ValueError(f"runtime config: unknown server key(s) {unknown}; known: {sorted(_SERVER_KEYS)}")
     settings = {"MAX_CONCURRENT_REQUESTS": 64, "MAX_QUEUE_LENGTH": 256, "MAX_CONTENT_LENGTH": 1 << 20,
                 "MAX_PROMPT_TOKENS": 4096, "API_KEY": None, "DEFAULT_MAX_TOKENS": 256, "MODEL_NAME": None,
+                "BEAM_EXPORT_PATH": DEFAULT_BEAM_EXPORT_PATH,
                 "RUNTIME_CONFIG": path,
                 "ENGINE": dict(runtime_config.get("engine") or {}),
                 "MODEL_PATH": (runtime_config.get("model") or {}).get("path")}
@@ -69,6 +73,10 @@ def _settings(test_config: dict) -> dict:
                          f"got {settings['MAX_QUEUE_LENGTH']!r}")
     if settings["API_KEY"] is not None and not (isinstance(settings["API_KEY"], str) and settings["API_KEY"]):
         raise ValueError("server config: api_key must be a non-empty string or null")
+    export = settings["BEAM_EXPORT_PATH"]
+    if not isinstance(export, (str, os.PathLike)) or not str(export):
+        raise ValueError(f"server config: beam_export_path must be a file path, got {export!r}")
+    settings["BEAM_EXPORT_PATH"] = ROOT / export  # a relative path is taken from the repository root
     settings["SOCK_SERVER_OPTIONS"] = {"ping_interval": 25, "max_message_size": settings["MAX_CONTENT_LENGTH"]}
     return settings
 

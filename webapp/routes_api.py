@@ -1,9 +1,10 @@
 """JSON API: /generate, /generate_batch; operations: /health, /metrics, /stats."""
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 
-from webapp import schema
+from webapp import beam_schema, schema
+from webapp.beam_runtime import run_beam, start_beam
 from webapp.edge import defaults, request_json, require_api_key, runtime
 
 bp = Blueprint("api", __name__)
@@ -12,15 +13,29 @@ bp = Blueprint("api", __name__)
 @bp.post("/generate")
 @require_api_key
 def generate():
-    """One prompt or chat in, the whole completion out."""
+    """One prompt or chat in, the whole completion out (beam_width > 1: the beam candidates too)."""
     rt = runtime()
-    req = schema.parse_generate(request_json(), max_model_len=rt.engine.max_model_len, defaults=defaults())
+    data = request_json()
+    if beam_schema.wants_beam(data):
+        return _generate_beam(rt, data)
+    data = beam_schema.without_beam_width(data)
+    req = schema.parse_generate(data, max_model_len=rt.engine.max_model_len, defaults=defaults())
     gen = rt.start(req.prompt, req.messages, req.params)
     try:
         completion = gen.collect()
     finally:
         gen.close()
     return jsonify(schema.completion_body(gen.request_id, completion, gen.timing()))
+
+
+def _generate_beam(rt, data: dict):
+    spec = beam_schema.parse_beam(data, max_model_len=rt.engine.max_model_len)
+    gen = start_beam(rt, spec)
+    try:
+        out, result = run_beam(gen, current_app.config["BEAM_EXPORT_PATH"])
+    finally:
+        gen.close()
+    return jsonify(beam_schema.beam_body(gen.request_id, out, result, gen.timing()))
 
 
 @bp.post("/generate_batch")

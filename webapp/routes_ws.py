@@ -5,15 +5,18 @@ Client frames: {"type": "chat", "messages": [...], "params": {...}} starts a gen
 {"type": "stop"} aborts the running one; {"type": "ping"} is answered with {"type": "pong"}.
 Server frames: {"type": "delta", ...}* then {"type": "done", ...}, or {"type": "error", ...}.
 The same JSON as /stream's events (webapp/schema.py). A closed socket aborts the generation.
+With params.beam_width > 1 the turn is a beam search: {"type": "beam_step", ...}* then
+{"type": "beam_done", ...}, as /stream_chat_beam sends them (webapp/beam_schema.py).
 """
 from __future__ import annotations
 
 import json
 
-from flask import Blueprint
+from flask import Blueprint, current_app
 from flask_sock import Sock
 
-from webapp import schema
+from webapp import beam_schema, schema
+from webapp.beam_runtime import beam_events, start_beam
 from webapp.edge import check_api_key, defaults, runtime
 
 bp = Blueprint("ws", __name__)
@@ -58,7 +61,11 @@ def _send(ws, event: dict) -> None:
 
 
 def _run_chat(ws, rt, frame: dict) -> None:
+    if beam_schema.wants_beam(frame):
+        _run_beam(ws, rt, frame)
+        return
     try:
+        frame = beam_schema.without_beam_width(frame)
         req = schema.parse_generate(frame, max_model_len=rt.engine.max_model_len, defaults=defaults())
         gen = rt.start(req.prompt, req.messages, req.params)
     except schema.ApiError as err:
@@ -77,6 +84,24 @@ def _run_chat(ws, rt, frame: dict) -> None:
         _send(ws, schema.error_event(err))
     finally:
         gen.close()  # ConnectionClosed passes through here: the request is aborted
+
+
+def _run_beam(ws, rt, frame: dict) -> None:
+    try:
+        spec = beam_schema.parse_beam(frame, max_model_len=rt.engine.max_model_len)
+        gen = start_beam(rt, spec)
+    except schema.ApiError as err:
+        _send(ws, schema.error_event(err))
+        return
+    try:
+        for event in beam_events(gen, current_app.config["BEAM_EXPORT_PATH"], poll_s=POLL_S):
+            _check_incoming(ws, gen)
+            if event is not None:
+                _send(ws, event)
+    except schema.ApiError as err:
+        _send(ws, schema.error_event(err))
+    finally:
+        gen.close()
 
 
 def _check_incoming(ws, gen) -> None:

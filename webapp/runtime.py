@@ -62,7 +62,7 @@ class Admission:
 class Runtime:
     """The Engine (given, or built by `factory` on a background thread), limits and metrics."""
 
-    def __init__(self, limits: Limits, engine=None, model_name: str | None = None):
+    def __init__(self, limits: Limits, engine=None, model_name: str | None = None, reranker_factory=None):
         self.limits = limits
         self.admission = Admission(limits.max_concurrent_requests, limits.max_queue_length, limits.queue_timeout_s)
         self.metrics = Metrics(self.engine_stats, self.admission)
@@ -72,6 +72,10 @@ class Runtime:
         self._engine = engine
         self._closer: Callable[[], None] | None = None
         self._tokenize_lock = threading.Lock()
+        self._reranker_factory = reranker_factory  # () -> Reranker; None: engine.reranker.Reranker.load
+        self._reranker = None
+        self._reranker_lock = threading.Lock()
+        self._reranker_warming = False
 
     # ---- loading -----------------------------------------------------------------------------
     def load_in_background(self, factory: Callable[[], tuple]) -> threading.Thread:
@@ -111,6 +115,34 @@ class Runtime:
     def close(self) -> None:
         if self._closer is not None:
             self._closer()
+
+    # ---- the beam reranker -------------------------------------------------------------------
+    def reranker(self):
+        """The one Reranker of this app; built on first use (its MiniLM encoder loads on first rank)."""
+        with self._reranker_lock:
+            if self._reranker is None:
+                if self._reranker_factory is not None:
+                    self._reranker = self._reranker_factory()
+                else:
+                    from engine.reranker import Reranker
+                    self._reranker = Reranker.load()
+            return self._reranker
+
+    def warm_reranker(self) -> None:
+        """Load the encoder on a thread of its own (once) while the first beam search runs."""
+        with self._reranker_lock:
+            if self._reranker_warming:
+                return
+            self._reranker_warming = True
+
+        def warm():
+            try:
+                rr = self.reranker()
+                if hasattr(rr, "embed"):
+                    rr.embed(["warm up"])
+            except Exception:  # noqa: BLE001 - reported when a search finishes and ranking fails
+                log.exception("loading the reranker failed")
+        threading.Thread(target=warm, name="pagedecode-reranker", daemon=True).start()
 
     # ---- requests ----------------------------------------------------------------------------
     def prompt_ids(self, prompt, messages) -> list[int]:
