@@ -423,3 +423,37 @@ def test_load_quantized_weights_hf_names_match_quantize_on_load(nl):
         b.allocate_kv_cache(num_blocks=16, block_size=8)
         out.append(LlamaModel(TINY, b).forward(steps(TINY, 8)[0]))
     assert torch.equal(out[0], out[1])
+
+
+# ---- the oneDNN path ------------------------------------------------------------------------------------
+
+def test_onednn_open_reports_a_bad_library(nl):
+    h = nl.ffi.new("pa_onednn_cpu **")
+    with pytest.raises(NativeError, match="pa_onednn_open_cpu"):
+        nl.check(nl.lib.pa_onednn_open_cpu(h, b"/nonexistent/libdnnl.so.3"), "onednn_open")
+    assert h[0] == nl.ffi.NULL
+
+
+def test_onednn_linear_matches_per_row_reference(nl):
+    """Per-row activation scales, per-channel weights (benchmarks/cpu_kernels.py --install-onednn)."""
+    import os
+    lib = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       ".venv", "onednn-cpu-gomp", "lib", "libdnnl.so.3")
+    if not os.path.exists(lib):
+        pytest.skip("onednn-cpu-gomp is not installed (benchmarks/cpu_kernels.py --install-onednn)")
+    h = nl.ffi.new("pa_onednn_cpu **")
+    nl.check(nl.lib.pa_onednn_open_cpu(h, lib.encode()), "onednn_open")
+    try:
+        for m, n, k in [(1, 576, 576), (8, 192, 576), (3, 40, 1536)]:
+            torch.manual_seed(m + n)
+            x, w = torch.randn(m, k), torch.randn(n, k)
+            ws = w.abs().amax(1) / 127
+            wq = torch.round(w / ws[:, None]).to(torch.int8)
+            y = nan(m, n)
+            scratch = torch.empty(((m * k + 63) & ~63) + 4 * m, dtype=torch.uint8)
+            call(nl, "linear_onednn", y, h[0], scratch, scratch.numel(), x, wq, ws, m, n, k)
+            xs = x.abs().amax(1) / 127
+            ref = (torch.round(x / xs[:, None]) * xs[:, None]) @ (wq.float() * ws[:, None]).T
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-3)
+    finally:
+        nl.lib.pa_onednn_close_cpu(h[0])

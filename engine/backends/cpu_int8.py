@@ -59,6 +59,15 @@ def fuse_int8(int8: dict[str, tuple[torch.Tensor, torch.Tensor]], config: ModelC
     return out
 
 
+def _release_free_heap() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the OS (no-op elsewhere)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_cpu_lib() -> NativeLib:
     """libpa_cpu.so, or NativeError when this CPU lacks AVX2/FMA (the engine then uses torch)."""
     if os.path.exists("/proc/cpuinfo"):
@@ -98,6 +107,7 @@ class CpuInt8Backend(Backend):
         self.k_scales: list[torch.Tensor] = []                        # [num_blocks, nkv] float32
         self.v_scales: list[torch.Tensor] = []
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._heap_released = False
         self._layer_w: list = []
         self._dims = None
 
@@ -132,6 +142,7 @@ class CpuInt8Backend(Backend):
                 raise ValueError(f"{name}: scales {tuple(s.shape)} do not match {tuple(q.shape)}")
             self.q[name] = (q.contiguous(), s.float().contiguous())
         self.q.setdefault("embed", self.q["lm_head"])
+        self._pack_weights()
         if self.smooth_keys:
             for i in range(c.num_layers):
                 self._smooth_keys(i, float_rest[f"layers.{i}.input_norm"].float())
@@ -142,6 +153,26 @@ class CpuInt8Backend(Backend):
                 if f"layers.{i}.{name}" not in self.q:
                     raise ValueError(f"missing int8 weight layers.{i}.{name}")
         self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
+
+    def _pack_weights(self) -> None:
+        """Move every int8 matrix and its scales into one allocation and give freed memory back.
+
+        Loading goes GGUF -> float32 -> int8; glibc serves the int8 tensors from a heap that the float
+        temporaries fragmented, so RSS stayed ~500 MiB above the weights. One large block is mmap'd.
+        """
+        unique = {id(q): (q, s) for q, s in self.q.values()}
+        sizes = [(q.numel() + 63) // 64 * 64 + (s.numel() * 4 + 63) // 64 * 64 for q, s in unique.values()]
+        arena = torch.empty(sum(sizes), dtype=torch.uint8)
+        moved, off = {}, 0
+        for key, (q, s) in unique.items():
+            qn, sn = (q.numel() + 63) // 64 * 64, (s.numel() * 4 + 63) // 64 * 64
+            nq = arena[off:off + q.numel()].view(torch.int8).view(q.shape).copy_(q)
+            ns = arena[off + qn:off + qn + s.numel() * 4].view(torch.float32).view(s.shape).copy_(s)
+            moved[key] = (nq, ns)
+            off += qn + sn
+        self.q = {name: moved[id(q)] for name, (q, _) in self.q.items()}
+        self._arena = arena
+        self._heap_released = False
 
     def _smooth_keys(self, i: int, input_norm: torch.Tensor) -> None:
         """Flatten K's channel magnitudes before the per-tile int8 KV cache sees them.
@@ -207,6 +238,9 @@ class CpuInt8Backend(Backend):
             t[dst] = t[src]
 
     def prepare(self, batch: Batch) -> CpuBatch:
+        if not self._heap_released:                  # the loader's float copies are gone by now
+            _release_free_heap()
+            self._heap_released = True
         for name in ("slot_mapping", "query_start_loc", "context_lens", "block_tables"):
             t = getattr(batch, name)
             if t.dtype != torch.int32 or not t.is_contiguous():

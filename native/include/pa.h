@@ -122,6 +122,18 @@ pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, v
                              const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
                              const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
                              int64_t num_seqs, int64_t max_blocks_per_seq);
+
+/* oneDNN matmul path (native/cpu/onednn.c): libdnnl is dlopen'ed from lib_path; the handle owns the
+ * engine, stream and a primitive cache per (m, n, k). Per-row activation scales and per-channel
+ * weights (oneDNN's s8 matmul has no grouped scales in the builds we have):
+ * y [m, n] <- x [m, k] @ (w_pc [n, k] int8 * w_pc_scales [n]).T; scratch >= round_up(m * k, 64) + 4 m */
+typedef struct pa_onednn_cpu pa_onednn_cpu;
+pa_status pa_onednn_open_cpu(pa_onednn_cpu **handle, const char *lib_path);
+pa_status pa_onednn_close_cpu(pa_onednn_cpu *handle);
+pa_status pa_linear_onednn_cpu(float *y, pa_onednn_cpu *handle, void *scratch, int64_t scratch_bytes, const float *x,
+                               const int8_t *w_pc, const float *w_pc_scales, int64_t m, int64_t n, int64_t k);
+/* the implementation oneDNN chose for the last primitive created (e.g. "brg:avx512_core_vnni") */
+pa_status pa_onednn_impl_cpu(char *out, int64_t out_len, pa_onednn_cpu *handle);
 /* CPU_EXPORTS_END */
 
 /* ---- CUDA (native/cuda) ------------------------------------------------------------------ */

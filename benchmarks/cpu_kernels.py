@@ -1,0 +1,192 @@
+"""INT8 CPU kernels: our GEMM vs oneDNN vs torch fp32 on SmolLM2's shapes, and the forward pass.
+
+    .venv/bin/python benchmarks/cpu_kernels.py [--install-onednn] [--write benchmarks/results_cpu.md]
+
+oneDNN: the `onednn` wheel in requirements.txt is a SYCL-runtime build (its CPU engine needs an OpenCL
+device and then runs only the reference int8 matmul), so this script uses `onednn-cpu-gomp` (a CPU
+build on GNU OpenMP, as ours) from a private prefix, .venv/onednn-cpu-gomp; --install-onednn puts it
+there with pip. Weights are cycled through enough copies to exceed the 32 MiB L3, as in a forward
+pass, so M = 1 measures the memory stream, not the cache. Times are medians; the cores are shared.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.backends.cpu_int8 import CpuInt8Backend, load_cpu_lib, quantize_int8  # noqa: E402
+from engine.batch import Batch  # noqa: E402
+from engine.model import LlamaModel, fuse_weights  # noqa: E402
+
+ONEDNN_PREFIX = ROOT / ".venv" / "onednn-cpu-gomp"
+ONEDNN_PKGS = ["onednn-cpu-gomp==2023.2.0"]
+# (label, N, K): the model's matrices (qkv is q, k, v stacked; 192 is k or v alone)
+SHAPES = [("o 576x576", 576, 576), ("k/v 192x576", 192, 576), ("qkv 960x576", 960, 576),
+          ("gate_up 3072x576", 3072, 576), ("down 576x1536", 576, 1536), ("lm_head 49152x576", 49152, 576)]
+MS = [1, 8, 32]
+L3_BYTES = 32 << 20
+
+
+def onednn_handle(nl, install: bool):
+    """(handle, description) or (None, reason)."""
+    lib = ONEDNN_PREFIX / "lib" / "libdnnl.so.3"
+    if not lib.exists() and install:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--prefix",
+                        str(ONEDNN_PREFIX), *ONEDNN_PKGS], check=True)
+    if not lib.exists():
+        return None, f"{lib} missing (run with --install-onednn)"
+    h = nl.ffi.new("pa_onednn_cpu **")
+    status = nl.lib.pa_onednn_open_cpu(h, str(lib).encode())
+    if status:
+        return None, nl.ffi.string(nl.lib.pa_last_error_cpu()).decode()
+    return h[0], str(lib)
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, -(-2 * L3_BYTES // nbytes))
+
+
+def kernel_table(nl, dnnl) -> list[dict]:
+    rows = []
+    for label, n, k in SHAPES:
+        torch.manual_seed(n + k)
+        w = torch.randn(n, k) * 0.05
+        q, s = quantize_int8(w)
+        pc_s = w.abs().amax(1) / 127
+        pc_q = torch.round(w / pc_s[:, None]).to(torch.int8)
+        ours = [(q.clone(), s.clone()) for _ in range(copies_for(q.numel() + s.numel() * 4))]
+        onednn = [(pc_q.clone(), pc_s.clone()) for _ in range(copies_for(q.numel()))]
+        fp32 = [w.clone() for _ in range(copies_for(w.numel() * 4))]
+        for m in MS:
+            x = torch.randn(m, k)
+            y = torch.empty(m, n)
+            scratch = torch.empty(m * k + 64 + m * (k // 32) * 4 + 4 * m, dtype=torch.uint8)
+            sp, xp, yp = nl.ptr(scratch, "void *"), nl.ptr(x, "float *"), nl.ptr(y, "float *")
+            it = {"ours": 0, "onednn": 0, "torch": 0}
+
+            def run_ours():
+                qq, ss = ours[it["ours"] % len(ours)]
+                it["ours"] += 1
+                nl.check(nl.lib.pa_linear_q8_cpu(yp, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
+                                                 nl.ptr(ss, "float *"), m, n, k), "linear_q8")
+
+            def run_onednn():
+                qq, ss = onednn[it["onednn"] % len(onednn)]
+                it["onednn"] += 1
+                nl.check(nl.lib.pa_linear_onednn_cpu(yp, dnnl, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
+                                                     nl.ptr(ss, "float *"), m, n, k), "linear_onednn")
+
+            def run_torch():
+                ww = fp32[it["torch"] % len(fp32)]
+                it["torch"] += 1
+                torch.matmul(x, ww.T, out=y)
+
+            reps = 15 if n * k > 10**7 else 60
+            row = {"shape": label, "m": m, "ours": timed(run_ours, reps), "torch": timed(run_torch, reps)}
+            row["onednn"] = timed(run_onednn, reps) if dnnl is not None else None
+            rows.append(row)
+            print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(r: dict) -> str:
+    dn = f"{r['onednn'] * 1e3:8.3f}" if r["onednn"] is not None else "       -"
+    ratio = f"{r['onednn'] / r['ours']:6.2f}x" if r["onednn"] is not None else "      -"
+    return (f"| {r['shape']:<18} | {r['m']:>3} | {r['ours'] * 1e3:8.3f} | {dn} | {r['torch'] * 1e3:8.3f} | "
+            f"{ratio} | {r['torch'] / r['ours']:6.2f}x |")
+
+
+TABLE_HEAD = ("| shape (N x K)      |   M | ours ms  | oneDNN ms| torch ms | oneDNN/ours | torch/ours |\n"
+              "|--------------------|-----|----------|----------|----------|-------------|------------|")
+
+
+def forward_figures() -> list[str]:
+    """ms per step of LlamaModel + Batch on the real model: decode at batch 1/8/32 (context 128), prefill 512."""
+    import gc
+    import resource
+
+    from engine.weights import load_model
+    loaded = load_model()
+    cfg = loaded.config
+    backend = CpuInt8Backend(cfg)
+    backend.load_weights(fuse_weights(loaded.tensors, cfg))
+    del loaded
+    gc.collect()
+    bs = 16
+    backend.allocate_kv_cache(2048, bs)
+    model = LlamaModel(cfg, backend)
+    kv_bytes = backend.kv_bytes_per_block(bs) * 2048
+    rss = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    w_bytes = backend.weight_bytes()
+    lines = [f"memory: int8 weights + scales + norms {w_bytes / 2**20:.1f} MiB, KV pool (2048 blocks of 16) "
+             f"{kv_bytes / 2**20:.1f} MiB; RSS after loading {rss / 2**20:.1f} MiB = "
+             f"{rss / (w_bytes + kv_bytes):.2f}x of their sum (peak during the GGUF -> float -> int8 load "
+             f"{peak / 2**20:.1f} MiB)", "",
+             "| forward (LlamaModel + Batch) | ms / step | tok/s |", "|---|---|---|"]
+
+    def tables(nseq, ctx):
+        per = (ctx + 1 + bs - 1) // bs + 1
+        return [list(range(1 + s * per, 1 + (s + 1) * per)) for s in range(nseq)]
+
+    prompt = list(range(100, 612))
+    t = tables(1, 512)
+    prefill = Batch.build([(prompt, 0, t[0])], bs, [True])
+    sec = timed(lambda: model.forward(prefill), 3)
+    lines.append(f"| prefill 512 tokens | {sec * 1e3:8.1f} | {512 / sec:7.0f} |")
+    for nseq in (1, 8, 32):
+        t = tables(nseq, 128)
+        model.forward(Batch.build([(prompt[:128], 0, tb) for tb in t], bs, [True] * nseq))
+        step = Batch.build([([7], 128, tb) for tb in t], bs, [True] * nseq)
+        sec = timed(lambda: model.forward(step), 30)
+        lines.append(f"| decode batch {nseq:<2} (context 128) | {sec * 1e3:8.2f} | {nseq / sec:7.0f} |")
+    for line in lines:
+        print(line, flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--install-onednn", action="store_true", help=f"pip install {ONEDNN_PKGS} into {ONEDNN_PREFIX}")
+    ap.add_argument("--write", type=Path, help="write the tables as markdown to this file")
+    ap.add_argument("--skip-forward", action="store_true")
+    args = ap.parse_args()
+    nl = load_cpu_lib()
+    dnnl, where = onednn_handle(nl, args.install_onednn)
+    print(f"threads: {nl.lib.pa_num_threads_cpu()}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
+    print(f"oneDNN: {where}")
+    print(TABLE_HEAD)
+    rows = kernel_table(nl, dnnl)
+    impl = ""
+    if dnnl is not None:
+        buf = nl.ffi.new("char[128]")
+        nl.lib.pa_onednn_impl_cpu(buf, 128, dnnl)
+        impl = nl.ffi.string(buf).decode()
+        print(f"oneDNN implementation: {impl}")
+    fwd = [] if args.skip_forward else forward_figures()
+    if args.write:
+        text = [f"oneDNN: {where} ({impl})", "", TABLE_HEAD, *map(format_row, rows), "", *fwd]
+        args.write.write_text("\n".join(text) + "\n")
+
+
+if __name__ == "__main__":
+    main()
