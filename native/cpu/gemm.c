@@ -19,8 +19,10 @@
 #define GEMM_MR 4
 #endif
 #ifndef GEMM_NR
-#define GEMM_NR 2
+#define GEMM_NR 3
 #endif
+/* tile_dispatch_* has bodies for mr <= 4 with nr <= 4, and mr == 1 with nr <= 8 (4x3: measured best) */
+_Static_assert(GEMM_MR <= 4 && GEMM_NR <= 4 && GEMV_NR <= 8, "no micro-kernel for this tile");
 
 /* ================================================================================================
  * Activation quantization: x [m, k] (row stride x_stride) -> xq [m, k] int8, xs [m, k/QK] float.

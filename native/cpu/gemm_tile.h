@@ -32,17 +32,17 @@ TILE_FN(float *y, int64_t ldy, const int8_t *xq, const float *xs, const int8_t *
     const int64_t k = nb * QK;
     for (int64_t b = 0; b < nb; b++) {
         __m256i wv[8];
-        float wsc[8];
+        __m256 wsc[8];
         for (int j = 0; j < NR; j++) {
             wv[j] = _mm256_loadu_si256((const __m256i *)(w + j * k + b * QK));
-            wsc[j] = ws[j * nb + b];
+            wsc[j] = _mm256_broadcast_ss(ws + j * nb + b);          /* a load-port broadcast */
         }
         for (int i = 0; i < MR; i++) {
             __m256i a = _mm256_loadu_si256((const __m256i *)(xq + i * k + b * QK));
             __m256i abs_a = _mm256_sign_epi8(a, a);
-            float xsc = xs[i * nb + b];
+            const __m256 xsc = _mm256_broadcast_ss(xs + i * nb + b);
             for (int j = 0; j < NR; j++)
-                acc[i][j] = _mm256_fmadd_ps(DOT_FN(abs_a, a, wv[j]), _mm256_set1_ps(xsc * wsc[j]), acc[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(_mm256_mul_ps(DOT_FN(abs_a, a, wv[j]), wsc[j]), xsc, acc[i][j]);
         }
     }
     for (int i = 0; i < MR; i++)
