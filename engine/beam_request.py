@@ -30,7 +30,7 @@ class BeamRequest:
 
     def collect(self, seq: Sequence, logits_row: torch.Tensor) -> bool:
         """Keep one beam's logprobs; True once every live beam has delivered its row."""
-        self.pending[seq.seq_id] = logits_row.float().log_softmax(-1)
+        self.pending[seq.seq_id] = logits_row.float().log_softmax(-1).cpu()
         return all(s.seq_id in self.pending for s in self.seqs)
 
     def take_rows(self) -> torch.Tensor:

@@ -28,7 +28,7 @@ def fuse_weights(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, 
 
 
 class LlamaModel:
-    """forward(batch) -> float32 logits [len(batch.logits_indices), vocab] on the CPU."""
+    """forward(batch) -> float32 logits [len(batch.logits_indices), vocab] on the backend's device."""
 
     def __init__(self, config: ModelConfig, backend: Backend):
         self.config = config
@@ -55,13 +55,16 @@ class LlamaModel:
     def forward(self, batch: Batch) -> torch.Tensor:
         b = self.backend
         batch = b.prepare(batch)
+        logits = b.forward_step(batch)
+        if logits is not None:
+            return logits
         h = b.embed(batch.input_ids)
         residual = None
         for i in range(self.config.num_layers):
             fused = b.forward_layer(i, h, residual, batch)
             h, residual = fused if fused is not None else self.layer(i, h, residual, batch)
         if batch.logits_indices.numel() == 0:
-            return torch.empty(0, self.config.vocab_size)
+            return torch.empty(0, self.config.vocab_size, device=h.device)
         rows = batch.logits_indices
         h, _ = b.rms_norm(h[rows], "norm", residual[rows])
         return b.logits(h)

@@ -84,6 +84,11 @@ class Backend(ABC):
         """A backend may fuse a whole layer; None means use model.py's composition."""
         return None
 
+    def forward_step(self, batch: Batch) -> torch.Tensor | None:
+        """A backend may run the whole step itself (e.g. a CUDA graph); None means model.py composes it."""
+        return None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Final hidden rows [n, hidden] (already normed) -> float32 logits [n, vocab] on the CPU."""
-        return self.linear(h, "lm_head").float().cpu()
+        """Final hidden rows [n, hidden] (already normed) -> float32 logits [n, vocab] on this backend's
+        device; the sampler decides greedy rows there and moves only what it needs to the host."""
+        return self.linear(h, "lm_head").float()

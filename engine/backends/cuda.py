@@ -423,7 +423,11 @@ class CudaBackend(Backend):
         return h, residual
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 [n, vocab] in pinned CPU memory; valid until the next-but-one logits() call."""
+        """float32 [n, vocab] on the GPU: the engine's sampler decides greedy rows there."""
+        return self.logits_device(h)
+
+    def logits_host(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 [n, vocab] in pinned CPU memory; valid until the next-but-one logits_host() call."""
         out = self.logits_device(h)
         n = out.numel()
         turn = self._logit_turn = 1 - self._logit_turn

@@ -12,7 +12,8 @@ from engine.config import ModelConfig
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, head_dim] for HF's rotate_half convention, computed in float64 then cast."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device)
+                                / head_dim))
     freqs = positions.to(torch.float64)[:, None] * inv_freq[None, :]   # [T, hd/2]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -31,7 +32,7 @@ def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_c
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     max_ctx = int(context_lens.max())
-    pos = torch.arange(max_ctx)
+    pos = torch.arange(max_ctx, device=q.device)
     blocks = block_tables[:, pos // block_size].long().clamp(min=0)              # [S, L]
     offsets = (pos % block_size).expand(num_seqs, max_ctx)
     k = key_cache[blocks, :, offsets].to(q.dtype)                                 # [S, L, nkv, hd]
@@ -65,8 +66,8 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
         k = k.repeat_interleave(group, dim=0).to(q.dtype)                 # [nh, ctx, hd]
         v = v.repeat_interleave(group, dim=0).to(q.dtype)
         scores = torch.einsum("qhd,hkd->hqk", q_s, k) * scale             # [nh, qlen, ctx]
-        q_pos = torch.arange(ctx - qlen, ctx)[:, None]
-        mask = torch.arange(ctx)[None, :] > q_pos                          # [qlen, ctx]
+        q_pos = torch.arange(ctx - qlen, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos                         # [qlen, ctx]
         scores = scores.masked_fill(mask[None], float("-inf"))
         out[starts[s]:starts[s + 1]] = torch.einsum("hqk,hkd->qhd", scores.softmax(-1), v)
     return out
