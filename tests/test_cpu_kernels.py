@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.backends.cpu_int8 import CpuBatch, CpuInt8Backend, load_cpu_lib, quantize_int8_local
+from engine.backends.cpu_int8 import CpuBatch, CpuInt8Backend, load_cpu_lib
 from engine.backends.torch_ref import apply_rope, paged_attention_ref, rope_cos_sin
 from engine.batch import Batch
 from engine.config import ModelConfig
@@ -39,6 +39,16 @@ def call(nl, op: str, *args) -> None:
     conv = [nl.ffi.NULL if a is None else nl.ptr(a, PTR[a.dtype]) if isinstance(a, torch.Tensor) else a
             for a in args]
     nl.check(getattr(nl.lib, f"pa_{op}_cpu")(*conv), op)
+
+
+def quantize_int8_local(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference of the symmetric per-group int8 quantization (weights and activations)."""
+    n, k = w.shape
+    g = w.float().reshape(n, k // group_size, group_size)
+    scales = g.abs().amax(-1) / 127.0                                  # [N, K / group]
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(g * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(n, k)
+    return q.contiguous(), scales.contiguous()
 
 
 def nan(*shape) -> torch.Tensor:
