@@ -389,19 +389,20 @@ def steps(cfg, block_size):
 
 
 def test_fused_layer_matches_composed_ops(nl):
-    """forward_layer (one native call) == model.layer over the backend's separate ops."""
+    """forward_layer (one native call, on the worker pool or OpenMP) == model.layer over the separate ops."""
     logits = []
-    for fused in (True, False):
-        b = CpuInt8Backend(TINY, lib=nl)
+    for fused, pool in ((True, True), (True, False), (False, False)):
+        b = CpuInt8Backend(TINY, lib=nl, use_pool=pool)
         b.load_weights(tiny_weights(TINY))
         b.allocate_kv_cache(num_blocks=16, block_size=8)
         if not fused:
             b.forward_layer = lambda *a: None
         model = LlamaModel(TINY, b)
         logits.append([model.forward(batch) for batch in steps(TINY, 8)])
-    for a, c in zip(*logits):
+    for a, c, e in zip(*logits):
         assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+        assert torch.equal(a, c)                       # the worker pool and OpenMP compute the same
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
 
 
 def test_prepare_adds_rope_table(tiny_backend):

@@ -83,11 +83,18 @@ class CpuInt8Backend(Backend):
 
     name = "cpu-int8"
 
-    def __init__(self, config: ModelConfig, lib: NativeLib | None = None, smooth_keys: float = 1.0):
+    def __init__(self, config: ModelConfig, lib: NativeLib | None = None, smooth_keys: float = 1.0,
+                 num_threads: int | None = None, use_pool: bool = True):
         super().__init__(config)
         self.smooth_keys = smooth_keys
         self.nl = lib or load_cpu_lib()
         self.lib, self.ffi = self.nl.lib, self.nl.ffi
+        self._pool = self.ffi.NULL                                    # NULL: layers run in OpenMP regions
+        if use_pool:
+            handle = self.ffi.new("pa_pool_cpu **")
+            self._check(self.lib.pa_pool_create_cpu(handle, num_threads or self.lib.pa_num_threads_cpu()),
+                        "pa_pool_create_cpu")
+            self._pool = self.ffi.gc(handle[0], self.lib.pa_pool_destroy_cpu)
         self.q: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}   # name -> (int8 [N, K], scales [N, K/32])
         self.f: dict[str, torch.Tensor] = {}                          # norms, float32
         self.key_caches: list[torch.Tensor] = []                      # [num_blocks, nkv, bs, hd] int8
@@ -380,7 +387,7 @@ class CpuInt8Backend(Backend):
         scratch, nbytes = self._scratch_ptr(need)
         tables = batch.block_tables
         self._check(self.lib.pa_llama_layer_cpu(
-            self._p(h, "float *"), self._p(residual, "float *"), int(first), scratch, nbytes,
+            self._pool, self._p(h, "float *"), self._p(residual, "float *"), int(first), scratch, nbytes,
             self._p(self.key_caches[layer], "int8_t *"), self._p(self.k_scales[layer], "float *"),
             self._p(self.value_caches[layer], "int8_t *"), self._p(self.v_scales[layer], "float *"),
             self._layer_w[layer], self._dims, self._p(batch.rope_cos, "float *"), self._p(batch.rope_sin, "float *"),

@@ -72,6 +72,9 @@ HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cac
                                int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                int64_t max_blocks_per_seq, int64_t q_stride, float scale);
 
+/* Run fn(arg, tid, nt) on every member of the pool's team (the caller is member 0); returns when all did. */
+HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg);
+HIDDEN int pool_size(const pa_pool_cpu *pool);
 HIDDEN pa_status check_attention_batch(const char *kernel, const int32_t *block_tables, const int32_t *context_lens,
                                        const int32_t *query_start_loc, int64_t num_seqs, int64_t num_tokens,
                                        int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks);

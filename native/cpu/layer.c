@@ -74,7 +74,85 @@ static int share(int64_t t, int64_t rows, int64_t cols, int tid, int nt, int64_t
     return *c1 > *c0;
 }
 
-pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, void *scratch, int64_t scratch_bytes,
+/* Everything one layer call needs, shared by its team. */
+typedef struct {
+    float *hidden_io, *residual; int first; layer_scratch s;
+    int8_t *key_cache; float *k_scales; int8_t *value_cache; float *v_scales;
+    const pa_layer_weights_cpu *w; const pa_layer_dims_cpu *d; const float *cos_t, *sin_t;
+    const int32_t *slot_mapping, *block_tables, *context_lens, *query_start_loc;
+    int64_t num_tokens, num_seqs, max_blocks_per_seq;
+    work_counter next[5];                              /* one per dynamically shared phase */
+    spin_barrier bar;
+} layer_ctx;
+
+/* Member tid of nt: the layer in commented steps, phases separated by the spinning barrier. */
+static void layer_team(void *arg, int tid, int nt) {
+    layer_ctx *c = arg;
+    const pa_layer_dims_cpu *d = c->d;
+    const pa_layer_weights_cpu *w = c->w;
+    const layer_scratch s = c->s;
+    float *hidden_io = c->hidden_io, *residual = c->residual;
+    const int first = c->first;
+    const float *cos_t = c->cos_t, *sin_t = c->sin_t;
+    const int64_t T = c->num_tokens, H = d->hidden, I = d->intermediate, hd = d->head_dim;
+    const int64_t q_size = d->num_heads * hd, kv_size = d->num_kv_heads * hd, qkv_n = q_size + 2 * kv_size;
+    const int64_t nkv = d->num_kv_heads;
+    work_counter *next = c->next;
+    spin_barrier *bar = &c->bar;
+    /* step 1: residual (+)= h; x = rms_norm(residual) * input_norm, quantized (rows dealt out) */
+    for (int64_t t = tid; t < T; t += nt) {
+        float *res = residual + t * H, *h = hidden_io + t * H;
+        if (first) memcpy(res, h, (size_t)H * sizeof(float));
+        rms_norm_row(s.x + t * H, first ? NULL : res, first ? res : h, w->input_norm, H, d->eps);
+        quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
+    }
+    barrier_wait(bar);
+    /* step 2: qkv = x @ Wqkv.T */
+    gemm_q8_part(s.qkv, s.xq, s.xs, w->qkv, w->qkv_scales, T, qkv_n, H, &next[0]);
+    barrier_wait(bar);
+    /* step 3: RoPE on q (rows dealt out); each (kv head, K|V) stream: RoPE on its k, then the int8 write */
+    for (int64_t t = tid; t < T; t += nt)
+        rope_heads(s.qkv + t * qkv_n, d->num_heads, hd, cos_t + t * (hd / 2), sin_t + t * (hd / 2));
+    for (int64_t hv = tid; hv < 2 * nkv; hv += nt)
+        if ((hv & 1) == 0)
+            for (int64_t t = 0; t < T; t++)
+                rope_heads(s.qkv + t * qkv_n + q_size + (hv >> 1) * hd, 1, hd, cos_t + t * (hd / 2),
+                           sin_t + t * (hd / 2));
+    write_kv_q8_part(c->key_cache, c->k_scales, c->value_cache, c->v_scales, s.qkv + q_size, s.qkv + q_size + kv_size,
+                     c->slot_mapping, T, nkv, hd, d->block_size, qkv_n, qkv_n, tid, nt);
+    barrier_wait(bar);
+    /* step 4: attention over the pool */
+    paged_attention_q8_part(s.attn, s.qkv, c->key_cache, c->k_scales, c->value_cache, c->v_scales, c->block_tables,
+                            c->context_lens, c->query_start_loc, c->num_seqs, d->num_heads, nkv, hd, d->block_size,
+                            c->max_blocks_per_seq, qkv_n, d->attn_scale, &next[1]);
+    barrier_wait(bar);
+    for (int64_t t = tid; t < T; t += nt)
+        quantize_row_q8(s.xq + t * q_size, s.xs + t * (q_size / QK), s.attn + t * q_size, q_size);
+    barrier_wait(bar);
+    /* step 5: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm, quantized */
+    gemm_q8_part(hidden_io, s.xq, s.xs, w->o, w->o_scales, T, H, q_size, &next[2]);
+    barrier_wait(bar);
+    for (int64_t t = tid; t < T; t += nt) {
+        rms_norm_row(s.x + t * H, residual + t * H, hidden_io + t * H, w->post_norm, H, d->eps);
+        quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
+    }
+    barrier_wait(bar);
+    /* step 6: MLP: act = silu(x @ Wg.T) * (x @ Wu.T), quantized in place of x; h = act @ Wd.T */
+    gemm_q8_part(s.gate_up, s.xq, s.xs, w->gate_up, w->gate_up_scales, T, 2 * I, H, &next[3]);
+    barrier_wait(bar);
+    for (int64_t t = 0; t < T; t++) {
+        int64_t c0, c1;
+        if (!share(t, T, I, tid, nt, &c0, &c1)) continue;
+        const float *g = s.gate_up + t * 2 * I;
+        silu_mul_span(s.act + t * I, g, g + I, c0, c1);
+        quantize_row_q8(s.xq + t * I + c0, s.xs + t * (I / QK) + c0 / QK, s.act + t * I + c0, c1 - c0);
+    }
+    barrier_wait(bar);
+    gemm_q8_part(hidden_io, s.xq, s.xs, w->down, w->down_scales, T, H, I, &next[4]);
+}
+
+pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, int32_t first, void *scratch,
+                             int64_t scratch_bytes,
                              int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
                              const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
                              const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
@@ -105,11 +183,14 @@ pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, v
                                          d->block_size, max_blocks_per_seq, d->num_blocks);
     if (st != PA_OK) return st;
 
-    const int64_t T = num_tokens, H = d->hidden, I = d->intermediate, hd = d->head_dim;
-    const int64_t q_size = d->num_heads * hd, kv_size = d->num_kv_heads * hd, qkv_n = q_size + 2 * kv_size;
-    const int64_t nkv = d->num_kv_heads;
-    work_counter next[5] = {0, 0, 0, 0, 0};           /* one per dynamically shared phase */
-    spin_barrier bar = {0, 0, 1};
+    layer_ctx ctx = {hidden_io, residual, first != 0, s, key_cache, k_scales, value_cache, v_scales, w, d, cos_t,
+                     sin_t, slot_mapping, block_tables, context_lens, query_start_loc, num_tokens, num_seqs,
+                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 1}};
+    if (pool != NULL) {
+        ctx.bar.n = pool_size(pool);
+        pool_run(pool, layer_team, &ctx);
+        return PA_OK;
+    }
     #pragma omp parallel
     {
         int tid = 0, nt = 1;
@@ -118,57 +199,8 @@ pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, v
         nt = omp_get_num_threads();
 #endif
         #pragma omp single
-        bar.n = nt;                                    /* the implied barrier publishes it */
-        /* step 1: residual (+)= h; x = rms_norm(residual) * input_norm, quantized (rows dealt out) */
-        for (int64_t t = tid; t < T; t += nt) {
-            float *res = residual + t * H, *h = hidden_io + t * H;
-            if (first) memcpy(res, h, (size_t)H * sizeof(float));
-            rms_norm_row(s.x + t * H, first ? NULL : res, first ? res : h, w->input_norm, H, d->eps);
-            quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
-        }
-        barrier_wait(&bar);
-        /* step 2: qkv = x @ Wqkv.T */
-        gemm_q8_part(s.qkv, s.xq, s.xs, w->qkv, w->qkv_scales, T, qkv_n, H, &next[0]);
-        barrier_wait(&bar);
-        /* step 3: RoPE on q (rows dealt out); each (kv head, K|V) stream: RoPE on its k, then the int8 write */
-        for (int64_t t = tid; t < T; t += nt)
-            rope_heads(s.qkv + t * qkv_n, d->num_heads, hd, cos_t + t * (hd / 2), sin_t + t * (hd / 2));
-        for (int64_t hv = tid; hv < 2 * nkv; hv += nt)
-            if ((hv & 1) == 0)
-                for (int64_t t = 0; t < T; t++)
-                    rope_heads(s.qkv + t * qkv_n + q_size + (hv >> 1) * hd, 1, hd, cos_t + t * (hd / 2),
-                               sin_t + t * (hd / 2));
-        write_kv_q8_part(key_cache, k_scales, value_cache, v_scales, s.qkv + q_size, s.qkv + q_size + kv_size,
-                         slot_mapping, T, nkv, hd, d->block_size, qkv_n, qkv_n, tid, nt);
-        barrier_wait(&bar);
-        /* step 4: attention over the pool */
-        paged_attention_q8_part(s.attn, s.qkv, key_cache, k_scales, value_cache, v_scales, block_tables,
-                                context_lens, query_start_loc, num_seqs, d->num_heads, nkv, hd, d->block_size,
-                                max_blocks_per_seq, qkv_n, d->attn_scale, &next[1]);
-        barrier_wait(&bar);
-        for (int64_t t = tid; t < T; t += nt)
-            quantize_row_q8(s.xq + t * q_size, s.xs + t * (q_size / QK), s.attn + t * q_size, q_size);
-        barrier_wait(&bar);
-        /* step 5: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm, quantized */
-        gemm_q8_part(hidden_io, s.xq, s.xs, w->o, w->o_scales, T, H, q_size, &next[2]);
-        barrier_wait(&bar);
-        for (int64_t t = tid; t < T; t += nt) {
-            rms_norm_row(s.x + t * H, residual + t * H, hidden_io + t * H, w->post_norm, H, d->eps);
-            quantize_row_q8(s.xq + t * H, s.xs + t * (H / QK), s.x + t * H, H);
-        }
-        barrier_wait(&bar);
-        /* step 6: MLP: act = silu(x @ Wg.T) * (x @ Wu.T), quantized in place of x; h = act @ Wd.T */
-        gemm_q8_part(s.gate_up, s.xq, s.xs, w->gate_up, w->gate_up_scales, T, 2 * I, H, &next[3]);
-        barrier_wait(&bar);
-        for (int64_t t = 0; t < T; t++) {
-            int64_t c0, c1;
-            if (!share(t, T, I, tid, nt, &c0, &c1)) continue;
-            const float *g = s.gate_up + t * 2 * I;
-            silu_mul_span(s.act + t * I, g, g + I, c0, c1);
-            quantize_row_q8(s.xq + t * I + c0, s.xs + t * (I / QK) + c0 / QK, s.act + t * I + c0, c1 - c0);
-        }
-        barrier_wait(&bar);
-        gemm_q8_part(hidden_io, s.xq, s.xs, w->down, w->down_scales, T, H, I, &next[4]);
+        ctx.bar.n = nt;                                /* the implied barrier publishes it */
+        layer_team(&ctx, tid, nt);
     }
     return PA_OK;
 }

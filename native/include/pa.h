@@ -113,10 +113,18 @@ typedef struct {
 } pa_layer_dims_cpu;
 /* Scratch bytes pa_llama_layer_cpu needs for num_tokens rows (-1 on bad arguments). */
 int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t num_tokens);
+/* A team of num_threads (the calling thread + num_threads - 1 workers that spin ~1 ms after a job,
+ * then sleep): runs pa_llama_layer_cpu without OpenMP's fork/join, which sleeps under
+ * OMP_WAIT_POLICY=PASSIVE. */
+typedef struct pa_pool_cpu pa_pool_cpu;
+pa_status pa_pool_create_cpu(pa_pool_cpu **pool, int32_t num_threads);
+pa_status pa_pool_destroy_cpu(pa_pool_cpu *pool);
 /* hidden_io [T, hidden]: in the layer's input h, out its output h; residual [T, hidden] in/out
  * (first != 0: residual is set to h, as model.py's residual=None); the pools as pa_write_kv_q8_cpu;
- * cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu. */
-pa_status pa_llama_layer_cpu(float *hidden_io, float *residual, int32_t first, void *scratch, int64_t scratch_bytes,
+ * cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu.
+ * pool: the team to run on (NULL: an OpenMP parallel region). */
+pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, int32_t first, void *scratch,
+                             int64_t scratch_bytes,
                              int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
                              const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
                              const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,

@@ -1,0 +1,118 @@
+/*
+ * pool.c -- the worker team of pa_llama_layer_cpu.  OpenMP's fork/join sleeps on a futex when
+ * OMP_WAIT_POLICY=PASSIVE (the web server sets it so idle OpenMP threads do not steal its cores),
+ * which costs ~50-80 us a layer on these VMs.  These workers spin for a while after each job (the next
+ * layer call comes ~20 us later) and only then sleep, so an idle server still costs no CPU.
+ * The calling thread is member 0 of the team.
+ */
+#define _GNU_SOURCE
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include "cpu_common.h"
+
+#define MAX_WORKERS 64
+#define SPIN_BEFORE_SLEEP (1 << 16)          /* pause iterations (~1-2 ms) before a worker sleeps */
+
+struct pa_pool_cpu {
+    int num_threads;                           /* team size, the caller included */
+    pthread_t threads[MAX_WORKERS];
+    _Atomic uint32_t generation;               /* bumped for every job; the futex word */
+    _Atomic int done;                          /* workers finished with the current job */
+    _Atomic int sleepers;
+    _Atomic int stop;
+    void (*fn)(void *arg, int tid, int nt);
+    void *arg;
+};
+
+typedef struct { pa_pool_cpu *pool; int tid; } worker_arg;
+
+static void futex_wait(_Atomic uint32_t *addr, uint32_t expected) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake_all(_Atomic uint32_t *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+
+static void *worker_main(void *p) {
+    worker_arg wa = *(worker_arg *)p;
+    free(p);
+    pa_pool_cpu *pool = wa.pool;
+    uint32_t seen = 0;
+    for (;;) {
+        /* step 1: wait for a new generation: spin, then sleep on the futex */
+        uint32_t gen;
+        long spins = 0;
+        while ((gen = atomic_load_explicit(&pool->generation, memory_order_acquire)) == seen) {
+            if (++spins < SPIN_BEFORE_SLEEP) {
+                _mm_pause();
+                continue;
+            }
+            atomic_fetch_add(&pool->sleepers, 1);
+            if (atomic_load_explicit(&pool->generation, memory_order_acquire) == seen)
+                futex_wait(&pool->generation, seen);
+            atomic_fetch_sub(&pool->sleepers, 1);
+            spins = 0;
+        }
+        seen = gen;
+        if (atomic_load(&pool->stop)) return NULL;
+        /* step 2: run our share of the job */
+        pool->fn(pool->arg, wa.tid, pool->num_threads);
+        atomic_fetch_add_explicit(&pool->done, 1, memory_order_release);
+    }
+}
+
+HIDDEN int pool_size(const pa_pool_cpu *pool) { return pool ? pool->num_threads : 1; }
+
+HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg) {
+    if (pool == NULL || pool->num_threads == 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pool->fn = fn;
+    pool->arg = arg;
+    atomic_store_explicit(&pool->done, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
+    if (atomic_load(&pool->sleepers) > 0) futex_wake_all(&pool->generation);
+    fn(arg, 0, pool->num_threads);
+    /* the job ends when every worker has finished its share */
+    for (long spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < pool->num_threads - 1; spins++)
+        if (spins < 4096) _mm_pause();
+        else sched_yield();
+}
+
+pa_status pa_pool_create_cpu(pa_pool_cpu **out, int32_t num_threads) {
+    CHECK_PTR(out);
+    CHECK(num_threads >= 1 && num_threads <= MAX_WORKERS + 1, "num_threads=%d outside [1, %d]", num_threads,
+          MAX_WORKERS + 1);
+    pa_pool_cpu *pool = calloc(1, sizeof *pool);
+    if (pool == NULL) return cpu_fail(PA_ERR_OUT_OF_MEMORY, __func__, "out of memory");
+    pool->num_threads = num_threads;
+    for (int t = 1; t < num_threads; t++) {
+        worker_arg *wa = malloc(sizeof *wa);
+        if (wa == NULL) { pool->num_threads = t; pa_pool_destroy_cpu(pool); return cpu_fail(PA_ERR_OUT_OF_MEMORY, __func__, "out of memory"); }
+        wa->pool = pool;
+        wa->tid = t;
+        if (pthread_create(&pool->threads[t - 1], NULL, worker_main, wa) != 0) {
+            free(wa);
+            pool->num_threads = t;
+            pa_pool_destroy_cpu(pool);
+            return cpu_fail(PA_ERR_OUT_OF_MEMORY, __func__, "pthread_create failed for worker %d", t);
+        }
+    }
+    *out = pool;
+    return PA_OK;
+}
+
+pa_status pa_pool_destroy_cpu(pa_pool_cpu *pool) {
+    if (pool == NULL) return PA_OK;
+    atomic_store(&pool->stop, 1);
+    atomic_fetch_add(&pool->generation, 1);
+    futex_wake_all(&pool->generation);
+    for (int t = 1; t < pool->num_threads; t++) pthread_join(pool->threads[t - 1], NULL);
+    free(pool);
+    return PA_OK;
+}
