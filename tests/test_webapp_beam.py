@@ -27,11 +27,11 @@ TINY_PROMPT = [5, 9, 33, 4, 17, 100]
 
 
 # ---- a scripted beam engine -----------------------------------------------------------------------
-def fake_logprobs(prompt: list[int], history: list[int]) -> torch.Tensor:
+def fake_logprobs(prompt: list[int], history: list[int], eos_slope: float = 0.45) -> torch.Tensor:
     """Seeded by the prompt and the beam's history; end-of-sequence grows likelier with length."""
     g = torch.Generator().manual_seed(zlib.crc32(json.dumps([prompt[-16:], history]).encode()))
     logits = torch.randn(len(WORDS), generator=g) * 1.5
-    logits[0] = -4.0 + 0.45 * len(history)
+    logits[0] = -4.0 + eos_slope * len(history)
     return logits.log_softmax(-1)
 
 
@@ -42,6 +42,8 @@ def candidate_text(token_ids: list[int]) -> str:
 class ScriptedBeamEngine(ScriptedEngine):
     """ScriptedEngine plus submit_beam: the real BeamSearch bookkeeping over fake_logprobs, one step
     per delay_s on its own thread, publishing outputs shaped as engine/beam_request.py makes them."""
+
+    eos_slope = 0.45
 
     def submit_beam(self, prompt, params: BeamParams, *, messages=None, request_id=None) -> RequestHandle:
         assert isinstance(prompt, list), "the web app tokenizes at the edge and submits ids"
@@ -56,7 +58,7 @@ class ScriptedBeamEngine(ScriptedEngine):
     def _run_beam(self, rid, handle, prompt, params, stop) -> None:
         search = BeamSearch(params, (0,), lambda t: WORDS[t])
         while not stop.wait(self.delay_s):
-            step = search.step(torch.stack([fake_logprobs(prompt, h) for h in search.histories]))
+            step = search.step(torch.stack([fake_logprobs(prompt, h, self.eos_slope) for h in search.histories]))
             if step.done:
                 break
             handle.put(RequestOutput(rid, "", [], num_prompt_tokens=len(prompt),

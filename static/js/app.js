@@ -3,6 +3,7 @@ import { loadConversations, newId, saveConversations } from "./store.js";
 import { createSettings } from "./settings.js";
 import { createTransport } from "./transport.js";
 import { messageView, renderConversationList } from "./render.js";
+import { createBeamView, restoreBeamView } from "./beam.js";
 
 const page = JSON.parse(document.getElementById("page-config").textContent);
 const $ = (id) => document.getElementById(id);
@@ -14,9 +15,9 @@ const ui = {
   statusDot: $("status-dot"), modelName: $("model-name"), transportName: $("transport-name"),
   scrim: $("scrim"), hint: $("composer-hint"), suggestions: $("suggestions"),
 };
-const IDLE_HINT = ui.hint.textContent;
+const PLAIN_HINT = ui.hint.textContent;
 
-const settings = createSettings($("settings-form"), { max_tokens: page.defaultMaxTokens });
+const settings = createSettings($("settings-form"), { max_tokens: page.defaultMaxTokens }, () => setBusy(transport.busy));
 if (!page.needsApiKey) $("api-key-field").hidden = true;
 const transport = createTransport({
   getApiKey: () => settings.values.api_key,
@@ -47,6 +48,10 @@ function openConversation(id) {
   for (const msg of conv.messages) {
     const view = messageView(msg.role, msg.content);
     if (msg.stats) view.setStats(msg.stats);
+    if (msg.beam) {
+      const beam = restoreBeamView(msg.beam, { onPick: (i) => pickCandidate(beam, view, msg, i) });
+      view.root.insertBefore(beam.root, view.body);
+    }
     ui.messages.append(view.root);
   }
   showSidebar(false);
@@ -78,10 +83,15 @@ function scrollToEnd(force = false) {
   if (force || nearBottom()) ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
+function idleHint() {
+  const w = settings.beamWidth();
+  return w > 1 ? `Beam search, width ${w}: watch the tree grow, then pick the candidate you prefer.` : PLAIN_HINT;
+}
+
 function setBusy(busy) {
   ui.send.hidden = busy;
   ui.stop.hidden = !busy;
-  ui.hint.textContent = busy ? "Generating… press the stop button to abort." : IDLE_HINT;
+  ui.hint.textContent = busy ? "Generating… press the stop button to abort." : idleHint();
 }
 
 function conversationForServer(conv) {
@@ -106,6 +116,8 @@ async function send(text) {
   scrollToEnd(true);
   persist();
   setBusy(true);
+  const params = settings.params();
+  if (params.beam_width > 1) return sendBeam(conv, view, params);
 
   const started = performance.now();
   let firstAt = null;
@@ -118,7 +130,7 @@ async function send(text) {
     conv.messages.push({ role: "assistant", content: view.text(), stats: info });
     persist();
   };
-  await transport.send(conversationForServer(conv), settings.params(), {
+  await transport.send(conversationForServer(conv), params, {
     onDelta(ev) {
       if (firstAt === null) { firstAt = performance.now(); view.setState("streaming"); }
       tokens += (ev.token_ids || []).length;
@@ -140,6 +152,75 @@ async function send(text) {
       finish(null, false);
     },
   });
+}
+
+// ---- a beam search turn ------------------------------------------------------------------------
+// The tree grows above the answer; the answer shows the best running beam, then the top candidate,
+// then whichever candidate the user picks (which is what the conversation continues from).
+async function sendBeam(conv, view, params) {
+  let msg = null;
+  const beam = createBeamView({ width: params.beam_width, onPick: (i) => pickCandidate(beam, view, msg, i) });
+  view.root.insertBefore(beam.root, view.body);
+  let stepped = false;
+  const finish = (info) => {
+    setBusy(false);
+    view.setState("done");
+    view.setStats(info);
+  };
+  await transport.send(conversationForServer(conv), params, {
+    onDelta() {},
+    onEvent(ev) {
+      if (ev.type === "beam_step") {
+        if (!stepped) { stepped = true; view.setState("streaming"); }
+        beam.step(ev);
+        view.setText(beam.bestText());
+        scrollToEnd();
+      } else if (ev.type === "beam_done") {
+        beam.done(ev);
+        const top = ev.candidates[0];
+        view.setText(top ? top.text : "");
+        const timing = ev.timing || {};
+        const info = { ttft_s: timing.ttft_s, steps_per_s: timing.tokens_per_s, beam_width: params.beam_width,
+                       steps: ev.usage ? ev.usage.completion_tokens : beam.steps, finish_reason: ev.finish_reason };
+        finish(info);
+        if (top) {
+          msg = { role: "assistant", content: top.text, stats: info, beam: beam.snapshot() };
+          conv.messages.push(msg);
+          persist();
+        }
+        scrollToEnd();
+      }
+    },
+    onDone(ev) {  // an SSE search stopped by this page before its beam_done arrived
+      beam.stopped();
+      finish({ finish_reason: ev.finish_reason, beam_width: params.beam_width, steps: beam.steps });
+    },
+    onError(err) {
+      beam.stopped();
+      view.setError(`Error: ${err.message || "something went wrong"}`);
+      setBusy(false);
+    },
+  });
+}
+
+// Record the pick on the server, then make it the answer the conversation continues from.
+async function pickCandidate(beam, view, msg, index) {
+  const saved = beam.snapshot();
+  if (!saved || !saved.record_id) return;
+  try {
+    await transport.postJson("/beam_choice", { record_id: saved.record_id, chosen: index });
+  } catch (err) {
+    beam.pickError(err.message);
+    return;
+  }
+  beam.markChosen(index);
+  const cand = beam.candidate(index);
+  view.setText(cand.text);
+  if (msg) {
+    msg.content = cand.text;
+    msg.beam = beam.snapshot();
+    persist();
+  }
 }
 
 // ---- status ------------------------------------------------------------------------------------
@@ -204,4 +285,5 @@ ui.closeSettings.addEventListener("click", () => showSettings(false));
 // ---- start -------------------------------------------------------------------------------------
 if (state.conversations.length) openConversation(state.conversations[0].id);
 else newConversation();
+setBusy(false);
 pollHealth();

@@ -35,6 +35,7 @@ export function messageView(role, content = "") {
     root,
     body,
     append(delta) { text.data += delta; },
+    setText(value) { text.data = value; },
     text() { return text.data; },
     setState(state) {
       root.classList.toggle("waiting", state === "waiting");
@@ -61,6 +62,9 @@ export function renderStats(container, info) {
   if (typeof info.ttft_s === "number") chips.push(["TTFT " + fmtSeconds(info.ttft_s), "Time to first token"]);
   if (typeof info.tokens_per_s === "number") chips.push([`${info.tokens_per_s.toFixed(1)} tok/s`, "Decode speed"]);
   if (typeof info.completion_tokens === "number") chips.push([`${info.completion_tokens} tokens`, "Tokens generated"]);
+  if (typeof info.beam_width === "number") chips.push([`beam ${info.beam_width}`, "Beam width: candidates kept per step"]);
+  if (typeof info.steps_per_s === "number") chips.push([`${info.steps_per_s.toFixed(1)} steps/s`, "Beam steps per second (each extends every beam by a token)"]);
+  if (typeof info.steps === "number") chips.push([`${info.steps} steps`, "Beam search steps"]);
   if (info.finish_reason === "abort") chips.push(["stopped", "Stopped by you", "stopped"]);
   if (info.finish_reason === "length") chips.push(["max tokens", "Hit the max tokens limit"]);
   for (const [label, title, extra] of chips) {

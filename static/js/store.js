@@ -5,6 +5,7 @@ const MAX_CONVERSATIONS = 100;
 
 export const DEFAULT_SETTINGS = Object.freeze({
   system: "", temperature: 0.7, top_p: 0.95, top_k: 0, max_tokens: 256, api_key: "",
+  beam_width: 1, beam_max_tokens: 32, length_penalty: 1.0, early_stopping: true, rerank: true,
 });
 
 function read(key, fallback) {
@@ -32,7 +33,8 @@ function isMessage(m) {
   return m && typeof m === "object" && ["user", "assistant"].includes(m.role) && typeof m.content === "string";
 }
 
-// Conversations, newest first: [{id, title, updated, messages: [{role, content, stats?}]}].
+// Conversations, newest first: [{id, title, updated, messages: [{role, content, stats?, beam?}]}]
+// (beam: a beam search answer's snapshot from beam.js: candidates, tree, record_id, chosen).
 export function loadConversations() {
   const list = read(CONVERSATIONS_KEY, []);
   if (!Array.isArray(list)) return [];

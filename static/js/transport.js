@@ -1,8 +1,9 @@
 // How a chat turn reaches the server: a WebSocket (/ws/chat) first, Server-Sent Events over
 // fetch (POST /stream) when the socket cannot open. Both deliver the same JSON events:
 // {type: "delta", text, token_ids}, then {type: "done", finish_reason, usage, timing},
-// or {type: "error", error: {message}}. Other event types go to handlers.onEvent (for panels
-// such as the beam tree that a later module adds).
+// or {type: "error", error: {message}}. A beam search (params.beam_width > 1) sends
+// {type: "beam_step"}* then {type: "beam_done"} instead (POST /stream_chat_beam over SSE); those go
+// to handlers.onEvent, and beam_done ends the turn.
 
 const WS_OPEN_TIMEOUT_MS = 4000;
 
@@ -21,6 +22,7 @@ export function createTransport({ getApiKey, onMode, forceSse = false }) {
     if (event.type === "delta") handlers.onDelta(event);
     else if (event.type === "done") { current = null; handlers.onDone(event); }
     else if (event.type === "error") { current = null; handlers.onError(event.error || { message: "error" }); }
+    else if (event.type === "beam_done") { current = null; if (handlers.onEvent) handlers.onEvent(event); }
     else if (handlers.onEvent) handlers.onEvent(event);
   }
 
@@ -51,14 +53,19 @@ export function createTransport({ getApiKey, onMode, forceSse = false }) {
     return opening;
   }
 
+  function headers() {
+    const h = { "Content-Type": "application/json" };
+    const key = getApiKey();
+    if (key) h.Authorization = `Bearer ${key}`;
+    return h;
+  }
+
   async function sendSse(body, handlers) {
     controller = new AbortController();
-    const headers = { "Content-Type": "application/json" };
-    const key = getApiKey();
-    if (key) headers.Authorization = `Bearer ${key}`;
+    const path = body.beam_width > 1 ? "/stream_chat_beam" : "/stream";
     let response;
     try {
-      response = await fetch("/stream", { method: "POST", headers, body: JSON.stringify(body), signal: controller.signal });
+      response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
     } catch (err) {
       controller = null;
       if (err.name === "AbortError") return dispatch({ type: "done", finish_reason: "abort" });
@@ -95,6 +102,14 @@ export function createTransport({ getApiKey, onMode, forceSse = false }) {
         }
       }
       await sendSse({ messages, ...params }, handlers);
+    },
+
+    // POST a JSON body (such as /beam_choice); resolves to the JSON answer, rejects with its error.
+    async postJson(path, body) {
+      const response = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body) });
+      const data = await response.json().catch(() => ({}));
+      if (!response.ok) throw new Error((data.error && data.error.message) || `HTTP ${response.status}`);
+      return data;
     },
 
     // Abort the running turn; the server finishes it with finish_reason "abort".
