@@ -302,6 +302,35 @@ def test_beam_searches_count_against_max_concurrent_requests(export):
     assert wait_until(lambda: len(eng.aborted) == 1)
 
 
+def test_chat_page_has_the_beam_settings_and_module(client):
+    html = client.get("/").data.decode()
+    for name in ("beam_width", "beam_max_tokens", "length_penalty", "early_stopping", "rerank"):
+        assert f'name="{name}"' in html, name
+    with client.get("/static/js/beam.js") as resp:
+        source = resp.data.decode()
+        assert resp.status_code == 200 and "createElementNS" in source and "textContent" in source
+    with client.get("/static/js/app.js") as resp:
+        app_js = resp.data.decode()
+    assert 'from "./beam.js"' in app_js and "/beam_choice" in app_js
+
+
+def test_export_path_from_the_runtime_config_is_taken_from_the_repository_root(tmp_path, scripted_beam,
+                                                                               monkeypatch):
+    from webapp import ROOT
+    path = tmp_path / "runtime.yaml"
+    path.write_text("server:\n  beam_export_path: somewhere/b.jsonl\n")
+    monkeypatch.setenv("PAGEDECODE_CONFIG", str(path))
+    assert create_app({"TESTING": True}, engine=scripted_beam).config["BEAM_EXPORT_PATH"] == ROOT / "somewhere/b.jsonl"
+    path.write_text(f"server:\n  beam_export_path: {tmp_path / 'abs.jsonl'}\n")
+    assert create_app({"TESTING": True}, engine=scripted_beam).config["BEAM_EXPORT_PATH"] == tmp_path / "abs.jsonl"
+    path.write_text("server:\n  beam_export_path: 3\n")
+    with pytest.raises(ValueError, match="beam_export_path"):
+        create_app({"TESTING": True}, engine=scripted_beam)
+    monkeypatch.delenv("PAGEDECODE_CONFIG")
+    assert create_app({"TESTING": True}, engine=scripted_beam).config["BEAM_EXPORT_PATH"] == \
+        ROOT / "artifacts" / "beam_choices.jsonl"
+
+
 # ---- WebSocket --------------------------------------------------------------------------------------
 def receive_beam(ws) -> tuple[list[dict], dict]:
     steps = []
