@@ -306,9 +306,9 @@ def test_chat_page_has_the_beam_settings_and_module(client):
     html = client.get("/").data.decode()
     for name in ("beam_width", "beam_max_tokens", "length_penalty", "early_stopping", "rerank"):
         assert f'name="{name}"' in html, name
-    with client.get("/static/js/beam.js") as resp:
-        source = resp.data.decode()
-        assert resp.status_code == 200 and "createElementNS" in source and "textContent" in source
+    for module, needle in (("beam.js", 'from "./beam_tree.js"'), ("beam_tree.js", "createElementNS")):
+        with client.get(f"/static/js/{module}") as resp:
+            assert resp.status_code == 200 and needle in resp.data.decode(), module
     with client.get("/static/js/app.js") as resp:
         app_js = resp.data.decode()
     assert 'from "./beam.js"' in app_js and "/beam_choice" in app_js
