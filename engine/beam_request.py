@@ -20,13 +20,10 @@ class BeamRequest:
     seqs: list[Sequence]                 # running beams, in the search's order
     handle: RequestHandle
     tokenizer: object | None
+    prompt_ids: list[int] = field(default_factory=list)
     pending: dict[int, torch.Tensor] = field(default_factory=dict)   # seq_id -> logprobs row
     peak_blocks: int = 0
     first_token_time: float | None = None
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.seqs[0].prompt_ids if self.seqs else []
 
     def collect(self, seq: Sequence, logits_row: torch.Tensor) -> bool:
         """Keep one beam's logprobs; True once every live beam has delivered its row."""

@@ -99,7 +99,7 @@ class Engine:
         group.append(seq)
         text = self.tokenizer.token_text if self.tokenizer is not None else None
         search = BeamSearch(params, self.eos_token_ids, text)
-        self._requests[rid] = BeamRequest(rid, params, search, group, handle, self.tokenizer)
+        self._requests[rid] = BeamRequest(rid, params, search, group, handle, self.tokenizer, prompt_ids)
         self._inbox.put(("add", self._requests[rid]))
         return handle
 

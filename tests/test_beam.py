@@ -126,3 +126,11 @@ def test_real_beam_matches_hf(real_loaded, real_fused, real_tokenizer, hf_model)
         assert best["token_ids"] == strip_pad(theirs, eos), f"prompt {p[:8]}..."
         assert abs(best["score"] - score) < 1e-3
     assert eng.blocks.num_used_blocks == 0
+
+
+def test_final_output_counts_the_prompt_even_when_no_beam_runs_on():
+    eng = make_tiny_engine()
+    p = prompts(1, seed=12)[0]
+    res = run_to_completion(eng, [eng.submit_beam(p, BeamParams(beam_width=2, max_tokens=1))])[0]
+    assert res.num_prompt_tokens == len(p)
+    assert res.num_generated_tokens == 1 and len(res.beams) == 2
