@@ -1,4 +1,4 @@
-"""Decode attention on the GPU: our paged kernel against torch SDPA (contiguous KV), gather-then-SDPA and
+"""Decode attention on the GPU: our paged kernels (CUDA-core 'simt' and tensor-core 'tc') against torch SDPA (contiguous KV), gather-then-SDPA and
 FlexAttention's paged path, for a Llama-3-8B layer (32 q heads, 8 KV heads, head_dim 128, bf16, 16-token
 blocks). Times are medians of CUDA-graph replays (many calls per replay, input sets rotated so the L2
 does not hold them); bandwidth = K+V bytes / time, and its share of a measured device-to-device copy.
@@ -120,12 +120,12 @@ def sdpa(q, k, v):  # noqa: D103
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
 
 
-def run_ours(case: Case, kernels, partition=None):
+def run_ours(case: Case, kernels, partition=None, impl=None):
     calls = []
     for s in case.sets:
         def call(s=s):
             return kernels.paged_attention_decode(s["q"], s["kc"], s["vc"], s["tables"], case.ctx_lens, case.qsl,
-                                                  HD ** -0.5, case.ctx, partition)
+                                                  HD ** -0.5, case.ctx, partition, impl=impl)
         calls.append(call)
     return calls
 
@@ -190,6 +190,7 @@ def probe(b: int, ctx: int) -> None:
     case = Case(b, ctx, n_sets=1)
     s = case.sets[0]
     out = run_ours(case, kernels)[0]()
+    run_ours(case, kernels, impl="simt")[0]()
     k, v = case.contiguous(s)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         ref = sdpa(s["q"], k, v)
@@ -201,8 +202,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--partitions", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096])
-    ap.add_argument("--flex", choices=["none", "some", "all"], default="some",
+    ap.add_argument("--partitions", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])
+    ap.add_argument("--flex", choices=["none", "some", "all"], default="none",
                     help="FlexAttention points (compiling each shape takes a while): some = the target points")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--probe", action="store_true",
@@ -231,24 +232,28 @@ def main() -> None:
             per_set = 2 * b * ctx * NKV * HD * DT.itemsize
             case = Case(b, ctx, n_sets=max(1, min(32, math.ceil(ROTATE_BYTES / per_set))))
             r = {"batch": b, "ctx": ctx, "mb": case.kv_bytes / 2**20, "sets": case.n_sets}
-            # ours: the heuristic's partition, then a sweep
+            # ours: each kernel at the heuristic's partition, then a partition sweep of the tensor-core one
             ref = None
-            calls = run_ours(case, kernels)
-            out = calls[0]()
-            r["ours_auto"], _ = timed(calls)
             r["p_auto"] = kernels.decode_partition(b, NKV, ctx)
-            best = (r["ours_auto"], r["p_auto"])
+            outs = {}
+            for impl in ("simt", "tc"):
+                calls = run_ours(case, kernels, impl=impl)
+                outs[impl] = calls[0]()
+                r[f"{impl}_auto"], _ = timed(calls)
+            out = outs["tc"]
+            r["ours_auto"] = r["tc_auto"]
+            best = (r["tc_auto"], r["p_auto"])
             sweep = {}
             for p in args.partitions:
                 if p > ctx:
                     continue
-                t, _ = timed(run_ours(case, kernels, p))
+                t, _ = timed(run_ours(case, kernels, p, impl="tc"))
                 sweep[p] = t
                 best = min(best, (t, p))
             r["ours"], r["p_best"], r["sweep"] = best[0], best[1], sweep
             # SDPA on contiguous KV, each backend
             r["sdpa"], r["sdpa_be"] = float("inf"), "-"
-            for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
                 try:
                     calls, conts = run_sdpa(case, be)
                     o = calls[0]()
@@ -262,6 +267,7 @@ def main() -> None:
                     print(f"  SDPA {be.name} at B={b} ctx={ctx}: {type(exc).__name__}: {str(exc)[:160]}")
             if ref is not None:
                 r["err"] = rel_err(out, ref)
+                r["err_simt"] = rel_err(outs["simt"], ref)
             try:
                 r["gather"], _ = timed(run_gather(case), min_calls=8, replays=7)
             except Exception as exc:  # noqa: BLE001
@@ -281,8 +287,9 @@ def main() -> None:
                     print(f"  FlexAttention paged at B={b} ctx={ctx} failed: {type(exc).__name__}: {str(exc)[:300]}")
             rows.append(r)
             bw = case.kv_bytes / r["ours"]
-            print(f"B={b:3d} ctx={ctx:6d}: ours {r['ours'] * 1e6:8.1f} us (P={r['p_best']}, auto P={r['p_auto']} "
-                  f"{r['ours_auto'] * 1e6:.1f} us) {bw / 1e12:.2f} TB/s {100 * bw / copy_bw:.0f}% | SDPA "
+            print(f"B={b:3d} ctx={ctx:6d}: tc {r['ours'] * 1e6:8.1f} us (P={r['p_best']}, auto P={r['p_auto']} "
+                  f"{r['ours_auto'] * 1e6:.1f} us; simt {r['simt_auto'] * 1e6:.1f} us) {bw / 1e12:.2f} TB/s "
+                  f"{100 * bw / copy_bw:.0f}% | SDPA "
                   f"{r['sdpa'] * 1e6:.1f} us ({r['sdpa_be']}) | gather {r.get('gather', float('nan')) * 1e6:.1f} us"
                   f" | flex {r['flex'] * 1e6:.1f} us | err vs SDPA {r.get('err', float('nan')):.1e}"
                   f" | sweep {', '.join(f'{p}:{t * 1e6:.1f}' for p, t in sweep.items())}")
@@ -293,17 +300,23 @@ def main() -> None:
     print(f"device-to-device copy again: {copy_after / 1e12:.2f} TB/s")
     lines = [f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s (before) / {copy_after / 1e12:.2f} TB/s (after); % copy uses "
              f"the first. Times in us (median of graph replays).", "",
-             "| batch | ctx | K+V MB | ours us (P) | TB/s | % copy | auto-P us | SDPA us (backend) | SDPA/ours |"
-             " gather+SDPA us | gather/ours | flex us | flex/ours | err vs SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | ctx | K+V MB | tc best us (P) | TB/s | % copy | tc auto-P us (P) | simt auto-P us |"
+             " SDPA us (backend) | SDPA/tc | SDPA/simt | gather+SDPA us | gather/tc | flex us | flex/tc |"
+             " err tc / simt vs SDPA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         bw = r["mb"] * 2**20 / r["ours"]
         g = r.get("gather", float("nan"))
         lines.append(f"| {r['batch']} | {r['ctx']} | {r['mb']:.0f} | {r['ours'] * 1e6:.1f} ({r['p_best']}) | "
                      f"{bw / 1e12:.2f} | {100 * bw / copy_bw:.0f}% | {r['ours_auto'] * 1e6:.1f} ({r['p_auto']}) | "
-                     f"{r['sdpa'] * 1e6:.1f} ({r['sdpa_be']}) | {r['sdpa'] / r['ours']:.2f}x | {g * 1e6:.1f} | "
+                     f"{r['simt_auto'] * 1e6:.1f} | {r['sdpa'] * 1e6:.1f} ({r['sdpa_be']}) | "
+                     f"{r['sdpa'] / r['ours']:.2f}x | {r['sdpa'] / r['simt_auto']:.2f}x | {g * 1e6:.1f} | "
                      f"{g / r['ours']:.2f}x | {r['flex'] * 1e6:.1f} | {r['flex'] / r['ours']:.2f}x | "
-                     f"{r.get('err', float('nan')):.1e} |")
+                     f"{r.get('err', float('nan')):.1e} / {r.get('err_simt', float('nan')):.1e} |")
+    lines.append("")
+    lines.append("tc partition sweep (us): " + "; ".join(
+        f"B={r['batch']} ctx={r['ctx']}: " + ", ".join(f"{p}:{t * 1e6:.1f}" for p, t in r["sweep"].items())
+        for r in rows))
     table = "\n".join(lines)
     print(table)
     if args.out:

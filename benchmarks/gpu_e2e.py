@@ -2,14 +2,17 @@
 generate on the same random weights, for the SmolLM2-135M configuration and a Llama-3.2-1B-like one.
 
 Three ways of counting our steps, all greedy:
-  engine-like:   model.forward() -> float32 logits in (pinned) CPU memory -> argmax on the CPU
-                 (what Engine + Sampler do today);
-  gpu-greedy:    the same forward but argmax on the GPU and only token ids copied back (what HF does);
+  Engine:        the team's engine.engine.Engine (scheduler, block manager, Batch.build, Sampler) over
+                 CudaBackend, stepped on this thread; decode steps replay a whole-step CUDA graph through
+                 Backend.forward_step and the Sampler takes the argmax on the GPU;
+  forward:       LlamaModel.forward (same graph) + argmax on the GPU, only token ids copied back (what HF
+                 does), batches built vectorised (the Batch dataclass directly);
   gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
                  the GPU, no host round trip per token (the GPU-bound step time).
-Batches are built vectorised (the Batch dataclass directly); Batch.build's own cost is printed apart.
+Each runs with the GEMVs launched plainly and as programmatic dependent launches (--pdl both).
+Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
-    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--hf-compile]
+    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
 """
 from __future__ import annotations
 
@@ -79,12 +82,10 @@ class Runner:
                      logits_indices=torch.arange(B, dtype=torch.int64), max_query_len=1,
                      max_context_len=pos + 1, block_size=BS)
 
-    def step(self, tokens: torch.Tensor, gpu_greedy: bool) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
         batch = self.decode_batch(tokens)
         self.ctx += 1
-        if not gpu_greedy:
-            return self.model.forward(batch).argmax(-1)
-        return forward_gpu_greedy(self.model, batch)
+        return argmax_rows(self.model.forward(batch)).cpu()
 
     def run_multistep(self, warmup: int = 4) -> float:
         """tokens / second of backend.greedy_steps from the same start (the replays overwrite the same slots)."""
@@ -95,32 +96,104 @@ class Runner:
         self.model.backend.greedy_steps(batch, self.steps)
         return self.B * self.steps / (time.perf_counter() - t0)
 
-    def run(self, gpu_greedy: bool, warmup: int = 4) -> float:
+    def run(self, warmup: int = 4) -> float:
         """tokens / second over self.steps decode steps (after warm-up steps, which capture the graph)."""
         tokens = self.prefill()
         for _ in range(warmup):
-            tokens = self.step(tokens, gpu_greedy)
+            tokens = self.step(tokens)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(self.steps):
-            tokens = self.step(tokens, gpu_greedy)
+            tokens = self.step(tokens)
         torch.cuda.synchronize()
         return self.B * self.steps / (time.perf_counter() - t0)
 
 
-@torch.inference_mode()
-def forward_gpu_greedy(model: LlamaModel, batch: Batch) -> torch.Tensor:
-    """LlamaModel.forward with the argmax on the GPU: only token ids come back."""
-    b = model.backend
-    batch = b.prepare(batch)
-    h, residual = b.embed(batch.input_ids), None
-    for i in range(model.config.num_layers):
-        fused = b.forward_layer(i, h, residual, batch)
-        h, residual = fused if fused is not None else model.layer(i, h, residual, batch)
-    rows = batch.logits_indices
-    h, _ = b.rms_norm(h[rows], "norm", residual[rows])
-    from engine.backends.cuda import argmax_rows
-    return argmax_rows(b.logits_device(h)).cpu()
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    from engine.backends.cuda import argmax_rows as fast
+    return fast(logits)
+
+
+def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4) -> dict:
+    """The real Engine over backend: B random prompts, stepped on this thread until every sequence
+    decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step."""
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.sequence import SamplingParams
+    per_seq = -(-(prompt_len + warmup + steps + 8) // BS)
+    eng = Engine(cfg, backend, EngineConfig(backend="cuda", block_size=BS, num_blocks=batch * per_seq + 8,
+                                            max_num_seqs=batch, max_batched_tokens=max(2048, batch),
+                                            enable_prefix_caching=False))
+    g = torch.Generator().manual_seed(batch + 7)
+    params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
+    for _ in range(batch):
+        eng.submit(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).tolist(), params)
+    while eng.counters["prefill_tokens"] < batch * prompt_len:
+        eng.step()
+    for _ in range(warmup):
+        eng.step()
+    spent = {"forward": 0.0, "sample": 0.0}
+    fwd, smp = eng.model.forward, eng.sampler
+
+    def timed(name, fn):
+        def call(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return call
+    eng.model.forward, eng.sampler = timed("forward", fwd), timed("sample", smp)
+    torch.cuda.synchronize()
+    tokens, t0 = 0, time.perf_counter()
+    for _ in range(steps):
+        tokens += eng.step()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    eng.model.forward, eng.sampler = fwd, smp
+    return {"tok_s": tokens / total, "step_ms": total / steps * 1e3, "forward_ms": spent["forward"] / steps * 1e3,
+            "sample_ms": spent["sample"] / steps * 1e3,
+            "other_ms": (total - spent["forward"] - spent["sample"]) / steps * 1e3}
+
+
+def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
+    """Each GEMV of a batch-1 decode step alone: a graph of 20 calls cycling weight copies (so the L2
+    holds none of them), plain and PDL launches; GB/s = weight bytes / time."""
+    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
+    kn, w = backend.kernels, backend.w
+    shapes = [("qkv", "layers.0.qkv", GEMV_NORM), ("o", "layers.0.o", GEMV_PLAIN),
+              ("gate_up", "layers.0.gate_up", GEMV_NORM), ("down", "layers.0.down", GEMV_SILU),
+              ("lm_head", "lm_head", GEMV_NORM)]
+    lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s |", "|---|---|---|---|---|---|---|"]
+    for label, name, mode in shapes:
+        weight = w[name]
+        n, k = weight.shape
+        copies = [weight] + [weight.clone() for _ in range(max(0, min(7, (256 << 20) // weight.nbytes)))]
+        x = torch.randn(1, 2 * k if mode == GEMV_SILU else k, device="cuda", dtype=weight.dtype)
+        nw = torch.ones(k, device="cuda", dtype=weight.dtype)
+        out = torch.empty(1, n, device="cuda", dtype=weight.dtype)
+        row = [f"| {label} | {n} x {k} | {weight.nbytes / 1e6:.1f} |"]
+        for pdl in (False, True):
+            def calls():
+                for i in range(20):
+                    kn.gemv(x, copies[i % len(copies)], mode, nw if mode == GEMV_NORM else None, out=out, pdl=pdl)
+            calls()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                calls()
+            times = []
+            for _ in range(7):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graph.replay()
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) / 1e3 / 20)
+            t = statistics.median(times)
+            row.append(f" {t * 1e6:.1f} | {weight.nbytes / t / 1e9:,.0f} |")
+        lines.append("".join(row))
+        del copies
+    return lines
 
 
 def profile_steps(runner: Runner, steps: int = 5) -> None:
@@ -128,11 +201,11 @@ def profile_steps(runner: Runner, steps: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
     tokens = runner.prefill()
     for _ in range(3):
-        tokens = runner.step(tokens, gpu_greedy=True)
+        tokens = runner.step(tokens)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens = runner.step(tokens, gpu_greedy=True)
+            tokens = runner.step(tokens)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     g = next(iter(runner.model.backend._graphs.values()))
@@ -181,17 +254,21 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--hf-steps", type=int, default=32)
-    ap.add_argument("--hf-compile", action="store_true", help="also HF static cache + torch.compile, llama1b batch 1")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
+    ap.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="GEMVs as PDL launches")
+    ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
 
     prop = torch.cuda.get_device_properties(0)
     print(f"# {prop.name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| model | batch | ours engine-like tok/s | ours gpu-greedy tok/s | ours gpu-multistep tok/s |"
-             " HF generate tok/s | gpu-greedy / HF | Batch.build ms |", "|---|---|---|---|---|---|---|---|"]
+    pdls = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
+    lines = ["| model | batch | PDL | Engine tok/s | Engine step ms (forward / sample / other) | forward+argmax tok/s |"
+             " gpu-multistep tok/s | HF generate tok/s | Engine / HF | Batch.build ms |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    extra: list[str] = []
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
@@ -200,6 +277,9 @@ def main() -> None:
         backend.load_weights(weights)
         del weights
         hf = hf.to(torch.bfloat16)
+        if args.no_hf:
+            del hf
+            hf = None
         gc.collect()
         torch.cuda.empty_cache()
         params = sum(t.numel() for n, t in backend.w.items() if n != "lm_head" or t is not backend.w["embed"])
@@ -207,31 +287,33 @@ def main() -> None:
         print(f"{name}: {params / 1e6:.0f} M parameters, weight bytes / 4.28 TB/s = {floor * 1e3:.3f} ms "
               f"-> batch-1 ceiling {1 / floor:.0f} tok/s")
         model = LlamaModel(cfg, backend)
+        if args.gemv and name == "llama1b":
+            extra += [f"GEMVs of {name}, batch 1:", ""] + gemv_bandwidth(cfg, backend) + [""]
+            print("\n".join(extra[-8:]), flush=True)
         for b in args.batches:
-            with torch.inference_mode():
-                ours = Runner(model, b, args.prompt_len, args.steps).run(gpu_greedy=False)
-                ours_gpu = Runner(model, b, args.prompt_len, args.steps).run(gpu_greedy=True)
-                ours_ms = Runner(model, b, args.prompt_len, args.steps).run_multistep()
-                if args.profile and b == 1:
-                    profile_steps(Runner(model, b, args.prompt_len, args.steps))
-            hf_ts = float("nan") if args.no_hf else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
+            hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
-            print(f"{name} B={b}: ours {ours:,.0f} tok/s engine-like, {ours_gpu:,.0f} tok/s gpu-greedy, "
-                  f"{ours_ms:,.0f} tok/s gpu-multistep | HF {hf_ts:,.0f} tok/s | Batch.build {build * 1e3:.2f} ms",
-                  flush=True)
-            lines.append(f"| {name} | {b} | {ours:,.0f} | {ours_gpu:,.0f} | {ours_ms:,.0f} | {hf_ts:,.0f} | "
-                         f"{ours_gpu / hf_ts:.1f}x | {build * 1e3:.2f} |")
-        if args.hf_compile and name == "llama1b":
-            try:
-                hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
-                t = hf_tok_s(hf, 1, args.prompt_len, args.hf_steps, cache_implementation="static")
-                print(f"{name} B=1 HF static cache + torch.compile: {t:,.0f} tok/s")
-                lines.append(f"| {name} (HF static+compile) | 1 | | | | {t:,.0f} | | |")
-            except Exception as exc:  # noqa: BLE001
-                print(f"HF static cache + torch.compile failed: {type(exc).__name__}: {str(exc)[:300]}")
+            for pdl in pdls:
+                backend.use_pdl = pdl
+                backend._graphs.clear()
+                with torch.inference_mode():
+                    fwd = Runner(model, b, args.prompt_len, args.steps).run()
+                    multi = Runner(model, b, args.prompt_len, args.steps).run_multistep()
+                    if args.profile and b == 1 and not pdl:
+                        profile_steps(Runner(model, b, args.prompt_len, args.steps))
+                eng = engine_run(cfg, backend, b, args.prompt_len, args.steps)
+                print(f"{name} B={b} pdl={pdl}: Engine {eng['tok_s']:,.0f} tok/s (step {eng['step_ms']:.2f} ms = "
+                      f"forward {eng['forward_ms']:.2f} + sample {eng['sample_ms']:.2f} + other {eng['other_ms']:.2f})"
+                      f" | forward+argmax {fwd:,.0f} | multistep {multi:,.0f} | HF {hf_ts:,.0f} | Batch.build "
+                      f"{build * 1e3:.2f} ms", flush=True)
+                lines.append(f"| {name} | {b} | {'on' if pdl else 'off'} | {eng['tok_s']:,.0f} | {eng['step_ms']:.2f} "
+                             f"({eng['forward_ms']:.2f} / {eng['sample_ms']:.2f} / {eng['other_ms']:.2f}) | "
+                             f"{fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | {eng['tok_s'] / hf_ts:.1f}x | "
+                             f"{build * 1e3:.2f} |")
         del model, backend, hf
         gc.collect()
         torch.cuda.empty_cache()
+    lines += [""] + extra
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -25,7 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_prefill", "gemv", "abi_version", "last_error"):
+               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "abi_version", "last_error"):
         assert f"pa_{op}_cuda" in names
 
 
@@ -181,7 +181,15 @@ DECODE_CASES = [  # (context lens, head_dim, group)
     ([300, 1000, 2049], 64, 3),          # SmolLM2's group of 3 (padded to 4 in the kernel)
     ([513, 64], 128, 12),                # group > 8: two head groups per kv head
     ([0, 40], 64, 4),                    # an empty (padding) sequence gets zeros
+    ([700, 31], 128, 16),                # a full m16 tile of query heads (tensor-core kernel)
+    ([90, 2], 64, 32),                   # two m16 tiles per kv head
 ]
+
+
+@pytest.fixture(scope="module")
+def decode_refs():
+    """float64 references of DECODE_CASES, computed once per (case, dtype) for every impl/partition."""
+    return {}
 
 
 @pytest.mark.cuda
@@ -189,7 +197,8 @@ DECODE_CASES = [  # (context lens, head_dim, group)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx_lens,hd,group", DECODE_CASES)
 @pytest.mark.parametrize("partition", [None, 16, 512, 2048])
-def test_decode_attention(kernels, dtype, ctx_lens, hd, group, partition):
+@pytest.mark.parametrize("impl", ["simt", "tc"])
+def test_decode_attention(kernels, decode_refs, dtype, ctx_lens, hd, group, partition, impl):
     nkv, bs = 2, 16
     nh = nkv * group
     g = gen(sum(ctx_lens) + hd + group)
@@ -198,10 +207,42 @@ def test_decode_attention(kernels, dtype, ctx_lens, hd, group, partition):
     out = torch.full_like(q, float("nan"))
     max_ctx = max(ctx_lens)
     splits = None if partition is None else max(1, -(-max_ctx // partition)) + 2   # extra splits must exit
-    kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, scale, max_ctx, partition, splits, out=out)
-    ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), scale)
-    ref[torch.tensor(ctx_lens) == 0] = 0
-    assert rel_err(out.cpu(), ref) <= TOL
+    kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, scale, max_ctx, partition, splits, out=out,
+                                   impl=impl)
+    key = (tuple(ctx_lens), hd, group, dtype)
+    if key not in decode_refs:
+        ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), scale)
+        ref[torch.tensor(ctx_lens) == 0] = 0
+        decode_refs[key] = ref
+    assert rel_err(out.cpu(), decode_refs[key]) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("bs", [8, 32, 64])
+@pytest.mark.parametrize("impl", ["simt", "tc"])
+def test_decode_attention_block_sizes(kernels, bs, impl):
+    """Blocks smaller than a 16-token chunk (per-token addressing) and larger (chunks inside a block)."""
+    g, nkv, hd, group = gen(bs), 2, 128, 4
+    ctx_lens = [3 * bs + 5, bs, 1, 1000]
+    q, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, [1] * 4, nkv * group, nkv, hd, bs, torch.bfloat16, g)
+    ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)
+    for partition in (None, 64):
+        out = torch.full_like(q, float("nan"))
+        splits = None if partition is None else -(-1000 // partition)
+        kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, hd ** -0.5, 1000, partition, splits, out=out,
+                                       impl=impl)
+        assert rel_err(out.cpu(), ref) <= TOL, partition
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_decode_attention_tc_is_the_default_for_groups_of_4(kernels):
+    assert kernels.decode_impl(32, 8) == "tc" and kernels.decode_impl(9, 3) == "simt"
+    with pytest.raises(ValueError, match="impl"):
+        g = gen(3)
+        q, kc, vc, tables, ctx, qsl = paged_setup([20], [1], 4, 1, 64, 16, torch.bfloat16, g)
+        kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, 0.1, 20, impl="wgmma")
 
 
 @pytest.mark.cuda
@@ -247,7 +288,8 @@ GEMV_CASES = [  # (rows, n, k, mode)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k,mode", GEMV_CASES)
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_gemv(kernels, dtype, rows, n, k, mode, with_residual):
+@pytest.mark.parametrize("pdl", [False, True])
+def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl):
     from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
     g = gen(rows * n + k + with_residual)
     x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
@@ -256,7 +298,7 @@ def test_gemv(kernels, dtype, rows, n, k, mode, with_residual):
     res = randn(rows, n, g=g, dtype=dtype) if with_residual else None
     out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
     code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU}[mode]
-    kernels.gemv(x, w, code, nw, res, 1e-5, out=out)
+    kernels.gemv(x, w, code, nw, res, 1e-5, out=out, pdl=pdl)
     xd = x.double()
     if mode == "norm":
         xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
@@ -265,6 +307,38 @@ def test_gemv(kernels, dtype, rows, n, k, mode, with_residual):
         xd = torch.nn.functional.silu(gd) * ud
     ref = xd @ w.double().T + (res.double() if with_residual else 0)
     assert rel_err(out, ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gemv_pdl_chain_in_a_graph(kernels):
+    """Dependent GEMVs launched with PDL inside a captured graph: each reads the previous one's output,
+    which it may only touch after its griddepcontrol.wait; fresh inputs on every replay."""
+    g = gen(11)
+    dt = torch.bfloat16
+    ws = [randn(n, k, g=g, dtype=dt, scale=k ** -0.5) for n, k in ((2048, 576), (576, 2048), (49152, 576))]
+    x = torch.empty(3, 576, dtype=dt, device="cuda")
+    outs = [torch.full((3, w.shape[0]), float("nan"), dtype=dt, device="cuda") for w in ws]
+
+    def chain():
+        kernels.gemv(x, ws[0], out=outs[0], pdl=True)
+        kernels.gemv(outs[0], ws[1], residual=x, out=outs[1], pdl=True)
+        kernels.gemv(outs[1], ws[2], out=outs[2], pdl=True)
+
+    x.copy_(randn(3, 576, g=g, dtype=dt))
+    chain()                                       # warm-up (and the attribute set-up) outside capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    for _ in range(3):
+        x.copy_(randn(3, 576, g=g, dtype=dt))
+        for o in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        # each stage against its own (rounded) input: a stage that read before its producer wrote sees NaN
+        assert rel_err(outs[0], x.double() @ ws[0].double().T) <= TOL
+        assert rel_err(outs[1], outs[0].double() @ ws[1].double().T + x.double()) <= TOL
+        assert rel_err(outs[2], outs[1].double() @ ws[2].double().T) <= TOL
 
 
 @pytest.mark.cuda

@@ -127,7 +127,7 @@ def teacher_forced(ref_backend, prompts, outs):
         rows += list(range(start + len(p) - 1, start + len(toks)))
         start += len(toks)
     batch = dataclasses.replace(batch, logits_indices=torch.tensor(rows, dtype=torch.int64))
-    logits = LlamaModel(SMOL, ref_backend).forward(batch)
+    logits = LlamaModel(SMOL, ref_backend).forward(batch).cpu()    # forward's logits live on the GPU
     return list(logits.split([len(o) for o in outs]))
 
 
@@ -225,6 +225,29 @@ def test_graph_variants(fused, runs, prompts):
         outs, logits = greedy(cuda, batch_prompts)
         assert key in cuda._graphs, sorted(cuda._graphs)
         check_against_ref(f"cuda-graph-{key}", teacher_forced(ref, batch_prompts, outs), outs, logits)
+
+
+@pytest.mark.parametrize("options", [{"decode_impl": "tc"}, {"use_pdl": True}, {"decode_impl": "tc", "use_pdl": True}])
+def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
+    """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile) and PDL-launched GEMVs
+    in the decode graphs, eager and graph steps, against the float32 reference."""
+    from engine.backends.cuda import CudaBackend
+    _, ref = runs
+    cuda = CudaBackend(SMOL, **options)
+    cuda.load_weights(fused)
+    outs, logits = greedy(cuda, prompts)
+    assert (8, False, False) in cuda._graphs, sorted(cuda._graphs)
+    rel, _ = check_against_ref(f"cuda-{options}", teacher_forced(ref, prompts, outs), outs, logits)
+    assert rel < 0.1
+
+
+def test_logits_stay_on_the_gpu(fused, runs):
+    """Backend.logits and a graph step's forward_step return float32 logits on the GPU."""
+    from engine.backends.cuda import CudaBackend
+    cuda = CudaBackend(SMOL)
+    cuda.load_weights(fused)
+    outs, logits = greedy(cuda, [[1, 2, 3]], new_tokens=3)
+    assert all(t.is_cuda and t.dtype == torch.float32 for t in logits)
 
 
 def test_engine_end_to_end_on_cuda(runs, fused, prompts):

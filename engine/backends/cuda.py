@@ -17,6 +17,7 @@ DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa
 GEMV_PLAIN, GEMV_NORM, GEMV_SILU = 0, 1, 2                 # PA_CUDA_GEMV_* in pa.h
 GEMV_MAX_ROWS = 8
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -132,8 +133,9 @@ class CudaKernels:
 
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, mode: int = GEMV_PLAIN,
              norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None, eps: float = 1e-5,
-             out: torch.Tensor | None = None) -> torch.Tensor:
-        """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up."""
+             out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+        """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up.
+        pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h)."""
         op = "pa_gemv_cuda"
         n, k = weight.shape
         rows = x.shape[0]
@@ -147,7 +149,7 @@ class CudaKernels:
             out = torch.empty(rows, n, dtype=x.dtype, device=x.device)               # [rows, n]
         self._check(op, "out", out, x.dtype, (rows, n))
         self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(residual), rows, n,
-                   k, mode, float(eps), self._code(x))
+                   k, mode, float(eps), int(bool(pdl)), self._code(x))
         return out
 
     def decode_partition(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
@@ -171,11 +173,20 @@ class CudaKernels:
         self._partitions[units, ctx] = int(best[1])
         return int(best[1])
 
+    def decode_impl(self, num_heads: int, num_kv_heads: int) -> str:
+        """'tc' (tensor cores) for GQA groups >= TC_MIN_GROUP, else 'simt' (CUDA cores)."""
+        return "tc" if num_heads // max(1, num_kv_heads) >= TC_MIN_GROUP else "simt"
+
     def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                scale: float, max_context_len: int, partition: int | None = None,
-                               max_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given."""
-        op = "pa_paged_attention_decode_cuda"
+                               max_splits: int | None = None, out: torch.Tensor | None = None,
+                               impl: str | None = None) -> torch.Tensor:
+        """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given.
+        impl: 'simt' (CUDA cores) or 'tc' (tensor cores); None picks by the GQA group (decode_impl)."""
+        impl = impl or self.decode_impl(q.shape[1], key_cache.shape[1])
+        if impl not in ("simt", "tc"):
+            raise ValueError(f"paged_attention_decode: impl must be 'simt' or 'tc', got {impl!r}")
+        op = "pa_paged_attention_decode_cuda" if impl == "simt" else "pa_paged_attention_decode_tc_cuda"
         T, nh, hd = q.shape
         S = context_lens.shape[0]
         self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
@@ -258,7 +269,7 @@ class _DecodeGraph:
             block_tables=d[6 * B + 1:].view(B, width), max_query_len=1, max_context_len=width * block_size,
             block_size=block_size, partition=partition, max_splits=max_splits)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.h_out = self.res_out = None
+        self.logits: torch.Tensor | None = None     # [B, vocab] float32, written by each replay
         self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, B] int32 chosen tokens
         self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU
 
@@ -304,7 +315,8 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
-                 use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS):
+                 use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
+                 use_pdl: bool = False, decode_impl: str | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -315,13 +327,14 @@ class CudaBackend(Backend):
         self.kernels = CudaKernels()
         self.use_cuda_graphs = use_cuda_graphs
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
+        self.use_pdl = use_pdl                  # GEMVs as programmatic dependent launches (see pa.h)
+        self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
         self._graphs: dict[tuple, _DecodeGraph] = {}
-        self._graph_ids: set[int] = set()               # data_ptr of each graph's static input ids
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
         self._logit_bufs: list[torch.Tensor | None] = [None, None]
@@ -333,7 +346,6 @@ class CudaBackend(Backend):
         tied = weights["lm_head"] is weights["embed"]
         self.w["lm_head"] = self.w["embed"] if tied else weights["lm_head"].to(self.device, self.dtype).contiguous()
         self._graphs.clear()
-        self._graph_ids.clear()
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
@@ -348,7 +360,6 @@ class CudaBackend(Backend):
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._graphs.clear()
-        self._graph_ids.clear()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -383,8 +394,6 @@ class CudaBackend(Backend):
 
     # ---- ops -----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.data_ptr() in self._graph_ids:   # a graph step: its graph embeds them on replay
-            return input_ids
         return F.embedding(input_ids, self.w["embed"])
 
     def rms_norm(self, x, name, residual=None):
@@ -405,22 +414,24 @@ class CudaBackend(Backend):
                 batch.query_start_loc, self.scale)
         if batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs:
             return self.kernels.paged_attention_decode(*args, batch.max_context_len, getattr(batch, "partition", None),
-                                                       getattr(batch, "max_splits", None))
+                                                       getattr(batch, "max_splits", None), impl=self.decode_impl)
         return self.kernels.paged_attention_prefill(*args, batch.max_query_len)
 
     def silu_mul(self, gate_up):
         return self.kernels.silu_mul(gate_up)
 
     def forward_layer(self, layer, h, residual, batch):
-        """Our own layer (RoPE and KV write fused); in a graph step, layer 0 replays all layers."""
-        graph = getattr(batch, "graph", None)
-        if graph is None:
-            return self._layer(layer, h, residual, batch)
-        if layer == 0:
-            graph.graph.replay()
-            n = batch.num_tokens
-            return graph.h_out[:n], graph.res_out[:n]
-        return h, residual
+        """Our own layer (RoPE and KV write fused into one launch)."""
+        return self._layer(layer, h, residual, batch)
+
+    def forward_step(self, batch: Batch) -> torch.Tensor | None:
+        """A decode step that prepare() gave a CUDA graph: replay it (embedding, every layer, final norm and
+        lm_head inside) -> float32 logits [len(logits_indices), vocab] on the GPU; None: model.py composes."""
+        g = getattr(batch, "graph", None)
+        if g is None:
+            return None
+        g.graph.replay()
+        return g.logits[:batch.logits_indices.shape[0]].clone()   # the next replay overwrites g.logits
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU: the engine's sampler decides greedy rows there."""
@@ -442,7 +453,7 @@ class CudaBackend(Backend):
     def logits_device(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU (for callers that sample there)."""
         if 0 < h.shape[0] <= self.gemv_max_rows:
-            return self.kernels.gemv(h.contiguous(), self.w["lm_head"]).float()
+            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self.use_pdl).float()
         return F.linear(h, self.w["lm_head"]).float()
 
     @torch.inference_mode()
@@ -494,7 +505,6 @@ class CudaBackend(Backend):
         key = (size, split, greedy)
         if key not in self._graphs:
             self._graphs[key] = self._capture(size, part, split, greedy)
-            self._graph_ids.add(self._graphs[key].ints.data_ptr())
         return self._graphs[key]
 
     def _capture(self, size: int, partition: int, split: bool, greedy: bool) -> _DecodeGraph:
@@ -504,7 +514,7 @@ class CudaBackend(Backend):
         if greedy:
             g.tokens = torch.zeros(1024, size, dtype=torch.int32, device=self.device)
             g.step = torch.zeros(1, dtype=torch.int64, device=self.device)
-        run = self._run_greedy if greedy else self._run_layers
+        run = self._run_greedy if greedy else self._run_step
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -515,27 +525,41 @@ class CudaBackend(Backend):
         g.load_padding()                             # the warm-up of a greedy graph advanced the inputs
         g.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g.graph), torch.inference_mode():
-            g.h_out, g.res_out = run(g)
+            g.logits = run(g)
         return g
 
     def _run_layers(self, g: _DecodeGraph):
-        """All layers of a decode step on the graph's static inputs -> (h, residual) as model.py expects."""
+        """All layers of a decode step on the graph's static inputs -> (h, residual); residual None on the
+        GEMV path, where h is already the residual stream."""
         batch = g.batch
         h, residual = F.embedding(batch.input_ids, self.w["embed"]), None
         if batch.num_seqs <= self.gemv_max_rows:
             for i in range(self.config.num_layers):
                 h = self._layer_gemv(i, h, batch)
-            return h, torch.zeros_like(h)            # h is already the residual stream
+            return h, None
         for i in range(self.config.num_layers):
             h, residual = self._layer(i, h, residual, batch)
         return h, residual
 
+    def _run_step(self, g: _DecodeGraph, pick_rows: bool = True) -> torch.Tensor:
+        """A whole decode step on the graph's static inputs -> float32 logits [B, vocab] of the rows
+        logits_indices names (pick_rows; else of every row in order)."""
+        h, residual = self._run_layers(g)
+        if pick_rows:
+            rows = g.batch.logits_indices.long()
+            h = h.index_select(0, rows)
+            residual = residual.index_select(0, rows) if residual is not None else None
+        if residual is None:                         # GEMV path: h is the residual stream; norm fused
+            return self.kernels.gemv(h, self.w["lm_head"], GEMV_NORM, self.w["norm"], eps=self.config.rms_norm_eps,
+                                     pdl=self.use_pdl).float()
+        h, _ = self.rms_norm(h, "norm", residual)
+        return self.logits_device(h)
+
     def _run_greedy(self, g: _DecodeGraph):
         """A decode step that picks its argmax and advances the static inputs to the next step."""
         b = g.batch
-        h, residual = self._run_layers(g)
-        h, _ = self.rms_norm(h, "norm", residual)
-        nxt = argmax_rows(self.logits_device(h)).to(torch.int32)                 # [B]
+        logits = self._run_step(g, pick_rows=False)
+        nxt = argmax_rows(logits).to(torch.int32)                                 # [B]
         live = b.context_lens > 0
         g.tokens.index_copy_(0, g.step, nxt[None])
         g.step += 1
@@ -544,12 +568,12 @@ class CudaBackend(Backend):
         b.context_lens.add_(live.to(torch.int32))
         page = b.block_tables.gather(1, (b.positions.long() // self.block_size)[:, None])[:, 0]
         b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
-        return h, None
+        return logits
 
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
-        c, kn, w, eps = self.config, self.kernels, self.w, self.config.rms_norm_eps
-        qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps)
+        c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self.use_pdl
+        qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl)
         T = qkv.shape[0]
         q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
         k = qkv[:, c.q_size:c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
@@ -557,6 +581,6 @@ class CudaBackend(Backend):
         kn.rope(q, k, batch.positions, c.rope_theta,
                 cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
-        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r)
-        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps)
-        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r)
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl)
+        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
+        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl)

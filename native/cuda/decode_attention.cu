@@ -9,7 +9,9 @@
 //   - the warps' states are merged through shared memory at the end.
 // With one partition the block writes the output; otherwise it writes (unnormalised out, max, sum)
 // and merge_kernel combines the partitions by log-sum-exp.
-#include "common.cuh"
+#include "decode_common.cuh"
+
+using namespace decode;
 
 namespace {
 
@@ -46,27 +48,6 @@ template <int N, int W> struct Butterfly {
 template <int N, int W> __device__ __forceinline__ int butterfly_head(int lane) {
     if constexpr (N > 1) return ((lane & W) ? N / 2 : 0) + butterfly_head<N / 2, W / 2>(lane);
     else return 0;
-}
-
-struct DecodeArgs {
-    void *out;
-    float *partial_out, *partial_ml;
-    const void *q, *key_cache, *value_cache;
-    const int32_t *block_tables, *context_lens, *query_start_loc;
-    int num_heads, num_kv_heads, group, head_groups, bs_log2, max_blocks, partition, max_splits;
-    int64_t q_stride;
-    float scale_log2e;
-};
-
-// cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Shared memory of one block, in floats: the warps' copy stages (STAGES 16-token K+V chunks per warp,
@@ -269,54 +250,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     __syncthreads();
 
     // 4. write the output (one partition) or this partition's share for merge_kernel
-    for (int i = tid; i < nheads * D; i += kThreads) {
-        const int h = i / D, d = i % D;
-        float m = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) m = fmaxf(m, wml[(w * GP + h) * 2]);
-        float num = 0.f, den = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float wm = wml[(w * GP + h) * 2];
-            const float f = wm == -INFINITY ? 0.f : exp2f(wm - m);   // a warp without chunks
-            num = fmaf(f, red[(w * GP + h) * D + d], num);
-            den = fmaf(f, wml[(w * GP + h) * 2 + 1], den);
-        }
-        if (direct) {
-            out[i] = from_f<T>(num / den);
-        } else {
-            const int64_t idx = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits + split;
-            a.partial_out[idx * D + d] = num;
-            if (d == 0) {
-                a.partial_ml[idx * 2] = m;
-                a.partial_ml[idx * 2 + 1] = den;
-            }
-        }
-    }
-}
-
-// One block per (query head, sequence), one thread per dim: out = sum_i w_i o_i / sum_i w_i l_i,
-// w_i = 2^(m_i - max m).
-template <typename T, int D>
-__global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
-    const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
-    const int q_row = a.query_start_loc[seq];
-    if (a.query_start_loc[seq + 1] - q_row != 1) return;
-    const int ctx = a.context_lens[seq];
-    const int n = (ctx + a.partition - 1) / a.partition;
-    if (n <= 1) return;   // written directly by decode_kernel
-    const int64_t base = ((int64_t)seq * a.num_heads + head) * a.max_splits;
-    const float *ml = a.partial_ml + base * 2;
-    const float *po = a.partial_out + base * D + d;
-    float m = -INFINITY;
-    for (int i = 0; i < n; ++i) m = fmaxf(m, ml[2 * i]);
-    float num = 0.f, den = 0.f;
-    for (int i = 0; i < n; ++i) {
-        const float w = exp2f(ml[2 * i] - m);
-        num = fmaf(w, po[(int64_t)i * D], num);
-        den = fmaf(w, ml[2 * i + 1], den);
-    }
-    ((T *)a.out)[((int64_t)q_row * a.num_heads + head) * D + d] = from_f<T>(num / den);
+    finish_block<T, D, GP, kWarps, kThreads>(a, red, wml, out, seq, h0, nheads, split, direct);
 }
 
 template <typename T, int D, int GP, int STAGES>
@@ -345,11 +279,7 @@ pa_status launch_decode(const DecodeArgs &a, int num_seqs, cudaStream_t stream) 
     const pa_status st = blocks < num_sms ? launch_decode_stages<T, D, GP, 4>(a, num_seqs, stream)
                                           : launch_decode_stages<T, D, GP, 2>(a, num_seqs, stream);
     if (st != PA_OK) return st;
-    if (a.max_splits > 1) {
-        merge_kernel<T, D><<<dim3(a.num_heads, num_seqs), D, 0, stream>>>(a);
-        PA_RETURN_IF_ERR(check_launch("decode_merge_kernel"));
-    }
-    return PA_OK;
+    return launch_merge<T, D>(a, num_seqs, stream);
 }
 
 template <typename T, int D>
@@ -364,15 +294,14 @@ pa_status launch_decode_g(const DecodeArgs &a, int gp, int num_seqs, cudaStream_
 
 }  // namespace
 
-extern "C" pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
-                                                    const void *key_cache, const void *value_cache,
-                                                    const int32_t *block_tables, const int32_t *context_lens,
-                                                    const int32_t *query_start_loc, int32_t num_seqs,
-                                                    int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                                                    int32_t block_size, int32_t max_blocks_per_seq,
-                                                    int32_t partition_size, int32_t max_splits, int64_t q_stride,
-                                                    float scale, int32_t dtype, void *stream) {
-    const char *name = "decode_kernel";
+namespace decode {
+
+__attribute__((visibility("hidden"))) pa_status make_decode_args(
+    DecodeArgs &a, const char *name, void *out, float *partial_out, float *partial_ml, const void *q,
+    const void *key_cache, const void *value_cache, const int32_t *block_tables, const int32_t *context_lens,
+    const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
+    int32_t block_size, int32_t max_blocks_per_seq, int32_t partition_size, int32_t max_splits, int64_t q_stride,
+    float scale, int gp) {
     if (out == nullptr || q == nullptr || key_cache == nullptr || value_cache == nullptr || block_tables == nullptr ||
         context_lens == nullptr || query_start_loc == nullptr || num_seqs < 0 || num_heads <= 0 ||
         num_kv_heads <= 0 || num_heads % num_kv_heads || max_blocks_per_seq <= 0 || max_splits <= 0)
@@ -381,22 +310,17 @@ extern "C" pa_status pa_paged_attention_decode_cuda(void *out, float *partial_ou
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
     if (block_size <= 0 || (block_size & (block_size - 1)))
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
-    if (partition_size <= 0 || partition_size % kChunk)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: partition_size %d is not a positive multiple of %d", name,
-                         (int)partition_size, kChunk);
+    if (partition_size <= 0 || partition_size % 16)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: partition_size %d is not a positive multiple of 16", name,
+                         (int)partition_size);
     if (max_splits > 1 && (partial_out == nullptr || partial_ml == nullptr))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: max_splits %d needs the partial_out/partial_ml workspace", name,
                          (int)max_splits);
     if (max_splits > 65535)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: max_splits %d exceeds 65535", name, (int)max_splits);
-    if (num_seqs == 0) return PA_OK;
     if (num_seqs > 65535)
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d sequences exceed the grid (65535)", name, (int)num_seqs);
-
     const int group = num_heads / num_kv_heads;
-    int gp_fit = 1;   // query heads a block takes: the group rounded up to a power of two, at most 8
-    while (gp_fit < group && gp_fit < 8) gp_fit <<= 1;
-    DecodeArgs a;
     a.out = out;
     a.partial_out = partial_out;
     a.partial_ml = partial_ml;
@@ -409,7 +333,7 @@ extern "C" pa_status pa_paged_attention_decode_cuda(void *out, float *partial_ou
     a.num_heads = num_heads;
     a.num_kv_heads = num_kv_heads;
     a.group = group;
-    a.head_groups = (group + gp_fit - 1) / gp_fit;
+    a.head_groups = (group + gp - 1) / gp;
     int bs_log2 = 0;
     while ((1 << bs_log2) < block_size) ++bs_log2;
     a.bs_log2 = bs_log2;
@@ -418,6 +342,29 @@ extern "C" pa_status pa_paged_attention_decode_cuda(void *out, float *partial_ou
     a.max_splits = max_splits;
     a.q_stride = q_stride;
     a.scale_log2e = scale * kLog2e;
+    return PA_OK;
+}
+
+}  // namespace decode
+
+extern "C" pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
+                                                    const void *key_cache, const void *value_cache,
+                                                    const int32_t *block_tables, const int32_t *context_lens,
+                                                    const int32_t *query_start_loc, int32_t num_seqs,
+                                                    int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
+                                                    int32_t block_size, int32_t max_blocks_per_seq,
+                                                    int32_t partition_size, int32_t max_splits, int64_t q_stride,
+                                                    float scale, int32_t dtype, void *stream) {
+    const char *name = "decode_kernel";
+    int gp_fit = 1;   // query heads a block takes: the group rounded up to a power of two, at most 8
+    const int group = num_kv_heads > 0 ? num_heads / num_kv_heads : 1;
+    while (gp_fit < group && gp_fit < 8) gp_fit <<= 1;
+    DecodeArgs a;
+    PA_RETURN_IF_ERR(make_decode_args(a, name, out, partial_out, partial_ml, q, key_cache, value_cache, block_tables,
+                                      context_lens, query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim,
+                                      block_size, max_blocks_per_seq, partition_size, max_splits, q_stride, scale,
+                                      gp_fit));
+    if (num_seqs == 0) return PA_OK;
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);

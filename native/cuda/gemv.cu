@@ -20,6 +20,13 @@ struct GemvArgs {
     float eps;
 };
 
+// Programmatic dependent launch (sm_90): with pdl set, the next kernel of the stream (when it too is a
+// PDL launch) may start as soon as every block of this one has started; it prefetches its weights,
+// which no kernel writes, and waits for this grid's completion before it reads anything else.
+// Without the launch attribute both instructions are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
 template <typename T, int MR>
 __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
     const int nv = a.k / 8, tid = threadIdx.x;
@@ -100,8 +107,10 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     const int nv = a.k / 8;
     const int num_groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
     const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
+    pdl_trigger();
 
-    // 1. the first weight loads go out before the input is staged (they do not depend on it)
+    // 1. the first weight loads go out before the input is staged (they do not depend on it), and
+    //    before the wait for the previous kernel (PDL launches only)
     int group = blockIdx.x;
     int row0 = (group * kWarps + warp) * RPW;
     const uint4 *wrow[RPW];
@@ -116,6 +125,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
             const int v = lane + u * 32;
             wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
         }
+    pdl_wait();
     stage_input<T, MR>(a, xs, scratch);
     __syncthreads();
 
@@ -191,33 +201,49 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
 }
 
 template <typename T, int MR, int RPW>
-pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, cudaStream_t stream) {
+pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl, cudaStream_t stream) {
     static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, RPW>,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
     const int groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
     const int per_sm = smem <= 48 * 1024 ? 2 : 1;      // two 8-warp blocks an SM while the input is small
     const int blocks = groups < per_sm * num_sms ? groups : per_sm * num_sms;
-    gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
+    if (!pdl) {
+        gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
+        return check_launch("gemv_kernel");
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr_pdl[1];
+    attr_pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr_pdl[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr_pdl;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, gemv_kernel<T, MR, RPW>, a);
+    if (err != cudaSuccess)
+        return cuda_fail(PA_ERR_CUDA, "gemv_kernel (PDL launch): %s", cudaGetErrorString(err));
     return check_launch("gemv_kernel");
 }
 
 template <typename T, int MR>
-pa_status launch_gemv(const GemvArgs &a, int num_sms, cudaStream_t stream) {
+pa_status launch_gemv(const GemvArgs &a, int num_sms, bool pdl, cudaStream_t stream) {
     const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
     // Two rows a warp for tall matrices (more loads in flight), one for the rest.
-    if (a.n >= 32 * num_sms) return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, stream);
-    return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, stream);
+    if (a.n >= 32 * num_sms) return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, pdl, stream);
+    return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
 }
 
 }  // namespace
 
 extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                                   const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode,
-                                  float eps, int32_t dtype, void *stream) {
+                                  float eps, int32_t pdl, int32_t dtype, void *stream) {
     const char *name = "gemv_kernel";
     if (out == nullptr || x == nullptr || weight == nullptr || num_rows < 0 || n <= 0 || k <= 0 || k % 8)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (k %d must be a positive multiple of 8)", name, (int)k);
@@ -235,9 +261,9 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
-        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, st);
-        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, st);
-        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, st);
-        return launch_gemv<T, 8>(a, num_sms, st);
+        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, pdl != 0, st);
+        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, pdl != 0, st);
+        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, pdl != 0, st);
+        return launch_gemv<T, 8>(a, num_sms, pdl != 0, st);
     });
 }

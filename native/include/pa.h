@@ -58,9 +58,11 @@ pa_status pa_quantize_q8_cpu(int8_t *xq, float *xs, const float *x, int64_t m, i
 /* y [m, n] <- (xq, xs) [m, k] @ (w [n, k] int8, ws [n, k/32]).T */
 pa_status pa_gemm_q8_cpu(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
                          int64_t m, int64_t n, int64_t k);
-/* y [m, n] <- x [m, k] @ dequant(w, ws).T ; scratch >= round_up(m * k, 64) + m * (k/32) * 4 bytes */
-pa_status pa_linear_q8_cpu(float *y, void *scratch, int64_t scratch_bytes, const float *x, const int8_t *w,
-                           const float *ws, int64_t m, int64_t n, int64_t k);
+/* y [m, n] <- x [m, k] @ dequant(w, ws).T ; scratch >= round_up(m * k, 64) + m * (k/32) * 4 bytes;
+ * pool: a pa_pool_cpu team to run on (declared below), NULL: OpenMP */
+typedef struct pa_pool_cpu pa_pool_cpu;
+pa_status pa_linear_q8_cpu(pa_pool_cpu *pool, float *y, void *scratch, int64_t scratch_bytes, const float *x,
+                           const int8_t *w, const float *ws, int64_t m, int64_t n, int64_t k);
 
 /* out [T, hidden] <- rms_norm(x + residual) * weight; residual [T, hidden] += x in place (NULL: none) */
 pa_status pa_rms_norm_cpu(float *out, float *residual, const float *x, const float *weight,
@@ -116,7 +118,6 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
 /* A team of num_threads (the calling thread + num_threads - 1 workers that spin ~1 ms after a job,
  * then sleep): runs pa_llama_layer_cpu without OpenMP's fork/join, which sleeps under
  * OMP_WAIT_POLICY=PASSIVE. */
-typedef struct pa_pool_cpu pa_pool_cpu;
 pa_status pa_pool_create_cpu(pa_pool_cpu **pool, int32_t num_threads);
 pa_status pa_pool_destroy_cpu(pa_pool_cpu *pool);
 /* hidden_io [T, hidden]: in the layer's input h, out its output h; residual [T, hidden] in/out
@@ -204,6 +205,18 @@ pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *p
                                          int32_t max_blocks_per_seq, int32_t partition_size, int32_t max_splits,
                                          int64_t q_stride, float scale, int32_t dtype, void *stream);
 
+/* The same contract as pa_paged_attention_decode_cuda, on the tensor cores (mma.sync m16n8k16): the
+ * query heads of a kv head are the rows of an m16 tile (groups <= 8 use its upper half; larger groups
+ * are split into blocks of 16 heads). Worth it for GQA groups >= 4; same workspace and merge. */
+pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
+                                            const void *key_cache, const void *value_cache,
+                                            const int32_t *block_tables, const int32_t *context_lens,
+                                            const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
+                                            int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                            int32_t max_blocks_per_seq, int32_t partition_size,
+                                            int32_t max_splits, int64_t q_stride, float scale, int32_t dtype,
+                                            void *stream);
+
 /* Prefill / mixed attention: any query_len per sequence (the last query_len of context_lens[s] tokens,
  * causal), tiled over the paged K/V. Shapes as in the decode entry; max_query_len bounds the grid. */
 pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *key_cache,
@@ -217,13 +230,15 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
  * x' is x (PA_CUDA_GEMV_PLAIN; x [num_rows, k]); rms_norm(x) * norm_weight rounded as pa_rms_norm_cuda
  * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
  * pa_silu_mul_cuda does (PA_CUDA_GEMV_SILU; x = [gate | up] [num_rows, 2k]). weight [n, k] (HF [out, in]).
- * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out). */
+ * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out).
+ * pdl != 0: a programmatic dependent launch (sm_90): the kernel starts before the previous kernel of the
+ * stream has finished, prefetches weight rows (which nothing may write meanwhile), then waits for it. */
 #define PA_CUDA_GEMV_PLAIN 0
 #define PA_CUDA_GEMV_NORM 1
 #define PA_CUDA_GEMV_SILU 2
 pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                        const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
-                       int32_t dtype, void *stream);
+                       int32_t pdl, int32_t dtype, void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */

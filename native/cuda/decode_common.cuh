@@ -1,0 +1,103 @@
+// decode_common.cuh -- pieces shared by the two decode-attention kernels (decode_attention.cu: CUDA
+// cores; decode_attention_tc.cu: tensor cores): their arguments, cp.async helpers, the final write of
+// a block's merged result, and the kernel that merges a sequence's partitions by log-sum-exp.
+#pragma once
+
+#include "common.cuh"
+
+namespace decode {
+
+struct DecodeArgs {
+    void *out;
+    float *partial_out, *partial_ml;
+    const void *q, *key_cache, *value_cache;
+    const int32_t *block_tables, *context_lens, *query_start_loc;
+    int num_heads, num_kv_heads, group, head_groups, bs_log2, max_blocks, partition, max_splits;
+    int64_t q_stride;
+    float scale_log2e;
+};
+
+// cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
+__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
+    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// The end of a decode block: NW warps left their unnormalised outputs in red [NW][GP][D] and their
+// (running max, sum) in wml [NW][GP][2] (log2 domain; max -inf for a warp that saw no token).
+// Writes out (one partition: `direct`) or this partition's share of the workspace for merge_kernel.
+template <typename T, int D, int GP, int NW, int NT>
+__device__ __forceinline__ void finish_block(const DecodeArgs &a, const float *red, const float *wml, T *out,
+                                             int seq, int h0, int nheads, int split, bool direct) {
+    for (int i = threadIdx.x; i < nheads * D; i += NT) {
+        const int h = i / D, d = i % D;
+        float m = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) m = fmaxf(m, wml[(w * GP + h) * 2]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < NW; ++w) {
+            const float wm = wml[(w * GP + h) * 2];
+            const float f = wm == -INFINITY ? 0.f : exp2f(wm - m);   // a warp without chunks
+            num = fmaf(f, red[(w * GP + h) * D + d], num);
+            den = fmaf(f, wml[(w * GP + h) * 2 + 1], den);
+        }
+        if (direct) {
+            out[i] = from_f<T>(num / den);
+        } else {
+            const int64_t idx = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits + split;
+            a.partial_out[idx * D + d] = num;
+            if (d == 0) {
+                a.partial_ml[idx * 2] = m;
+                a.partial_ml[idx * 2 + 1] = den;
+            }
+        }
+    }
+}
+
+// One block per (query head, sequence), one thread per dim: out = sum_i w_i o_i / sum_i w_i l_i,
+// w_i = 2^(m_i - max m).
+template <typename T, int D>
+__global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
+    const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
+    const int q_row = a.query_start_loc[seq];
+    if (a.query_start_loc[seq + 1] - q_row != 1) return;
+    const int ctx = a.context_lens[seq];
+    const int n = (ctx + a.partition - 1) / a.partition;
+    if (n <= 1) return;   // written directly by the decode kernel
+    const int64_t base = ((int64_t)seq * a.num_heads + head) * a.max_splits;
+    const float *ml = a.partial_ml + base * 2;
+    const float *po = a.partial_out + base * D + d;
+    float m = -INFINITY;
+    for (int i = 0; i < n; ++i) m = fmaxf(m, ml[2 * i]);
+    float num = 0.f, den = 0.f;
+    for (int i = 0; i < n; ++i) {
+        const float w = exp2f(ml[2 * i] - m);
+        num = fmaf(w, po[(int64_t)i * D], num);
+        den = fmaf(w, ml[2 * i + 1], den);
+    }
+    ((T *)a.out)[((int64_t)q_row * a.num_heads + head) * D + d] = from_f<T>(num / den);
+}
+
+template <typename T, int D>
+pa_status launch_merge(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
+    if (a.max_splits <= 1) return PA_OK;
+    merge_kernel<T, D><<<dim3(a.num_heads, num_seqs), D, 0, stream>>>(a);
+    return check_launch("decode_merge_kernel");
+}
+
+// Argument checks and DecodeArgs of the pa_paged_attention_decode*_cuda exports; gp_max bounds the
+// query heads one block takes (the group is split into head_groups of at most gp_max).
+pa_status make_decode_args(DecodeArgs &a, const char *name, void *out, float *partial_out, float *partial_ml,
+                           const void *q, const void *key_cache, const void *value_cache,
+                           const int32_t *block_tables, const int32_t *context_lens,
+                           const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
+                           int32_t num_kv_heads, int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
+                           int32_t partition_size, int32_t max_splits, int64_t q_stride, float scale, int gp);
+
+}  // namespace decode
