@@ -67,6 +67,9 @@ def copies_for(nbytes: int) -> int:
 
 
 def kernel_table(nl, dnnl) -> list[dict]:
+    handle = nl.ffi.new("pa_pool_cpu **")
+    nl.check(nl.lib.pa_pool_create_cpu(handle, nl.lib.pa_num_threads_cpu()), "pool_create")
+    pool = nl.ffi.gc(handle[0], nl.lib.pa_pool_destroy_cpu)            # as the backend runs it
     rows = []
     for label, n, k in SHAPES:
         torch.manual_seed(n + k)
@@ -87,7 +90,7 @@ def kernel_table(nl, dnnl) -> list[dict]:
             def run_ours():
                 qq, ss = ours[it["ours"] % len(ours)]
                 it["ours"] += 1
-                nl.check(nl.lib.pa_linear_q8_cpu(yp, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
+                nl.check(nl.lib.pa_linear_q8_cpu(pool, yp, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
                                                  nl.ptr(ss, "float *"), m, n, k), "linear_q8")
 
             def run_onednn():
@@ -197,8 +200,17 @@ def main() -> None:
         impl = nl.ffi.string(buf).decode()
         print(f"oneDNN implementation: {impl}")
     if args.write:
-        text = [*fwd, "", f"oneDNN: {where} ({impl})", "", TABLE_HEAD, *map(format_row, rows)]
-        args.write.write_text("\n".join(text) + "\n")
+        write_tables(args.write, [*fwd, "", f"oneDNN: {where} ({impl})", "", TABLE_HEAD, *map(format_row, rows)])
+
+
+def write_tables(path: Path, lines: list[str]) -> None:
+    """Replace the text between the TABLES markers of path (or write the file when it has none)."""
+    begin, end = "<!-- TABLES_BEGIN (benchmarks/cpu_kernels.py --write) -->", "<!-- TABLES_END -->"
+    body = "\n".join([begin, *lines, end])
+    old = path.read_text() if path.exists() else ""
+    if begin in old and end in old:
+        body = old[:old.index(begin)] + body + old[old.index(end) + len(end):]
+    path.write_text(body + ("" if body.endswith("\n") else "\n"))
 
 
 if __name__ == "__main__":

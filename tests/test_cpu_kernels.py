@@ -60,11 +60,11 @@ def dequant(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (q.float().reshape(n, -1, 32) * s[..., None]).reshape(n, k)
 
 
-def linear(nl, x, q, s):
+def linear(nl, x, q, s, pool=None):
     m, k = x.shape
     y = nan(m, q.shape[0])
     scratch = torch.empty(((m * k + 63) & ~63) + m * (k // 32) * 4, dtype=torch.uint8)
-    call(nl, "linear_q8", y, scratch, scratch.numel(), x, q, s, m, q.shape[0], k)
+    call(nl, "linear_q8", pool, y, scratch, scratch.numel(), x, q, s, m, q.shape[0], k)
     return y
 
 
@@ -105,6 +105,18 @@ def test_linear_within_quantization_bound(nl, m, n, k):
     # and it computes exactly the quantized product (catches a wrong scale index the bound might hide)
     xq, xs2 = quantize_int8_local(x)
     torch.testing.assert_close(y, dequant(xq, xs2) @ dequant(q, s).T, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_on_worker_pool_matches_openmp(nl):
+    torch.manual_seed(4)
+    handle = nl.ffi.new("pa_pool_cpu **")
+    nl.check(nl.lib.pa_pool_create_cpu(handle, 3), "pool_create")     # more members than cores: still correct
+    try:
+        for m, n, k in [(1, 4000, 576), (9, 700, 96), (1, 5, 32)]:
+            x, (q, s) = torch.randn(m, k), quantize_int8_local(torch.randn(n, k))
+            assert torch.equal(linear(nl, x, q, s, pool=handle[0]), linear(nl, x, q, s))
+    finally:
+        nl.lib.pa_pool_destroy_cpu(handle[0])
 
 
 def test_gemm_prequantized_matches_linear(nl):
@@ -310,7 +322,7 @@ def test_bad_arguments_raise(nl):
         call(nl, "gemm_q8", nan(2, 4), torch.zeros(2, 48, dtype=torch.int8), torch.zeros(2, 1), q, s, 2, 4, 48)
     small = torch.empty(10, dtype=torch.uint8)
     with pytest.raises(NativeError, match="scratch"):
-        call(nl, "linear_q8", nan(2, 4), small, 10, torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8),
+        call(nl, "linear_q8", None, nan(2, 4), small, 10, torch.randn(2, 64), torch.zeros(4, 64, dtype=torch.int8),
              torch.zeros(4, 2), 2, 4, 64)
     with pytest.raises(NativeError, match="is NULL"):
         call(nl, "rms_norm", None, None, x, torch.ones(48), 2, 48, 1e-5)

@@ -315,7 +315,7 @@ class CpuInt8Backend(Backend):
         m = x.shape[0]
         y = torch.empty(m, n)
         scratch, nbytes = self._scratch_ptr(((m * k + 63) & ~63) + m * (k // GROUP) * 4)
-        self._check(self.lib.pa_linear_q8_cpu(self._p(y, "float *"), scratch, nbytes, self._p(x, "float *"),
+        self._check(self.lib.pa_linear_q8_cpu(self._pool, self._p(y, "float *"), scratch, nbytes, self._p(x, "float *"),
                                               self._p(q, "int8_t *"), self._p(s, "float *"), m, n, k),
                     f"pa_linear_q8_cpu({name})")
         return y

@@ -15,6 +15,15 @@
 #ifndef GEMV_NR
 #define GEMV_NR 8
 #endif
+#ifndef GEMM_PREFETCH
+#define GEMM_PREFETCH 2
+#endif
+#ifndef GEMV_PREFETCH
+#define GEMV_PREFETCH 1
+#endif
+#ifndef GEMV_MAX_M
+#define GEMV_MAX_M 1
+#endif
 #ifndef GEMM_MR
 #define GEMM_MR 4
 #endif
@@ -88,8 +97,11 @@ static int use_vnni(void) {
 HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
                          int64_t m, int64_t n, int64_t k, work_counter *next) {
     const int64_t nb = k / QK;
-    const int nr = m == 1 ? GEMV_NR : GEMM_NR;      /* weight rows per tile */
-    const int mr = m == 1 ? 1 : GEMM_MR;            /* activation rows per tile */
+    /* up to GEMV_MAX_M rows: GEMV tiles (8 weight streams from DRAM), each row in turn while the
+     * 8 weight rows sit in L1; more rows: the register-tiled GEMM */
+    const int small = m <= GEMV_MAX_M;
+    const int nr = small ? GEMV_NR : GEMM_NR;       /* weight rows per tile */
+    const int mr = small ? 1 : GEMM_MR;             /* activation rows per tile */
     const int64_t num_tiles = (n + nr - 1) / nr;
     const int64_t chunk = num_tiles / 32 > 1 ? num_tiles / 32 : 1;
     const int vnni = use_vnni();
@@ -99,6 +111,14 @@ HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8
         const int64_t t1 = t0 + chunk < num_tiles ? t0 + chunk : num_tiles;
         for (int64_t t = t0; t < t1; t++) {
             const int64_t n0 = t * nr;
+            /* the weight rows GEMM_PREFETCH tiles ahead, so their DRAM latency hides behind this
+             * tile's compute (without: lm_head at M = 8 took 4.0 ms, with: 1.7 ms) */
+            if ((!small || GEMV_PREFETCH) && t + GEMM_PREFETCH < num_tiles) {
+                const int8_t *p = w + (n0 + GEMM_PREFETCH * nr) * k;
+                for (int64_t off = 0; off < nr * k; off += 64) _mm_prefetch((const char *)(p + off), _MM_HINT_T0);
+                const float *ps = ws + (n0 + GEMM_PREFETCH * nr) * nb;
+                for (int64_t off = 0; off < nr * nb; off += 16) _mm_prefetch((const char *)(ps + off), _MM_HINT_T0);
+            }
             const int nr_t = (int)(n - n0 < nr ? n - n0 : nr);
             for (int64_t m0 = 0; m0 < m; m0 += mr) {
                 const int mr_t = (int)(m - m0 < mr ? m - m0 : mr);
@@ -118,6 +138,24 @@ HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w
     work_counter next = 0;
     #pragma omp parallel if (m * n * k >= 65536)
     gemm_q8_part(y, xq, xs, w, ws, m, n, k, &next);
+}
+
+/* The same on a worker pool (no OpenMP threads spinning next to the pool's). */
+typedef struct { float *y; const int8_t *xq; const float *xs, *ws; const int8_t *w; int64_t m, n, k; work_counter next; } gemm_job;
+
+static void gemm_team(void *arg, int tid, int nt) {
+    gemm_job *j = arg;
+    gemm_q8_part(j->y, j->xq, j->xs, j->w, j->ws, j->m, j->n, j->k, &j->next);
+}
+
+static void gemm_q8_on(pa_pool_cpu *pool, float *y, const int8_t *xq, const float *xs, const int8_t *w,
+                       const float *ws, int64_t m, int64_t n, int64_t k) {
+    if (pool == NULL) {
+        gemm_q8(y, xq, xs, w, ws, m, n, k);
+        return;
+    }
+    gemm_job job = {y, xq, xs, ws, w, m, n, k, 0};
+    pool_run(m * n * k >= 65536 ? pool : NULL, gemm_team, &job);
 }
 
 /* ================================================================================================
@@ -140,8 +178,8 @@ pa_status pa_gemm_q8_cpu(float *y, const int8_t *xq, const float *xs, const int8
     return PA_OK;
 }
 
-pa_status pa_linear_q8_cpu(float *y, void *scratch, int64_t scratch_bytes, const float *x, const int8_t *w,
-                           const float *ws, int64_t m, int64_t n, int64_t k) {
+pa_status pa_linear_q8_cpu(pa_pool_cpu *pool, float *y, void *scratch, int64_t scratch_bytes, const float *x,
+                           const int8_t *w, const float *ws, int64_t m, int64_t n, int64_t k) {
     CHECK_PTR(y); CHECK_PTR(x); CHECK_PTR(w); CHECK_PTR(ws);
     CHECK(m >= 0 && n > 0 && k > 0 && k % QK == 0, "bad sizes m=%ld n=%ld k=%ld (k must be a multiple of %d)",
           (long)m, (long)n, (long)k, QK);
@@ -152,7 +190,10 @@ pa_status pa_linear_q8_cpu(float *y, void *scratch, int64_t scratch_bytes, const
           (long)scratch_bytes, (long)need);
     int8_t *xq = (int8_t *)scratch;
     float *xs = (float *)(xq + q_bytes);
-    quantize_rows_q8(xq, xs, x, m, k, k);
-    gemm_q8(y, xq, xs, w, ws, m, n, k);
+    if (pool != NULL)
+        for (int64_t i = 0; i < m; i++) quantize_row_q8(xq + i * k, xs + i * (k / QK), x + i * k, k);
+    else
+        quantize_rows_q8(xq, xs, x, m, k, k);
+    gemm_q8_on(pool, y, xq, xs, w, ws, m, n, k);
     return PA_OK;
 }
