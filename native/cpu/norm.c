@@ -35,7 +35,7 @@ HIDDEN void rms_norm_row(float *out, float *res, const float *x, const float *we
 
 HIDDEN void rms_norm_rows(float *out, float *residual, const float *x, const float *weight,
                           int64_t rows, int64_t hidden, float eps) {
-    #pragma omp parallel for schedule(static) if (rows >= 16)
+    #pragma omp parallel for schedule(static) if (rows >= 256)   /* the final norm of a step stays serial */
     for (int64_t t = 0; t < rows; t++)
         rms_norm_row(out + t * hidden, residual ? residual + t * hidden : NULL, x + t * hidden, weight, hidden, eps);
 }
@@ -60,7 +60,7 @@ pa_status pa_rope_table_cpu(float *cos_t, float *sin_t, const int64_t *positions
           (long)num_tokens, (long)head_dim);
     CHECK(theta > 0.0, "theta must be positive");
     const int64_t half = head_dim / 2;
-    #pragma omp parallel for schedule(static) if (num_tokens >= 64)
+    /* serial: ~1 us a token, and an OpenMP team left spinning would compete with the layer pool */
     for (int64_t t = 0; t < num_tokens; t++) {
         for (int64_t i = 0; i < half; i++) {
             double inv_freq = 1.0 / pow(theta, (double)(2 * i) / (double)head_dim);
