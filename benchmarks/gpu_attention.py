@@ -195,14 +195,14 @@ def probe(b: int, ctx: int) -> None:
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         ref = sdpa(s["q"], k, v)
     torch.cuda.synchronize()
-    print(f"probe B={b} ctx={ctx} P={kernels.decode_partition(b, NKV, ctx)} err {rel_err(out, ref):.1e}")
+    print(f"probe B={b} ctx={ctx} P={kernels.decode_partition_tc(b, NKV, ctx)} err {rel_err(out, ref):.1e}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--partitions", type=int, nargs="*", default=[128, 256, 512, 1024, 2048])
+    ap.add_argument("--partitions", type=int, nargs="*", default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
     ap.add_argument("--flex", choices=["none", "some", "all"], default="none",
                     help="FlexAttention points (compiling each shape takes a while): some = the target points")
     ap.add_argument("--out", type=Path, default=None)
@@ -234,7 +234,7 @@ def main() -> None:
             r = {"batch": b, "ctx": ctx, "mb": case.kv_bytes / 2**20, "sets": case.n_sets}
             # ours: each kernel at the heuristic's partition, then a partition sweep of the tensor-core one
             ref = None
-            r["p_auto"] = kernels.decode_partition(b, NKV, ctx)
+            r["p_auto"] = kernels.decode_partition_tc(b, NKV, ctx)
             outs = {}
             for impl in ("simt", "tc"):
                 calls = run_ours(case, kernels, impl=impl)

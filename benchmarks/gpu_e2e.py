@@ -70,7 +70,7 @@ class Runner:
     def prefill(self) -> torch.Tensor:
         items = [(p.tolist(), 0, self.tables[s].tolist()) for s, p in enumerate(self.prompts)]
         logits = self.model.forward(Batch.build(items, BS, [True] * self.B))
-        return logits.argmax(-1)
+        return logits.argmax(-1).cpu()                  # forward's logits live on the GPU
 
     def decode_batch(self, tokens: torch.Tensor) -> Batch:
         B, pos = self.B, self.ctx

@@ -45,7 +45,7 @@ for stage in "$@"; do
             | tee "$OUT/e2e.log" | grep -v "pdl=" | tail -30
         ;;
     ncu)
-        ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        timeout "${STAGE_LIMIT_ncu:-90}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis -k 'regex:decode_|cudnn|sdpa|fmha|flash' --launch-count 6 \
             python3 benchmarks/gpu_attention.py --probe --batches 64 --contexts 4096 2>&1 | tee "$OUT/ncu.txt" \
             | grep -E "^  [a-z_]|decode_|cudnn|Duration|Throughput|Occupancy|Issue|Eligible|Stall|Warp Cycles|probe" \

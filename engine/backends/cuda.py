@@ -39,6 +39,7 @@ class CudaKernels:
         self.ffi = self.lib.ffi
         self.num_sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
         self._partitions: dict[tuple[int, int], int] = {}     # decode_partition's answers
+        self._counters: torch.Tensor | None = None            # tc decode: per (seq, head group) arrivals, zero
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _p(self, t: torch.Tensor | None):
@@ -152,6 +153,20 @@ class CudaKernels:
                    k, mode, float(eps), int(bool(pdl)), self._code(x))
         return out
 
+    def decode_partition_tc(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
+        """Tokens per block of the tensor-core kernel: about one block per SM (round(SMs / units)
+        partitions of each (sequence, kv head)), each as long as possible, at least 128 tokens -- the
+        measured best at every batch x context point of the v5 sweep (benchmarks/results_cuda.md)."""
+        units = max(1, num_seqs * num_kv_heads)
+        splits = max(1, (self.num_sms + units // 2) // units)
+        return max(128, -(-(-(-max(1, max_context_len) // splits)) // 16) * 16)
+
+    def counters(self, n: int, device) -> torch.Tensor:
+        """A zeroed int32 workspace of >= n counters (the tc kernel leaves it zeroed again)."""
+        if self._counters is None or self._counters.numel() < n or self._counters.device != device:
+            self._counters = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        return self._counters
+
     def decode_partition(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
         """Tokens per thread block. Under 128 (sequence, kv head) units: ~256 blocks (measured best
         on the H200: fewer, longer blocks beat a full wave of short ones). Many: a wave model, time ~
@@ -180,9 +195,11 @@ class CudaKernels:
     def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                scale: float, max_context_len: int, partition: int | None = None,
                                max_splits: int | None = None, out: torch.Tensor | None = None,
-                               impl: str | None = None) -> torch.Tensor:
+                               impl: str | None = None, fused_merge: bool = True) -> torch.Tensor:
         """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given.
-        impl: 'simt' (CUDA cores) or 'tc' (tensor cores); None picks by the GQA group (decode_impl)."""
+        impl: 'simt' (CUDA cores) or 'tc' (tensor cores); None picks by the GQA group (decode_impl).
+        fused_merge (tc): the last partition block of a sequence merges the partitions in place of a
+        second kernel."""
         impl = impl or self.decode_impl(q.shape[1], key_cache.shape[1])
         if impl not in ("simt", "tc"):
             raise ValueError(f"paged_attention_decode: impl must be 'simt' or 'tc', got {impl!r}")
@@ -191,7 +208,8 @@ class CudaKernels:
         S = context_lens.shape[0]
         self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
         if partition is None:
-            partition = self.decode_partition(S, key_cache.shape[1], max_context_len)
+            choose = self.decode_partition if impl == "simt" else self.decode_partition_tc
+            partition = choose(S, key_cache.shape[1], max_context_len)
         if max_splits is None:
             max_splits = max(1, -(-max_context_len // partition))
         out = self._out(op, out, q)
@@ -199,8 +217,13 @@ class CudaKernels:
         if max_splits > 1:
             po = torch.empty(S, nh, max_splits, hd, dtype=torch.float32, device=q.device)
             pml = torch.empty(S, nh, max_splits, 2, dtype=torch.float32, device=q.device)
-        self._call(op, self._p(out), self.ffi.cast("float *", po.data_ptr()) if po is not None else self.ffi.NULL,
-                   self.ffi.cast("float *", pml.data_ptr()) if pml is not None else self.ffi.NULL, self._p(q),
+        workspace = [self.ffi.cast("float *", po.data_ptr()) if po is not None else self.ffi.NULL,
+                     self.ffi.cast("float *", pml.data_ptr()) if pml is not None else self.ffi.NULL]
+        if impl == "tc":        # the last partition block merges (no merge launch) unless fused_merge=False
+            n = S * nh          # >= S x kv heads x head groups
+            workspace.append(self.ffi.cast("int32_t *", self.counters(n, q.device).data_ptr())
+                             if fused_merge and max_splits > 1 else self.ffi.NULL)
+        self._call(op, self._p(out), *workspace, self._p(q),
                    self._p(key_cache), self._p(value_cache), self._p(block_tables), self._p(context_lens),
                    self._p(query_start_loc), S, nh, key_cache.shape[1], hd, key_cache.shape[2],
                    block_tables.shape[1], partition, max_splits, q.stride(0), float(scale), self._code(q))

@@ -342,6 +342,7 @@ __attribute__((visibility("hidden"))) pa_status make_decode_args(
     a.max_splits = max_splits;
     a.q_stride = q_stride;
     a.scale_log2e = scale * kLog2e;
+    a.counters = nullptr;
     return PA_OK;
 }
 

@@ -289,6 +289,37 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
     }
     __syncthreads();
     finish_block<T, D, GP, kWarps, kThreads>(a, red, wml, out, seq, h0, nheads, split, direct);
+    if (direct || a.counters == nullptr) return;
+
+    // The last partition of this (sequence, head group) to finish merges them all (no merge launch):
+    // every thread fences its partial stores, one thread counts the arrival.
+    __shared__ int is_last;
+    __threadfence();
+    __syncthreads();
+    const int n = (ctx + a.partition - 1) / a.partition;
+    if (tid == 0) {
+        int *cnt = a.counters + (int64_t)seq * gridDim.y + blockIdx.y;
+        is_last = atomicAdd(cnt, 1) == n - 1;
+        if (is_last) *cnt = 0;   // every block of this launch has counted: ready for the next launch
+    }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int i = tid; i < nheads * D; i += kThreads) {
+        const int h = i / D, d = i % D;
+        const int64_t base = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits;
+        const float *ml = a.partial_ml + base * 2;
+        const float *po = a.partial_out + base * D + d;
+        float m = -INFINITY;
+        for (int k = 0; k < n; ++k) m = fmaxf(m, __ldcg(ml + 2 * k));   // L2: other blocks wrote them
+        float num = 0.f, den = 0.f;
+        for (int k = 0; k < n; ++k) {
+            const float w = exp2f(__ldcg(ml + 2 * k) - m);
+            num = fmaf(w, __ldcg(po + (int64_t)k * D), num);
+            den = fmaf(w, __ldcg(ml + 2 * k + 1), den);
+        }
+        out[i] = from_f<T>(num / den);
+    }
 }
 
 template <typename T, int D, int GP, int STAGES>
@@ -304,7 +335,7 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
     decode_tc_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
     PA_RETURN_IF_ERR(check_launch("decode_tc_kernel"));
-    return launch_merge<T, D>(a, num_seqs, stream);
+    return a.counters != nullptr ? PA_OK : launch_merge<T, D>(a, num_seqs, stream);
 }
 
 // Four stages (128 KB at D = 128: one block an SM) when the grid is smaller than the chip (each warp
@@ -323,7 +354,7 @@ pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
 }  // namespace
 
 extern "C" pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial_out, float *partial_ml,
-                                                       const void *q, const void *key_cache,
+                                                       int32_t *counters, const void *q, const void *key_cache,
                                                        const void *value_cache, const int32_t *block_tables,
                                                        const int32_t *context_lens, const int32_t *query_start_loc,
                                                        int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
@@ -339,6 +370,7 @@ extern "C" pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial
                                       context_lens, query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim,
                                       block_size, max_blocks_per_seq, partition_size, max_splits, q_stride, scale,
                                       gp));
+    a.counters = max_splits > 1 ? counters : nullptr;
     if (num_seqs == 0) return PA_OK;
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {

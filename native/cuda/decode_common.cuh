@@ -15,6 +15,7 @@ struct DecodeArgs {
     int num_heads, num_kv_heads, group, head_groups, bs_log2, max_blocks, partition, max_splits;
     int64_t q_stride;
     float scale_log2e;
+    int32_t *counters;   // tensor-core kernel only: [num_seqs][gridDim.y] arrival counts (NULL: merge_kernel)
 };
 
 // cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.

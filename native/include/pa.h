@@ -207,8 +207,11 @@ pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *p
 
 /* The same contract as pa_paged_attention_decode_cuda, on the tensor cores (mma.sync m16n8k16): the
  * query heads of a kv head are the rows of an m16 tile (groups <= 8 use its upper half; larger groups
- * are split into blocks of 16 heads). Worth it for GQA groups >= 4; same workspace and merge. */
-pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
+ * are split into blocks of 16 heads); same workspace. counters: NULL (partitions merged by a second
+ * kernel) or int32 [num_seqs * num_kv_heads * ceil(group / (group <= 8 ? 8 : 16))], all zero on entry
+ * and left zero: the last partition block of each (sequence, head group) merges the partitions. */
+pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial_out, float *partial_ml, int32_t *counters,
+                                            const void *q,
                                             const void *key_cache, const void *value_cache,
                                             const int32_t *block_tables, const int32_t *context_lens,
                                             const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
