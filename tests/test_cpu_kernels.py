@@ -209,8 +209,19 @@ def write_kv(nl, pool, k, v, slots):
     call(nl, "write_kv_q8", kc, ks, vc, vs, k, v, slots, t, nkv, hd, kc.shape[2], kc.shape[0], nkv * hd, nkv * hd)
 
 
+def hadamard(n: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix (symmetric, its own inverse)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / math.sqrt(n)
+
+
 def pool_float(cache, scales):
-    return cache.float() * scales[:, :, None, None]
+    """The K or V vectors an int8 pool holds: head vectors are stored rotated by H (head_dim 2^k)."""
+    stored = cache.float() * scales[:, :, None, None]
+    hd = cache.shape[-1]
+    return stored @ hadamard(hd) if hd & (hd - 1) == 0 else stored
 
 
 def simulate_tile_scales(calls, src_rows, bs):
@@ -240,7 +251,8 @@ def simulate_tile_scales(calls, src_rows, bs):
 
 
 def test_write_kv_quantizes_within_half_a_step(nl):
-    """Each token is within half a step of its tile's scale, plus half a step per later requantization."""
+    """Each stored (Hadamard-rotated) token is within half a step of its tile's scale, plus half a step per
+    later requantization; the pool then reads back as the original vectors."""
     torch.manual_seed(5)
     nkv, bs, hd = 3, 16, 64
     pool = make_pool(6, nkv, bs, hd)
@@ -256,8 +268,9 @@ def test_write_kv_quantizes_within_half_a_step(nl):
     before = pool[0].clone()
     for slots, rows in calls:
         write_kv(nl, pool, k[rows], v[rows], torch.tensor(slots, dtype=torch.int32))
-    for src, cache, scales in ((k, pool[0], pool[2]), (v, pool[1], pool[3])):
-        got = pool_float(cache, scales)
+    rot = hadamard(hd)
+    for src, cache, scales in ((k @ rot, pool[0], pool[2]), (v @ rot, pool[1], pool[3])):
+        got = cache.float() * scales[:, :, None, None]        # the stored (rotated) vectors
         for h in range(nkv):
             bound, scale = simulate_tile_scales(calls, src[:, h], bs)
             for slots, rows in calls:
@@ -270,6 +283,16 @@ def test_write_kv_quantizes_within_half_a_step(nl):
                 assert scales[blk, h].item() == pytest.approx(sc, rel=1e-6)   # offset 0 reset the stale 50
     assert pool[2][3, 0] > 0.1                             # the k outlier raised its tile's scale
     assert torch.equal(pool[0][[0, 2, 4, 5]], before[[0, 2, 4, 5]])   # untouched blocks, -1 skipped
+    # read back un-rotated: H is orthonormal, so a token's L2 error is at most sqrt(hd) x its bound
+    for orig, cache, scales in ((k, pool[0], pool[2]), (v, pool[1], pool[3])):
+        back = pool_float(cache, scales)
+        for h in range(nkv):
+            bound, _ = simulate_tile_scales(calls, (orig @ rot)[:, h], bs)
+            for slots, rows in calls:
+                for slot, r in zip(slots, rows):
+                    if slot >= 0:
+                        err = (back[slot // bs, h, slot % bs] - orig[r, h]).norm().item()
+                        assert err <= math.sqrt(hd) * bound[slot] * (1 + 1e-4) + 1e-6
 
 
 def attention_case(nl, seqs, nh=9, nkv=3, hd=64, bs=16, seed=0):
@@ -309,7 +332,7 @@ def test_paged_attention_gqa(nl, seqs):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64)])
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64), (4, 2, 40, 16)])
 def test_paged_attention_other_geometries(nl, nh, nkv, hd, bs):
     out, ref = attention_case(nl, [(70, 1), (65, 20)], nh, nkv, hd, bs, seed=nh + bs)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -46,9 +46,12 @@ const char *pa_last_error_cuda(void);
 /* CPU_EXPORTS_BEGIN */
 /* INT8 conventions: weights int8 [N, K] with float scales [N, K/32] (symmetric, a group of 32 along
  * K); activations are quantized on the fly the same way per row.  K must be a multiple of 32.
- * KV tiles: writing offset 0 of a (block, kv head) tile starts it afresh (resets its scale).
- * Threads: OpenMP over output channels / heads. Scratch is passed in; nothing is kept between calls
- * except oneDNN's primitive cache (pa_onednn_*). */
+ * KV tiles: writing offset 0 of a (block, kv head) tile starts it afresh (resets its scale). When
+ * head_dim is a power of two the int8 pools hold every k and v head vector rotated by the orthonormal
+ * Hadamard matrix H (self-inverse): value = H (int8 * scale); attention rotates q and its output
+ * (H spreads SmolLM2's few large key channels over all of them, so one scale per tile fits).
+ * Threads: a pa_pool_cpu team (fused layer, linear) or OpenMP; work is handed out by atomic counters.
+ * Scratch is passed in; handles (pool, oneDNN primitive cache) are created and freed by the caller. */
 /* 1 when this CPU runs the library (AVX2 + FMA), else 0; call before anything else. */
 int32_t pa_supported_cpu(void);
 int32_t pa_num_threads_cpu(void);
