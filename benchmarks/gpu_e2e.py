@@ -9,7 +9,8 @@ Three ways of counting our steps, all greedy:
                  does), batches built vectorised (the Batch dataclass directly);
   gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
                  the GPU, no host round trip per token (the GPU-bound step time).
-Each runs with the GEMVs launched plainly and as programmatic dependent launches (--pdl both).
+Batch-1 steps (the GEMV path) run in several variants (--variants): base; pdl (GEMVs as programmatic
+dependent launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); pdl+fuse.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -159,11 +160,12 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
 def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
     """Each GEMV of a batch-1 decode step alone: a graph of 20 calls cycling weight copies (so the L2
     holds none of them), plain and PDL launches; GB/s = weight bytes / time."""
-    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
+    from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU, GEMV_PLAIN, GEMV_SILU
     kn, w = backend.kernels, backend.w
     shapes = [("qkv", "layers.0.qkv", GEMV_NORM), ("o", "layers.0.o", GEMV_PLAIN),
-              ("gate_up", "layers.0.gate_up", GEMV_NORM), ("down", "layers.0.down", GEMV_SILU),
-              ("lm_head", "lm_head", GEMV_NORM)]
+              ("gate_up", "layers.0.gate_up", GEMV_NORM), ("down (SiLU prologue)", "layers.0.down", GEMV_SILU),
+              ("gate_up + SiLU epilogue", "layers.0.gate_up", GEMV_NORM_SILU),
+              ("down (plain)", "layers.0.down", GEMV_PLAIN), ("lm_head", "lm_head", GEMV_NORM)]
     lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s |", "|---|---|---|---|---|---|---|"]
     for label, name, mode in shapes:
         weight = w[name]
@@ -171,12 +173,13 @@ def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
         copies = [weight] + [weight.clone() for _ in range(max(0, min(7, (256 << 20) // weight.nbytes)))]
         x = torch.randn(1, 2 * k if mode == GEMV_SILU else k, device="cuda", dtype=weight.dtype)
         nw = torch.ones(k, device="cuda", dtype=weight.dtype)
-        out = torch.empty(1, n, device="cuda", dtype=weight.dtype)
+        out = torch.empty(1, n // 2 if mode == GEMV_NORM_SILU else n, device="cuda", dtype=weight.dtype)
         row = [f"| {label} | {n} x {k} | {weight.nbytes / 1e6:.1f} |"]
         for pdl in (False, True):
             def calls():
                 for i in range(20):
-                    kn.gemv(x, copies[i % len(copies)], mode, nw if mode == GEMV_NORM else None, out=out, pdl=pdl)
+                    kn.gemv(x, copies[i % len(copies)], mode, nw if mode in (GEMV_NORM, GEMV_NORM_SILU) else None,
+                            out=out, pdl=pdl)
             calls()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -256,7 +259,8 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
-    ap.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="GEMVs as PDL launches")
+    ap.add_argument("--variants", nargs="+", default=["base", "pdl", "fuse", "pdl+fuse"],
+                    help="GEMV-path variants, run at batches <= 8 (larger batches run base)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -264,8 +268,7 @@ def main() -> None:
 
     prop = torch.cuda.get_device_properties(0)
     print(f"# {prop.name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    pdls = {"off": [False], "on": [True], "both": [False, True]}[args.pdl]
-    lines = ["| model | batch | PDL | Engine tok/s | Engine step ms (forward / sample / other) | forward+argmax tok/s |"
+    lines = ["| model | batch | variant | Engine tok/s | Engine step ms (forward / sample / other) | forward+argmax tok/s |"
              " gpu-multistep tok/s | HF generate tok/s | Engine / HF | Batch.build ms |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
@@ -289,24 +292,24 @@ def main() -> None:
         model = LlamaModel(cfg, backend)
         if args.gemv and name == "llama1b":
             extra += [f"GEMVs of {name}, batch 1:", ""] + gemv_bandwidth(cfg, backend) + [""]
-            print("\n".join(extra[-8:]), flush=True)
+            print("\n".join(extra[-10:]), flush=True)
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
-            for pdl in pdls:
-                backend.use_pdl = pdl
+            for variant in (args.variants if b <= backend.gemv_max_rows else ["base"]):
+                backend.use_pdl, backend.fuse_silu = "pdl" in variant, "fuse" in variant
                 backend._graphs.clear()
                 with torch.inference_mode():
                     fwd = Runner(model, b, args.prompt_len, args.steps).run()
                     multi = Runner(model, b, args.prompt_len, args.steps).run_multistep()
-                    if args.profile and b == 1 and not pdl:
+                    if args.profile and b == 1 and variant == "base":
                         profile_steps(Runner(model, b, args.prompt_len, args.steps))
                 eng = engine_run(cfg, backend, b, args.prompt_len, args.steps)
-                print(f"{name} B={b} pdl={pdl}: Engine {eng['tok_s']:,.0f} tok/s (step {eng['step_ms']:.2f} ms = "
+                print(f"{name} B={b} variant={variant}: Engine {eng['tok_s']:,.0f} tok/s (step {eng['step_ms']:.2f} ms = "
                       f"forward {eng['forward_ms']:.2f} + sample {eng['sample_ms']:.2f} + other {eng['other_ms']:.2f})"
                       f" | forward+argmax {fwd:,.0f} | multistep {multi:,.0f} | HF {hf_ts:,.0f} | Batch.build "
                       f"{build * 1e3:.2f} ms", flush=True)
-                lines.append(f"| {name} | {b} | {'on' if pdl else 'off'} | {eng['tok_s']:,.0f} | {eng['step_ms']:.2f} "
+                lines.append(f"| {name} | {b} | {variant} | {eng['tok_s']:,.0f} | {eng['step_ms']:.2f} "
                              f"({eng['forward_ms']:.2f} / {eng['sample_ms']:.2f} / {eng['other_ms']:.2f}) | "
                              f"{fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | {eng['tok_s'] / hf_ts:.1f}x | "
                              f"{build * 1e3:.2f} |")

@@ -283,6 +283,8 @@ def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group):
 GEMV_CASES = [  # (rows, n, k, mode)
     (1, 960, 576, "norm"), (3, 576, 576, "plain"), (8, 1536, 576, "silu"),
     (1, 16384, 2048, "norm"), (4, 2048, 8192, "silu"), (2, 49152, 576, "plain"), (5, 2048, 2048, "plain"),
+    (1, 16384, 2048, "norm_silu"), (3, 3072, 576, "norm_silu"), (8, 1000, 64, "norm_silu"),  # 500 outputs: partial group
+    (2, 3072, 2048, "norm"), (4, 3072, 576, "plain"),       # 4 one-row-a-warp blocks an SM
 ]
 
 
@@ -293,16 +295,23 @@ GEMV_CASES = [  # (rows, n, k, mode)
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl):
-    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
+    from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU, GEMV_PLAIN, GEMV_SILU
+    if mode == "norm_silu" and with_residual:
+        pytest.skip("GEMV_NORM_SILU takes no residual")
     g = gen(rows * n + k + with_residual)
     x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
     w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
-    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode == "norm" else None
+    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode.startswith("norm") else None
     res = randn(rows, n, g=g, dtype=dtype) if with_residual else None
-    out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
-    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU}[mode]
+    out = torch.full((rows, n // 2 if mode == "norm_silu" else n), float("nan"), dtype=dtype, device="cuda")
+    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU, "norm_silu": GEMV_NORM_SILU}[mode]
     kernels.gemv(x, w, code, nw, res, 1e-5, out=out, pdl=pdl)
     xd = x.double()
+    if mode == "norm_silu":
+        xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+        gate, up = (xd @ w.double().T).chunk(2, dim=-1)
+        assert rel_err(out, torch.nn.functional.silu(gate) * up) <= TOL
+        return
     if mode == "norm":
         xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
     elif mode == "silu":
@@ -354,6 +363,20 @@ def test_gemv_residual_may_alias_out(kernels):
     ref = x.double() @ w.double().T + res.double()
     kernels.gemv(x, w, residual=res, out=res)
     assert rel_err(res, ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gemv_norm_silu_equals_norm_then_silu_gemv(kernels):
+    """The fused gate_up epilogue rounds exactly as the two-step path (NORM GEMV, then SILU staging)."""
+    from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU
+    g = gen(31)
+    x = randn(3, 576, g=g, dtype=torch.bfloat16)
+    w = randn(3072, 576, g=g, dtype=torch.bfloat16, scale=576 ** -0.5)
+    nw = randn(576, g=g, dtype=torch.bfloat16, scale=0.2) + 1
+    fused = kernels.gemv(x, w, GEMV_NORM_SILU, nw)
+    two_step = kernels.silu_mul(kernels.gemv(x, w, GEMV_NORM, nw))
+    assert torch.equal(fused, two_step)
 
 
 @pytest.mark.cuda

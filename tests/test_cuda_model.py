@@ -227,10 +227,12 @@ def test_graph_variants(fused, runs, prompts):
         check_against_ref(f"cuda-graph-{key}", teacher_forced(ref, batch_prompts, outs), outs, logits)
 
 
-@pytest.mark.parametrize("options", [{"decode_impl": "tc"}, {"use_pdl": True}, {"decode_impl": "tc", "use_pdl": True}])
+@pytest.mark.parametrize("options", [{"decode_impl": "tc"}, {"use_pdl": True}, {"fuse_silu": True},
+                                     {"decode_impl": "tc", "use_pdl": True, "fuse_silu": True},
+                                     {"decode_impl": "simt", "use_pdl": False, "fuse_silu": False}])
 def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
-    """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile) and PDL-launched GEMVs
-    in the decode graphs, eager and graph steps, against the float32 reference."""
+    """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile), PDL-launched GEMVs and
+    the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, against the float32 reference."""
     from engine.backends.cuda import CudaBackend
     _, ref = runs
     cuda = CudaBackend(SMOL, **options)

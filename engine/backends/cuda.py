@@ -14,7 +14,7 @@ from engine.batch import Batch
 from engine.config import ModelConfig
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
-GEMV_PLAIN, GEMV_NORM, GEMV_SILU = 0, 1, 2                 # PA_CUDA_GEMV_* in pa.h
+GEMV_PLAIN, GEMV_NORM, GEMV_SILU, GEMV_NORM_SILU = 0, 1, 2, 3   # PA_CUDA_GEMV_* in pa.h
 GEMV_MAX_ROWS = 8
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
@@ -136,10 +136,12 @@ class CudaKernels:
              norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None, eps: float = 1e-5,
              out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
         """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up.
+        GEMV_NORM_SILU: weight = [gate; up], out = silu(x' @ gate.T) * (x' @ up.T) [rows, n / 2].
         pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h)."""
         op = "pa_gemv_cuda"
         n, k = weight.shape
         rows = x.shape[0]
+        n_out = n // 2 if mode == GEMV_NORM_SILU else n
         self._check(op, "weight", weight, x.dtype)
         self._check(op, "x", x, x.dtype, (rows, 2 * k if mode == GEMV_SILU else k))
         if norm_weight is not None:
@@ -147,8 +149,8 @@ class CudaKernels:
         if residual is not None:
             self._check(op, "residual", residual, x.dtype, (rows, n))
         if out is None:
-            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)               # [rows, n]
-        self._check(op, "out", out, x.dtype, (rows, n))
+            out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)           # [rows, n_out]
+        self._check(op, "out", out, x.dtype, (rows, n_out))
         self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(residual), rows, n,
                    k, mode, float(eps), int(bool(pdl)), self._code(x))
         return out
@@ -195,11 +197,12 @@ class CudaKernels:
     def paged_attention_decode(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                scale: float, max_context_len: int, partition: int | None = None,
                                max_splits: int | None = None, out: torch.Tensor | None = None,
-                               impl: str | None = None, fused_merge: bool = True) -> torch.Tensor:
+                               impl: str | None = None, fused_merge: bool = False) -> torch.Tensor:
         """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given.
         impl: 'simt' (CUDA cores) or 'tc' (tensor cores); None picks by the GQA group (decode_impl).
         fused_merge (tc): the last partition block of a sequence merges the partitions in place of a
-        second kernel."""
+        second kernel (off by default: 3-4 us slower at batch 1 on the H200, where the merge kernel
+        spreads the same work over 4x more threads)."""
         impl = impl or self.decode_impl(q.shape[1], key_cache.shape[1])
         if impl not in ("simt", "tc"):
             raise ValueError(f"paged_attention_decode: impl must be 'simt' or 'tc', got {impl!r}")
@@ -339,7 +342,7 @@ class CudaBackend(Backend):
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
-                 use_pdl: bool = False, decode_impl: str | None = None):
+                 use_pdl: bool = False, decode_impl: str | None = None, fuse_silu: bool = False):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -351,6 +354,7 @@ class CudaBackend(Backend):
         self.use_cuda_graphs = use_cuda_graphs
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
         self.use_pdl = use_pdl                  # GEMVs as programmatic dependent launches (see pa.h)
+        self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
@@ -605,5 +609,8 @@ class CudaBackend(Backend):
                 cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
         r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl)
+        if self.fuse_silu:
+            act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
+            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl)
         gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
         return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl)

@@ -55,7 +55,7 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
         uint4 raw = make_uint4(0, 0, 0, 0);
         if (m < a.rows) raw = reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v];
         reinterpret_cast<uint4 *>(xs)[i] = raw;
-        if (a.mode == PA_CUDA_GEMV_NORM) {
+        if (a.mode == PA_CUDA_GEMV_NORM || a.mode == PA_CUDA_GEMV_NORM_SILU) {
             float f[8], t = 0.f;
             Vec<T>::to_float(raw, f);
 #pragma unroll
@@ -65,7 +65,7 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
                 if (mm == m) sq[mm] += t;   // constant-indexed: stays in registers
         }
     }
-    if (a.mode != PA_CUDA_GEMV_NORM) return;
+    if (a.mode != PA_CUDA_GEMV_NORM && a.mode != PA_CUDA_GEMV_NORM_SILU) return;
     const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
@@ -96,6 +96,13 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
     }
 }
 
+// The weight row of a warp's r-th row: consecutive rows, or for NORM_SILU (RPW = 2) the gate row j and
+// the up row half + j of output j = row0 / 2 (weight = [gate; up], n = 2 * half rows).
+__device__ __forceinline__ int weight_row(const GemvArgs &a, int row0, int r) {
+    if (a.mode == PA_CUDA_GEMV_NORM_SILU) return min(row0 / 2 + r * (a.n / 2), a.n - 1);
+    return min(row0 + r, a.n - 1);
+}
+
 // A grid-stride loop over groups of 8 * RPW rows: the prologue (staging the transformed input) is
 // paid once per block, however many rows the block then streams.
 template <typename T, int MR, int RPW>
@@ -116,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     const uint4 *wrow[RPW];
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
-        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)min(row0 + r, a.n - 1) * a.k);
+        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
     uint4 wv[RPW][kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
@@ -134,8 +141,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
             row0 = (group * kWarps + warp) * RPW;
 #pragma unroll
             for (int r = 0; r < RPW; ++r)
-                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight +
-                                                          (int64_t)min(row0 + r, a.n - 1) * a.k);
+                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
@@ -182,7 +188,19 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
 #pragma unroll
                 for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
         }
-        // 3. reduce over the warp; lane m writes row m's value (+ residual)
+        // 3. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
+        //    warp's (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda rounds it
+        if (RPW == 2 && a.mode == PA_CUDA_GEMV_NORM_SILU) {
+            const int half = a.n / 2, j = row0 / 2;
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                const float g = round_to<T>(warp_sum(acc[0][m]));
+                const float u = round_to<T>(warp_sum(acc[RPW - 1][m]));
+                if (lane == m && m < a.rows && j < half)
+                    ((T *)a.out)[(int64_t)m * half + j] = from_f<T>(round_to<T>(g / (1.f + expf(-g))) * u);
+            }
+            continue;
+        }
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
             const int n = row0 + r;
@@ -206,7 +224,9 @@ pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl,
                                                          cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
     if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
     const int groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
-    const int per_sm = smem <= 48 * 1024 ? 2 : 1;      // two 8-warp blocks an SM while the input is small
+    // Blocks an SM while the input is small: four for the one-row-a-warp kernels (<= 64 registers:
+    // all four fit, so a 3072-row GEMV streams in one round instead of two), else two.
+    const int per_sm = smem > 48 * 1024 ? 1 : (RPW == 1 && MR <= 4 ? 4 : 2);
     const int blocks = groups < per_sm * num_sms ? groups : per_sm * num_sms;
     if (!pdl) {
         gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
@@ -234,8 +254,10 @@ pa_status launch_gemv(const GemvArgs &a, int num_sms, bool pdl, cudaStream_t str
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
-    // Two rows a warp for tall matrices (more loads in flight), one for the rest.
-    if (a.n >= 32 * num_sms) return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, pdl, stream);
+    // Two rows a warp for tall matrices (more loads in flight), one for the rest; NORM_SILU always
+    // takes two (the gate and up rows of one output).
+    if (a.mode == PA_CUDA_GEMV_NORM_SILU || a.n >= 32 * num_sms)
+        return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, pdl, stream);
     return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
 }
 
@@ -247,10 +269,13 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
     const char *name = "gemv_kernel";
     if (out == nullptr || x == nullptr || weight == nullptr || num_rows < 0 || n <= 0 || k <= 0 || k % 8)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (k %d must be a positive multiple of 8)", name, (int)k);
-    if (mode != PA_CUDA_GEMV_PLAIN && mode != PA_CUDA_GEMV_NORM && mode != PA_CUDA_GEMV_SILU)
+    if (mode != PA_CUDA_GEMV_PLAIN && mode != PA_CUDA_GEMV_NORM && mode != PA_CUDA_GEMV_SILU &&
+        mode != PA_CUDA_GEMV_NORM_SILU)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown mode %d", name, (int)mode);
-    if (mode == PA_CUDA_GEMV_NORM && norm_weight == nullptr)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM needs norm_weight", name);
+    if ((mode == PA_CUDA_GEMV_NORM || mode == PA_CUDA_GEMV_NORM_SILU) && norm_weight == nullptr)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
+    if (mode == PA_CUDA_GEMV_NORM_SILU && (n % 2 || residual != nullptr))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM_SILU needs an even n and no residual", name);
     if (num_rows > 8)
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, (int)num_rows);
     if (num_rows == 0) return PA_OK;

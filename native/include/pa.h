@@ -242,6 +242,9 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
 #define PA_CUDA_GEMV_PLAIN 0
 #define PA_CUDA_GEMV_NORM 1
 #define PA_CUDA_GEMV_SILU 2
+/* PA_CUDA_GEMV_NORM_SILU: x' as for NORM, weight = [gate; up] [n, k] (n even); out [num_rows, n / 2] =
+ * silu(T(x' . gate_j)) * T(x' . up_j), rounded as pa_silu_mul_cuda rounds it; no residual. */
+#define PA_CUDA_GEMV_NORM_SILU 3
 pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                        const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
                        int32_t pdl, int32_t dtype, void *stream);
