@@ -1,5 +1,8 @@
-"""CUDA backend: bf16 weights on the GPU, GEMMs through torch (cuBLAS), our kernels (native/cuda) for
-attention, KV write, RoPE, RMSNorm and SiLU-mul, and CUDA graphs for decode-only steps."""
+"""CUDA backend: bf16 weights on the GPU, GEMMs through torch (cuBLAS) or our fused GEMVs (<= 8 rows), our
+kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4), KV write, RoPE,
+RMSNorm and SiLU-mul. Decode-only steps of <= 128 sequences replay one CUDA graph per padded batch size
+through Backend.forward_step (embedding, every layer, final norm and lm_head inside); logits stay on the
+GPU (float32) for the engine's sampler."""
 from __future__ import annotations
 
 import dataclasses
@@ -156,11 +159,13 @@ class CudaKernels:
         return out
 
     def decode_partition_tc(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
-        """Tokens per block of the tensor-core kernel: about one block per SM (round(SMs / units)
-        partitions of each (sequence, kv head)), each as long as possible, at least 128 tokens -- the
-        measured best at every batch x context point of the v5 sweep (benchmarks/results_cuda.md)."""
+        """Tokens per block of the tensor-core kernel: at most one block per SM (floor(SMs / units)
+        partitions of each (sequence, kv head), at least one), each as long as possible, at least 128
+        tokens -- the measured best at every batch x context point of the v5 sweeps
+        (benchmarks/results_cuda.md; one block too many costs a second wave: 976 -> 25.6 us vs 1024 -> 23.9
+        at batch 1 / 16k)."""
         units = max(1, num_seqs * num_kv_heads)
-        splits = max(1, (self.num_sms + units // 2) // units)
+        splits = max(1, self.num_sms // units)
         return max(128, -(-(-(-max(1, max_context_len) // splits)) // 16) * 16)
 
     def counters(self, n: int, device) -> torch.Tensor:
@@ -342,7 +347,7 @@ class CudaBackend(Backend):
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
-                 use_pdl: bool = False, decode_impl: str | None = None, fuse_silu: bool = False):
+                 use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -353,7 +358,10 @@ class CudaBackend(Backend):
         self.kernels = CudaKernels()
         self.use_cuda_graphs = use_cuda_graphs
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
-        self.use_pdl = use_pdl                  # GEMVs as programmatic dependent launches (see pa.h)
+        # GEMVs as programmatic dependent launches (pa.h). None: on for hidden <= 1024, where the H200 runs
+        # (call 3 of results_cuda.md) SmolLM2's batch-1 step 7-8 % faster with them, and off above
+        # (the 1B-like step is 1.5-3.5 % slower: PDL slows its k = 8192 down projection).
+        self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
