@@ -1,8 +1,10 @@
 """Batch: the flat int arrays one engine step hands to the model, built once per step."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -40,37 +42,32 @@ class Batch:
     @staticmethod
     def build(seqs: list[tuple[list[int], int, list[int]]], block_size: int,
               want_logits: list[bool]) -> "Batch":
-        """Build from (new_token_ids, num_computed_before, block_table) per sequence."""
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        ctx: list[int] = []
-        logits_rows: list[int] = []
+        """Build from (new_token_ids, num_computed_before, block_table) per sequence (vectorized)."""
+        n = len(seqs)
+        query_lens = np.fromiter((len(ids) for ids, _, _ in seqs), np.int64, n)
+        computed = np.fromiter((c for _, c, _ in seqs), np.int64, n)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        total = int(starts[-1])
+        ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in seqs), np.int64, total)
         max_blocks = max((len(t) for _, _, t in seqs), default=1) or 1
-        tables = torch.full((len(seqs), max_blocks), -1, dtype=torch.int32)
-        for s, (new_ids, num_computed, table) in enumerate(seqs):
-            for j, token in enumerate(new_ids):
-                p = num_computed + j
-                ids.append(token)
-                pos.append(p)
-                slots.append(table[p // block_size] * block_size + p % block_size)
-            starts.append(len(ids))
-            ctx.append(num_computed + len(new_ids))
-            if table:
-                tables[s, : len(table)] = torch.tensor(table, dtype=torch.int32)
-            if want_logits[s]:
-                logits_rows.append(len(ids) - 1)
-        query_lens = [b - a for a, b in zip(starts, starts[1:])]
+        tables = np.full((n, max_blocks), -1, np.int32)
+        for s, (_, _, table) in enumerate(seqs):
+            tables[s, : len(table)] = table
+        owner = np.repeat(np.arange(n), query_lens)                          # [num_tokens] sequence index
+        pos = np.arange(total) - starts[:-1][owner] + computed[owner]
+        slots = tables[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size
+        ctx = computed + query_lens
+        rows = (starts[1:] - 1)[np.asarray(want_logits, dtype=bool)] if n else np.zeros(0, np.int64)
         return Batch(
-            input_ids=torch.tensor(ids, dtype=torch.int64),
-            positions=torch.tensor(pos, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int32),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
-            context_lens=torch.tensor(ctx, dtype=torch.int32),
-            block_tables=tables,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
-            max_query_len=max(query_lens, default=0),
-            max_context_len=max(ctx, default=0),
+            input_ids=torch.from_numpy(ids),
+            positions=torch.from_numpy(pos),
+            slot_mapping=torch.from_numpy(slots.astype(np.int32)),
+            query_start_loc=torch.from_numpy(starts.astype(np.int32)),
+            context_lens=torch.from_numpy(ctx.astype(np.int32)),
+            block_tables=torch.from_numpy(tables),
+            logits_indices=torch.from_numpy(rows.astype(np.int64)),
+            max_query_len=int(query_lens.max()) if n else 0,
+            max_context_len=int(ctx.max()) if n else 0,
             block_size=block_size,
         )

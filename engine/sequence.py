@@ -81,9 +81,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """One stream of tokens: the prompt plus what was generated, and where it stands."""
+    """One stream of tokens: the prompt plus what was generated, and where it stands.
+
+    Compared by identity: two sequences with equal fields are still two sequences (and the
+    scheduler's membership checks stay O(1) per comparison)."""
 
     seq_id: int
     request_id: str
