@@ -61,7 +61,7 @@ class RequestHandle:
     def __init__(self, request_id: str, engine):
         self.request_id = request_id
         self._engine = engine
-        self._queue: queue.Queue[RequestOutput] = queue.Queue()
+        self._queue: queue.SimpleQueue[RequestOutput] = queue.SimpleQueue()
         self.finished = False
 
     def put(self, output: RequestOutput) -> None:

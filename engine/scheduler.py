@@ -131,6 +131,10 @@ class Scheduler:
 
     def mark_computed(self, out: SchedulerOutput) -> None:
         """After the forward: the scheduled tokens' KV is in the cache."""
+        size = self.blocks.block_size
         for item in out.scheduled:
-            item.seq.num_computed += item.num_new_tokens
-            self.blocks.mark_computed(item.seq.seq_id, item.seq.token_ids, item.seq.num_computed)
+            seq = item.seq
+            before = seq.num_computed
+            seq.num_computed += item.num_new_tokens
+            if seq.num_computed // size != before // size:     # a block just filled up: cache it
+                self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed)
