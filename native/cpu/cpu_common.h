@@ -79,6 +79,17 @@ HIDDEN pa_status check_attention_batch(const char *kernel, const int32_t *block_
                                        const int32_t *query_start_loc, int64_t num_seqs, int64_t num_tokens,
                                        int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks);
 
+/* ---- futex: sleep until *addr != expected, wake every sleeper (Linux) ---------------------- */
+#include <linux/futex.h>
+#include <sys/syscall.h>
+extern long syscall(long number, ...);          /* unistd.h hides it under -std=c11 */
+static inline void futex_wait(_Atomic uint32_t *addr, uint32_t expected) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+static inline void futex_wake_all(_Atomic uint32_t *addr) {
+    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+}
+
 /* ---- AVX2 helpers ------------------------------------------------------------------------- */
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -3,7 +3,6 @@
  * costs more than the ops themselves at batch 1), and the int8 embedding lookup.
  * The layer is exactly model.py's LlamaModel.layer composed from this library's kernels.
  */
-#include <sched.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,22 +40,31 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
 }
 
 /* ================================================================================================
- * A spinning barrier for the layer's team.  The layer has ~9 dependent phases; OpenMP's own barriers
- * (and fork/join) sleep on a futex under OMP_WAIT_POLICY=PASSIVE, which the web server sets, costing
- * ~10 us a phase.  This one spins (then yields), so only one fork/join per layer remains.
+ * The barrier between the layer's ~9 dependent phases: it spins ~50 us (OpenMP's barriers sleep at
+ * once under OMP_WAIT_POLICY=PASSIVE, which the web server sets, ~10-50 us a phase), then sleeps on a
+ * futex, so a thread whose partner lost its core to another process gives its own core up too.
  * ============================================================================================== */
-typedef struct { _Atomic int count, phase; int n; } spin_barrier;
+typedef struct { _Atomic int count; _Atomic uint32_t phase; _Atomic int sleepers; int n; } spin_barrier;
+
+#define BARRIER_SPIN 2048        /* pause iterations (~50 us) before a waiter sleeps on the futex */
 
 static void barrier_wait(spin_barrier *b) {
-    const int phase = atomic_load_explicit(&b->phase, memory_order_acquire);
-    if (atomic_fetch_add_explicit(&b->count, 1, memory_order_acq_rel) == b->n - 1) {
-        atomic_store_explicit(&b->count, 0, memory_order_relaxed);
-        atomic_store_explicit(&b->phase, phase + 1, memory_order_release);
+    const uint32_t phase = atomic_load(&b->phase);
+    if (atomic_fetch_add(&b->count, 1) == b->n - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->phase, phase + 1);
+        if (atomic_load(&b->sleepers) > 0) futex_wake_all(&b->phase);
         return;
     }
-    for (long spins = 0; atomic_load_explicit(&b->phase, memory_order_acquire) == phase; spins++) {
-        if (spins < 4096) _mm_pause();
-        else sched_yield();
+    /* spin while the others are a few us away; sleep when they are not running (shared cores) */
+    for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
+        if (spins < BARRIER_SPIN) {
+            _mm_pause();
+            continue;
+        }
+        atomic_fetch_add(&b->sleepers, 1);
+        futex_wait(&b->phase, phase);                  /* returns at once if the phase moved on */
+        atomic_fetch_sub(&b->sleepers, 1);
     }
 }
 
@@ -185,7 +193,14 @@ pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residua
 
     layer_ctx ctx = {hidden_io, residual, first != 0, s, key_cache, k_scales, value_cache, v_scales, w, d, cos_t,
                      sin_t, slot_mapping, block_tables, context_lens, query_start_loc, num_tokens, num_seqs,
-                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 1}};
+                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 1}};
+    /* One token: one thread. Its layer streams ~3.5 MB of weights, which one core reads as fast as two
+     * here (~40 GB/s), and without a partner there is no barrier to wait at when the cores are shared
+     * (measured: 5.5 ms a token either way on a quiet machine). */
+    if (num_tokens < 2) {
+        layer_team(&ctx, 0, 1);
+        return PA_OK;
+    }
     if (pool != NULL) {
         ctx.bar.n = pool_size(pool);
         pool_run(pool, layer_team, &ctx);

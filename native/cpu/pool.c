@@ -6,11 +6,9 @@
  * The calling thread is member 0 of the team.
  */
 #define _GNU_SOURCE
-#include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 #include "cpu_common.h"
 
 #define MAX_WORKERS 64
@@ -28,14 +26,6 @@ struct pa_pool_cpu {
 };
 
 typedef struct { pa_pool_cpu *pool; int tid; } worker_arg;
-
-static void futex_wait(_Atomic uint32_t *addr, uint32_t expected) {
-    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
-}
-
-static void futex_wake_all(_Atomic uint32_t *addr) {
-    syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
-}
 
 static void *worker_main(void *p) {
     worker_arg wa = *(worker_arg *)p;
@@ -78,9 +68,10 @@ HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg)
     atomic_fetch_add_explicit(&pool->generation, 1, memory_order_release);
     if (atomic_load(&pool->sleepers) > 0) futex_wake_all(&pool->generation);
     fn(arg, 0, pool->num_threads);
-    /* the job ends when every worker has finished its share */
+    /* the job ends when every worker has finished its share (a worker still running means it lost its
+     * core for a while: yield ours) */
     for (long spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < pool->num_threads - 1; spins++)
-        if (spins < 4096) _mm_pause();
+        if (spins < 2048) _mm_pause();
         else sched_yield();
 }
 
