@@ -46,3 +46,8 @@ bench: setup
 clean:
 	$(MAKE) -C native clean
 	rm -rf $(VENV)
+
+# issue 3: our cpu-int8 engine against llama.cpp (llama-cpp-python in .venv-bench, Q8_0), 2 threads, ~8 minutes.
+.PHONY: bench-llamacpp
+bench-llamacpp: setup
+	$(PY) benchmarks/cpu_vs_llamacpp.py --write benchmarks/results_llamacpp.md
