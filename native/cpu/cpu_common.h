@@ -75,6 +75,9 @@ HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cac
 /* Run fn(arg, tid, nt) on every member of the pool's team (the caller is member 0); returns when all did. */
 HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg);
 HIDDEN int pool_size(const pa_pool_cpu *pool);
+/* 1 when this call should run on the caller alone (no pool, or the cores were contended lately). */
+HIDDEN int pool_take_solo(pa_pool_cpu *pool);
+HIDDEN void pool_note_contention(pa_pool_cpu *pool);
 HIDDEN pa_status check_attention_batch(const char *kernel, const int32_t *block_tables, const int32_t *context_lens,
                                        const int32_t *query_start_loc, int64_t num_seqs, int64_t num_tokens,
                                        int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks);
@@ -89,6 +92,16 @@ static inline void futex_wait(_Atomic uint32_t *addr, uint32_t expected) {
 static inline void futex_wake_all(_Atomic uint32_t *addr) {
     syscall(SYS_futex, (uint32_t *)addr, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
 }
+
+/* monotonic seconds (for the contention check only) */
+#include <time.h>
+static inline double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+/* A wait longer than this means a partner lost its core (a phase's imbalance stays < 0.5 ms). */
+#define STALL_SECONDS 2e-3
 
 /* ---- AVX2 helpers ------------------------------------------------------------------------- */
 static inline float hsum_ps(__m256 v) {

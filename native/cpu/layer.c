@@ -44,7 +44,7 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
  * once under OMP_WAIT_POLICY=PASSIVE, which the web server sets, ~10-50 us a phase), then sleeps on a
  * futex, so a thread whose partner lost its core to another process gives its own core up too.
  * ============================================================================================== */
-typedef struct { _Atomic int count; _Atomic uint32_t phase; _Atomic int sleepers; int n; } spin_barrier;
+typedef struct { _Atomic int count; _Atomic uint32_t phase; _Atomic int sleepers, slept; int n; } spin_barrier;
 
 #define BARRIER_SPIN 2048        /* pause iterations (~50 us) before a waiter sleeps on the futex */
 
@@ -57,15 +57,19 @@ static void barrier_wait(spin_barrier *b) {
         return;
     }
     /* spin while the others are a few us away; sleep when they are not running (shared cores) */
+    double slept_at = 0.0;
     for (long spins = 0; atomic_load(&b->phase) == phase; spins++) {
         if (spins < BARRIER_SPIN) {
             _mm_pause();
             continue;
         }
+        if (slept_at == 0.0) slept_at = now_seconds();
         atomic_fetch_add(&b->sleepers, 1);
         futex_wait(&b->phase, phase);                  /* returns at once if the phase moved on */
         atomic_fetch_sub(&b->sleepers, 1);
     }
+    if (slept_at != 0.0 && now_seconds() - slept_at > STALL_SECONDS)
+        atomic_store(&b->slept, 1);                    /* a partner was not running: tell the pool */
 }
 
 /* Columns [c0, c1) of row t for thread tid of nt, in whole QK blocks: rows are dealt round-robin when
@@ -193,17 +197,18 @@ pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residua
 
     layer_ctx ctx = {hidden_io, residual, first != 0, s, key_cache, k_scales, value_cache, v_scales, w, d, cos_t,
                      sin_t, slot_mapping, block_tables, context_lens, query_start_loc, num_tokens, num_seqs,
-                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 1}};
+                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 1}};
     /* One token: one thread. Its layer streams ~3.5 MB of weights, which one core reads as fast as two
      * here (~40 GB/s), and without a partner there is no barrier to wait at when the cores are shared
      * (measured: 5.5 ms a token either way on a quiet machine). */
-    if (num_tokens < 2) {
+    if (num_tokens < 2 || (pool != NULL && pool_take_solo(pool))) {
         layer_team(&ctx, 0, 1);
         return PA_OK;
     }
     if (pool != NULL) {
         ctx.bar.n = pool_size(pool);
         pool_run(pool, layer_team, &ctx);
+        if (atomic_load(&ctx.bar.slept)) pool_note_contention(pool);
         return PA_OK;
     }
     #pragma omp parallel

@@ -21,6 +21,7 @@ struct pa_pool_cpu {
     _Atomic int done;                          /* workers finished with the current job */
     _Atomic int sleepers;
     _Atomic int stop;
+    _Atomic int solo_left;                     /* calls to run on the caller alone (cores contended) */
     void (*fn)(void *arg, int tid, int nt);
     void *arg;
 };
@@ -57,6 +58,23 @@ static void *worker_main(void *p) {
 
 HIDDEN int pool_size(const pa_pool_cpu *pool) { return pool ? pool->num_threads : 1; }
 
+/* Contention: when a team member had to wait long for a partner (it lost its core to another
+ * process), the next SOLO_CALLS calls run on the calling thread alone, then the team is tried again.
+ * One core is about half the speed of two; a team on a contended core was measured 5x slower. */
+#define SOLO_CALLS 64
+
+HIDDEN int pool_take_solo(pa_pool_cpu *pool) {
+    if (pool == NULL || pool->num_threads == 1) return 1;
+    int left = atomic_load_explicit(&pool->solo_left, memory_order_relaxed);
+    if (left <= 0) return 0;
+    atomic_store_explicit(&pool->solo_left, left - 1, memory_order_relaxed);
+    return 1;
+}
+
+HIDDEN void pool_note_contention(pa_pool_cpu *pool) {
+    if (pool != NULL) atomic_store_explicit(&pool->solo_left, SOLO_CALLS, memory_order_relaxed);
+}
+
 HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg) {
     if (pool == NULL || pool->num_threads == 1) {
         fn(arg, 0, 1);
@@ -70,9 +88,16 @@ HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg)
     fn(arg, 0, pool->num_threads);
     /* the job ends when every worker has finished its share (a worker still running means it lost its
      * core for a while: yield ours) */
-    for (long spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < pool->num_threads - 1; spins++)
-        if (spins < 2048) _mm_pause();
-        else sched_yield();
+    double yielding_since = 0.0;
+    for (long spins = 0; atomic_load_explicit(&pool->done, memory_order_acquire) < pool->num_threads - 1; spins++) {
+        if (spins < 2048) {
+            _mm_pause();
+            continue;
+        }
+        if (yielding_since == 0.0) yielding_since = now_seconds();
+        sched_yield();
+    }
+    if (yielding_since != 0.0 && now_seconds() - yielding_since > STALL_SECONDS) pool_note_contention(pool);
 }
 
 pa_status pa_pool_create_cpu(pa_pool_cpu **out, int32_t num_threads) {
