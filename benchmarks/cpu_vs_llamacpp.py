@@ -18,6 +18,8 @@ Each engine times its own steps, in a round:
             sampler, detokenizer), driven from the worker's thread; prefill chunks of 512 tokens
             interleave with early decodes, and those steps count as prefill. llama.cpp: its batch
             API (one llama_decode of all prompts, then one of N tokens a step, a seq_id each).
+A round during which other processes took over 10% of the CPU is redone (at most 3 times, each after
+waiting for the machine to go idle); llama.cpp's batched decode collapses when a core is taken.
 """
 from __future__ import annotations
 
