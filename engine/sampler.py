@@ -11,7 +11,7 @@ from engine.sequence import SamplingParams
 @dataclass
 class SampleResult:
     token_id: int
-    logprob: float                                # of the chosen token, under the raw model distribution
+    logprob: float | None                         # of the chosen token (raw model distribution), when asked
     top_logprobs: list[tuple[int, float]] | None  # the n most likely tokens, when asked for
 
 
@@ -58,28 +58,24 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[torch.Generator | None]) -> list[SampleResult]:
         # logits: [num_rows, vocab] float32, on the backend's device. Greedy rows without penalties
-        # are decided there; only token ids and their logprobs cross to the host.
+        # are decided there; only token ids (and asked-for logprobs) cross to the host.
         simple = all(p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
                      and not p.frequency_penalty for p in params)
         if simple:
-            chosen_t = logits.argmax(-1)
-            chosen_lp = (logits.gather(1, chosen_t[:, None])[:, 0] - logits.logsumexp(-1)).tolist()
-            chosen = chosen_t.tolist()
+            chosen = logits.argmax(-1).tolist()
         else:
             logits = logits.cpu()
             chosen = [self._pick(logits[i].clone(), p, prompt_ids[i], output_ids[i], generators[i])
                       for i, p in enumerate(params)]
-            chosen_lp = None
-        want_top = [i for i, p in enumerate(params) if p.logprobs]
-        raw = logits.log_softmax(-1) if (want_top or chosen_lp is None) else None
+        # Logprobs (under the raw model distribution) only for the rows that asked for them.
+        raw = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
         results = []
         for i, (token, p) in enumerate(zip(chosen, params)):
-            top = None
-            if p.logprobs:
-                vals, ids = raw[i].topk(p.logprobs)
-                top = list(zip(ids.tolist(), vals.tolist()))
-            lp = chosen_lp[i] if chosen_lp is not None else float(raw[i, token])
-            results.append(SampleResult(token, lp, top))
+            if p.logprobs is None:
+                results.append(SampleResult(token, None, None))
+                continue
+            vals, ids = raw[i].topk(p.logprobs) if p.logprobs else (raw[i, :0], raw[i, :0])
+            results.append(SampleResult(token, float(raw[i, token]), list(zip(ids.tolist(), vals.tolist()))))
         return results
 
     @staticmethod

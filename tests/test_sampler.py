@@ -1,0 +1,58 @@
+"""Sampler: filters, penalties, seeded generators, logprobs."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.sampler import Sampler, apply_penalties, filter_logits, make_generator
+from engine.sequence import SamplingParams
+
+
+def test_top_k_top_p_min_p_masks():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits.clone(), SamplingParams(**kw))).tolist()
+    assert kept(top_k=2) == [True, True, False, False, False]
+    assert kept(top_p=0.5) == [True, False, False, False, False]        # the first token alone reaches 0.5
+    assert kept(top_p=0.8) == [True, True, True, False, False]          # 0.75 < 0.8, so the third stays
+    assert kept(min_p=0.25) == [True, True, True, False, False]         # p >= 0.125
+    assert kept(temperature=0.5, top_k=0) == [True] * 5
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([2.0, 1.0, 0.0])
+    p1 = filter_logits(logits, SamplingParams(temperature=1.0)).softmax(-1)
+    p2 = filter_logits(logits, SamplingParams(temperature=0.5)).softmax(-1)
+    assert p2[0] > p1[0]
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), [0], [1])
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [0], [2, 2])
+    assert out.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5]
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 100)
+    p = SamplingParams(temperature=1.0, seed=5)
+    other = SamplingParams(temperature=1.3)
+    s = Sampler()
+    alone = [s(logits[1:2], [p], [[]], [[]], [make_generator(5)])[0].token_id for _ in range(3)]
+    mixed = [s(logits, [other, p, other], [[]] * 3, [[]] * 3,
+               [make_generator(9), make_generator(5), make_generator(1)])[1].token_id for _ in range(3)]
+    assert alone == mixed and len(set(alone)) == 1
+
+
+def test_greedy_and_logprobs():
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    s = Sampler()
+    res = s(logits, [SamplingParams(temperature=0.0, logprobs=2), SamplingParams(temperature=0.0)],
+            [[], []], [[], []], [None, None])
+    assert [r.token_id for r in res] == [1, 0]
+    expected = 3.0 - math.log(math.exp(0) + math.exp(3) + math.exp(1))
+    assert abs(res[0].logprob - expected) < 1e-6
+    assert [t for t, _ in res[0].top_logprobs] == [1, 2]
+    assert res[1].logprob is None and res[1].top_logprobs is None
