@@ -139,7 +139,12 @@ def forward_figures() -> list[str]:
     bs = 16
     backend.allocate_kv_cache(2048, bs)
     model = LlamaModel(cfg, backend)
-    lines = ["| forward (LlamaModel + Batch) | ms / step | tok/s |", "|---|---|---|"]
+    lines = ["| forward (LlamaModel + Batch) | ms / step | tok/s | pool stalls / solo calls so far |",
+             "|---|---|---|---|"]
+
+    def stats(b):
+        stalls, solo = b.pool_stats()
+        return f"{stalls} / {solo}"
 
     def tables(nseq, ctx):
         per = (ctx + 1 + bs - 1) // bs + 1
@@ -149,13 +154,14 @@ def forward_figures() -> list[str]:
     t = tables(1, 512)
     prefill = Batch.build([(prompt, 0, t[0])], bs, [True])
     sec = timed(lambda: model.forward(prefill), 3)
-    lines.append(f"| prefill 512 tokens | {sec * 1e3:8.1f} | {512 / sec:7.0f} |")
+    lines.append(f"| prefill 512 tokens | {sec * 1e3:8.1f} | {512 / sec:7.0f} | {stats(backend)} |")
     for nseq in (1, 8, 32):
         t = tables(nseq, 128)
         model.forward(Batch.build([(prompt[:128], 0, tb) for tb in t], bs, [True] * nseq))
         step = Batch.build([([7], 128, tb) for tb in t], bs, [True] * nseq)
         sec = timed(lambda: model.forward(step), 30)
-        lines.append(f"| decode batch {nseq:<2} (context 128) | {sec * 1e3:8.2f} | {nseq / sec:7.0f} |")
+        lines.append(f"| decode batch {nseq:<2} (context 128) | {sec * 1e3:8.2f} | {nseq / sec:7.0f} | "
+                     f"{stats(backend)} |")
     kv_bytes = backend.kv_bytes_per_block(bs) * 2048
     rss = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -184,6 +190,7 @@ def main() -> None:
     fwd = [] if args.skip_forward else forward_figures()      # first: its RSS is the model's alone
     if args.forward_only:
         return
+    print(f"load average {os.getloadavg()[0]:.2f}")
     if not args.skip_forward:                                  # the web server sets OMP_WAIT_POLICY=PASSIVE
         env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         out = subprocess.run([sys.executable, __file__, "--forward-only"], env=env, capture_output=True, text=True,

@@ -198,6 +198,14 @@ class CpuInt8Backend(Backend):
             setattr(w, name + "_scales", self._p(s, "float *"))
         return w
 
+    def pool_stats(self) -> tuple[int, int]:
+        """(stalls, solo calls) of the worker pool: how often shared cores made the layers run alone."""
+        if self._pool == self.ffi.NULL:
+            return 0, 0
+        stalls, solo = self.ffi.new("int64_t *"), self.ffi.new("int64_t *")
+        self._check(self.lib.pa_pool_stats_cpu(stalls, solo, self._pool), "pa_pool_stats_cpu")
+        return int(stalls[0]), int(solo[0])
+
     def weight_bytes(self) -> int:
         """Bytes of the int8 weights, their scales and the float norms."""
         seen = {id(q): q.numel() + s.numel() * 4 for q, s in self.q.values()}

@@ -72,12 +72,14 @@ HIDDEN void paged_attention_q8(float *out, const float *q, const int8_t *key_cac
                                int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                int64_t max_blocks_per_seq, int64_t q_stride, float scale);
 
-/* Run fn(arg, tid, nt) on every member of the pool's team (the caller is member 0); returns when all did. */
-HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg);
+/* Run fn(arg, tid, nt) on every member of the pool's team (the caller is member 0); returns when all did,
+ * with the seconds the caller then waited for late members. */
+HIDDEN double pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg);
 HIDDEN int pool_size(const pa_pool_cpu *pool);
 /* 1 when this call should run on the caller alone (no pool, or the cores were contended lately). */
 HIDDEN int pool_take_solo(pa_pool_cpu *pool);
-HIDDEN void pool_note_contention(pa_pool_cpu *pool);
+/* After a team call of `elapsed` seconds that lost `waited` to members not running: maybe go solo. */
+HIDDEN void pool_check_contention(pa_pool_cpu *pool, double waited, double elapsed);
 HIDDEN pa_status check_attention_batch(const char *kernel, const int32_t *block_tables, const int32_t *context_lens,
                                        const int32_t *query_start_loc, int64_t num_seqs, int64_t num_tokens,
                                        int64_t block_size, int64_t max_blocks_per_seq, int64_t num_blocks);
@@ -100,8 +102,6 @@ static inline double now_seconds(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
-/* A wait longer than this means a partner lost its core (a phase's imbalance stays < 0.5 ms). */
-#define STALL_SECONDS 2e-3
 
 /* ---- AVX2 helpers ------------------------------------------------------------------------- */
 static inline float hsum_ps(__m256 v) {

@@ -155,7 +155,13 @@ static void gemm_q8_on(pa_pool_cpu *pool, float *y, const int8_t *xq, const floa
         return;
     }
     gemm_job job = {y, xq, xs, ws, w, m, n, k, 0};
-    pool_run(m * n * k >= 65536 && !pool_take_solo(pool) ? pool : NULL, gemm_team, &job);
+    if (m * n * k < 65536 || pool_take_solo(pool)) {
+        gemm_team(&job, 0, 1);
+        return;
+    }
+    const double t0 = now_seconds();
+    const double waited = pool_run(pool, gemm_team, &job);
+    pool_check_contention(pool, waited, now_seconds() - t0);
 }
 
 /* ================================================================================================

@@ -44,7 +44,8 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
  * once under OMP_WAIT_POLICY=PASSIVE, which the web server sets, ~10-50 us a phase), then sleeps on a
  * futex, so a thread whose partner lost its core to another process gives its own core up too.
  * ============================================================================================== */
-typedef struct { _Atomic int count; _Atomic uint32_t phase; _Atomic int sleepers, slept; int n; } spin_barrier;
+typedef struct { _Atomic int count; _Atomic uint32_t phase; _Atomic int sleepers; _Atomic int64_t slept_ns; int n; }
+    spin_barrier;
 
 #define BARRIER_SPIN 2048        /* pause iterations (~50 us) before a waiter sleeps on the futex */
 
@@ -68,8 +69,8 @@ static void barrier_wait(spin_barrier *b) {
         futex_wait(&b->phase, phase);                  /* returns at once if the phase moved on */
         atomic_fetch_sub(&b->sleepers, 1);
     }
-    if (slept_at != 0.0 && now_seconds() - slept_at > STALL_SECONDS)
-        atomic_store(&b->slept, 1);                    /* a partner was not running: tell the pool */
+    if (slept_at != 0.0)                               /* time lost to a partner that was not running */
+        atomic_fetch_add(&b->slept_ns, (int64_t)((now_seconds() - slept_at) * 1e9));
 }
 
 /* Columns [c0, c1) of row t for thread tid of nt, in whole QK blocks: rows are dealt round-robin when
@@ -207,8 +208,9 @@ pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residua
     }
     if (pool != NULL) {
         ctx.bar.n = pool_size(pool);
-        pool_run(pool, layer_team, &ctx);
-        if (atomic_load(&ctx.bar.slept)) pool_note_contention(pool);
+        const double t0 = now_seconds();
+        const double waited = pool_run(pool, layer_team, &ctx) + 1e-9 * (double)atomic_load(&ctx.bar.slept_ns);
+        pool_check_contention(pool, waited, now_seconds() - t0);
         return PA_OK;
     }
     #pragma omp parallel

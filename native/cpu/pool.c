@@ -22,6 +22,7 @@ struct pa_pool_cpu {
     _Atomic int sleepers;
     _Atomic int stop;
     _Atomic int solo_left;                     /* calls to run on the caller alone (cores contended) */
+    _Atomic int64_t solo_total, stalls;        /* counters for benchmarks */
     void (*fn)(void *arg, int tid, int nt);
     void *arg;
 };
@@ -58,27 +59,38 @@ static void *worker_main(void *p) {
 
 HIDDEN int pool_size(const pa_pool_cpu *pool) { return pool ? pool->num_threads : 1; }
 
-/* Contention: when a team member had to wait long for a partner (it lost its core to another
- * process), the next SOLO_CALLS calls run on the calling thread alone, then the team is tried again.
- * One core is about half the speed of two; a team on a contended core was measured 5x slower. */
-#define SOLO_CALLS 64
+/* Contention: when the team spent over half a call waiting for members that were not running (their
+ * cores went to other processes), the next SOLO_CALLS calls run on the calling thread alone, then the
+ * team is tried again. Alone is about half the speed of two free cores; a team on contended cores was
+ * measured 5x slower at batch 8. A short stall in a long call (prefill) keeps the team. */
+#define SOLO_CALLS 30
 
 HIDDEN int pool_take_solo(pa_pool_cpu *pool) {
     if (pool == NULL || pool->num_threads == 1) return 1;
     int left = atomic_load_explicit(&pool->solo_left, memory_order_relaxed);
     if (left <= 0) return 0;
     atomic_store_explicit(&pool->solo_left, left - 1, memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool->solo_total, 1, memory_order_relaxed);
     return 1;
 }
 
-HIDDEN void pool_note_contention(pa_pool_cpu *pool) {
-    if (pool != NULL) atomic_store_explicit(&pool->solo_left, SOLO_CALLS, memory_order_relaxed);
+HIDDEN void pool_check_contention(pa_pool_cpu *pool, double waited, double elapsed) {
+    if (pool == NULL || waited <= 0.5 * elapsed) return;
+    atomic_store_explicit(&pool->solo_left, SOLO_CALLS, memory_order_relaxed);
+    atomic_fetch_add_explicit(&pool->stalls, 1, memory_order_relaxed);
 }
 
-HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg) {
+pa_status pa_pool_stats_cpu(int64_t *stalls, int64_t *solo_calls, const pa_pool_cpu *pool) {
+    CHECK_PTR(stalls); CHECK_PTR(solo_calls); CHECK_PTR(pool);
+    *stalls = atomic_load(&pool->stalls);
+    *solo_calls = atomic_load(&pool->solo_total);
+    return PA_OK;
+}
+
+HIDDEN double pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg) {
     if (pool == NULL || pool->num_threads == 1) {
         fn(arg, 0, 1);
-        return;
+        return 0.0;
     }
     pool->fn = fn;
     pool->arg = arg;
@@ -97,7 +109,7 @@ HIDDEN void pool_run(pa_pool_cpu *pool, void (*fn)(void *, int, int), void *arg)
         if (yielding_since == 0.0) yielding_since = now_seconds();
         sched_yield();
     }
-    if (yielding_since != 0.0 && now_seconds() - yielding_since > STALL_SECONDS) pool_note_contention(pool);
+    return yielding_since != 0.0 ? now_seconds() - yielding_since : 0.0;   /* waited for a late worker */
 }
 
 pa_status pa_pool_create_cpu(pa_pool_cpu **out, int32_t num_threads) {

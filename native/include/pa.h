@@ -123,6 +123,8 @@ int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t 
  * OMP_WAIT_POLICY=PASSIVE. */
 pa_status pa_pool_create_cpu(pa_pool_cpu **pool, int32_t num_threads);
 pa_status pa_pool_destroy_cpu(pa_pool_cpu *pool);
+/* stalls: team waits > 2 ms for a partner (its core was taken); solo_calls: calls then run alone */
+pa_status pa_pool_stats_cpu(int64_t *stalls, int64_t *solo_calls, const pa_pool_cpu *pool);
 /* hidden_io [T, hidden]: in the layer's input h, out its output h; residual [T, hidden] in/out
  * (first != 0: residual is set to h, as model.py's residual=None); the pools as pa_write_kv_q8_cpu;
  * cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu.
