@@ -52,8 +52,10 @@ def onednn_handle(nl, install: bool):
     return h[0], str(lib)
 
 
-def timed(fn, reps: int) -> float:
-    fn()
+def timed(fn, reps: int, warmup: int = 1) -> float:
+    time.sleep(0.1)                   # torch's OpenMP team spins up to ~30 ms after its last parallel op
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -67,48 +69,63 @@ def copies_for(nbytes: int) -> int:
 
 
 def kernel_table(nl, dnnl) -> list[dict]:
+    """Each implementation in its own pass over all shapes: an OpenMP team (torch's, oneDNN's) keeps
+    spinning for a while after its calls and would take a core from the next one measured."""
     handle = nl.ffi.new("pa_pool_cpu **")
     nl.check(nl.lib.pa_pool_create_cpu(handle, nl.lib.pa_num_threads_cpu()), "pool_create")
     pool = nl.ffi.gc(handle[0], nl.lib.pa_pool_destroy_cpu)            # as the backend runs it
-    rows = []
+    cases = []
     for label, n, k in SHAPES:
         torch.manual_seed(n + k)
         w = torch.randn(n, k) * 0.05
         q, s = quantize_int8(w)
         pc_s = w.abs().amax(1) / 127
         pc_q = torch.round(w / pc_s[:, None]).to(torch.int8)
-        ours = [(q.clone(), s.clone()) for _ in range(copies_for(q.numel() + s.numel() * 4))]
-        onednn = [(pc_q.clone(), pc_s.clone()) for _ in range(copies_for(q.numel()))]
-        fp32 = [w.clone() for _ in range(copies_for(w.numel() * 4))]
-        for m in MS:
-            x = torch.randn(m, k)
-            y = torch.empty(m, n)
-            scratch = torch.empty(m * k + 64 + m * (k // 32) * 4 + 4 * m, dtype=torch.uint8)
-            sp, xp, yp = nl.ptr(scratch, "void *"), nl.ptr(x, "float *"), nl.ptr(y, "float *")
-            it = {"ours": 0, "onednn": 0, "torch": 0}
+        cases.append((label, n, k, w, q, s, pc_q, pc_s))
 
-            def run_ours():
-                qq, ss = ours[it["ours"] % len(ours)]
-                it["ours"] += 1
-                nl.check(nl.lib.pa_linear_q8_cpu(pool, yp, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
-                                                 nl.ptr(ss, "float *"), m, n, k), "linear_q8")
+    def measure(kind: str) -> dict:
+        out = {}
+        for label, n, k, w, q, s, pc_q, pc_s in cases:
+            if kind == "ours":
+                weights = [(q.clone(), s.clone()) for _ in range(copies_for(q.numel() + s.numel() * 4))]
+            elif kind == "onednn":
+                weights = [(pc_q.clone(), pc_s.clone()) for _ in range(copies_for(q.numel()))]
+            else:
+                weights = [w.clone() for _ in range(copies_for(w.numel() * 4))]
+            for m in MS:
+                x, y = torch.randn(m, k), torch.empty(m, n)
+                scratch = torch.empty(m * k + 64 + m * (k // 32) * 4 + 4 * m, dtype=torch.uint8)
+                sp, xp, yp = nl.ptr(scratch, "void *"), nl.ptr(x, "float *"), nl.ptr(y, "float *")
+                it = iter(range(10**9))
 
-            def run_onednn():
-                qq, ss = onednn[it["onednn"] % len(onednn)]
-                it["onednn"] += 1
-                nl.check(nl.lib.pa_linear_onednn_cpu(yp, dnnl, sp, scratch.numel(), xp, nl.ptr(qq, "int8_t *"),
-                                                     nl.ptr(ss, "float *"), m, n, k), "linear_onednn")
+                def run():
+                    wt = weights[next(it) % len(weights)]
+                    if kind == "torch":
+                        torch.matmul(x, wt.T, out=y)
+                        return
+                    qp, scp = nl.ptr(wt[0], "int8_t *"), nl.ptr(wt[1], "float *")
+                    if kind == "ours":
+                        nl.check(nl.lib.pa_linear_q8_cpu(pool, yp, sp, scratch.numel(), xp, qp, scp, m, n, k), kind)
+                    else:
+                        nl.check(nl.lib.pa_linear_onednn_cpu(yp, dnnl, sp, scratch.numel(), xp, qp, scp, m, n, k),
+                                 kind)
 
-            def run_torch():
-                ww = fp32[it["torch"] % len(fp32)]
-                it["torch"] += 1
-                torch.matmul(x, ww.T, out=y)
+                # 32 warm-up calls: past the pool's solo spell if a torch op above made it stall
+                out[(label, m)] = timed(run, 15 if n * k > 10**7 else 60, warmup=32 if kind == "ours" else 1)
+            del weights
+        time.sleep(0.2)                      # let spinning teams go to sleep before the next pass
+        return out
 
-            reps = 15 if n * k > 10**7 else 60
-            row = {"shape": label, "m": m, "ours": timed(run_ours, reps), "torch": timed(run_torch, reps)}
-            row["onednn"] = timed(run_onednn, reps) if dnnl is not None else None
-            rows.append(row)
-            print(format_row(row), flush=True)
+    ours = measure("ours")
+    onednn = measure("onednn") if dnnl is not None else {}
+    fp32 = measure("torch")
+    rows = [{"shape": label, "m": m, "ours": ours[(label, m)], "onednn": onednn.get((label, m)),
+             "torch": fp32[(label, m)]} for label, _, _, *_ in cases for m in MS]
+    for row in rows:
+        print(format_row(row), flush=True)
+    stalls, solo = nl.ffi.new("int64_t *"), nl.ffi.new("int64_t *")
+    nl.check(nl.lib.pa_pool_stats_cpu(stalls, solo, pool), "pool_stats")
+    print(f"(our pool during the table: {stalls[0]} stalls, {solo[0]} solo calls)")
     return rows
 
 
