@@ -143,7 +143,7 @@ class TorchRefBackend(Backend):
         self.value_caches[layer][blocks, :, offsets] = v.to(self.dtype)
 
     def paged_attention(self, layer, q, batch):
-        if batch.is_decode_only and batch.num_seqs > 1:
+        if batch.is_decode_only:
             return paged_decode_attention_ref(q, self.key_caches[layer], self.value_caches[layer],
                                               batch.block_tables, batch.context_lens, self.config.head_dim ** -0.5)
         return paged_attention_ref(q, self.key_caches[layer], self.value_caches[layer], batch.block_tables,
