@@ -85,9 +85,24 @@ def test_quantize_matches_torch(nl):
     assert (err <= xs.repeat_interleave(32, 1) / 2 * (1 + 1e-5) + 1e-12).all()
 
 
+ISA_NAMES = {0: "avx2", 1: "avx-vnni", 2: "avx512-vnni"}
+
+
+@pytest.fixture(params=sorted(ISA_NAMES), ids=list(ISA_NAMES.values()))
+def isa(nl, request):
+    """Caps the GEMM kernels at one instruction set for the test (skipped where the CPU lacks it)."""
+    got = nl.lib.pa_set_isa_cpu(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {ISA_NAMES[request.param]}")
+        yield request.param
+    finally:
+        nl.lib.pa_set_isa_cpu(2)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 576, 576), (1, 7, 32), (3, 5, 64), (2, 13, 1536), (8, 960, 576),
-                                   (33, 100, 96), (5, 192, 576)])
-def test_linear_within_quantization_bound(nl, m, n, k):
+                                   (33, 100, 96), (5, 192, 576), (6, 9, 32), (17, 11, 160)])
+def test_linear_within_quantization_bound(nl, isa, m, n, k):
     """|y - x @ w.T| <= sum_k |x_k| sw_k / 2 + sx_k / 2 (|w_k| + sw_k / 2), per element."""
     torch.manual_seed(m * 1000 + n + k)
     x, w = torch.randn(m, k), torch.randn(n, k) * 0.05
@@ -117,6 +132,23 @@ def test_linear_on_worker_pool_matches_openmp(nl):
             assert torch.equal(linear(nl, x, q, s, pool=handle[0]), linear(nl, x, q, s))
     finally:
         nl.lib.pa_pool_destroy_cpu(handle[0])
+
+
+def test_isa_levels_agree(nl):
+    """Every instruction set the CPU has computes the same int32 block dots (floats: rounding order only)."""
+    torch.manual_seed(5)
+    x, (q, s) = torch.randn(37, 608), quantize_int8_local(torch.randn(21, 608))
+    out = {}
+    try:
+        for level in sorted(ISA_NAMES):
+            if nl.lib.pa_set_isa_cpu(level) == level:
+                out[level] = linear(nl, x, q, s)
+    finally:
+        nl.lib.pa_set_isa_cpu(2)
+    assert 0 in out
+    for y in out.values():
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, out[0], rtol=1e-5, atol=1e-4)
 
 
 def test_gemm_prequantized_matches_linear(nl):
@@ -423,7 +455,7 @@ def steps(cfg, block_size):
     return [first, second, third]
 
 
-def test_fused_layer_matches_composed_ops(nl):
+def test_fused_layer_matches_composed_ops(nl, isa):
     """forward_layer (one native call, on the worker pool or OpenMP) == model.layer over the separate ops."""
     logits = []
     for fused, pool in ((True, True), (True, False), (False, False)):

@@ -76,6 +76,7 @@ class CpuBatch(Batch):
 
     rope_cos: torch.Tensor | None = None        # [T, head_dim / 2] float32
     rope_sin: torch.Tensor | None = None
+    layer_args: tuple | None = None             # cffi pointers every layer call of this step reuses
 
 
 class CpuInt8Backend(Backend):
@@ -102,8 +103,11 @@ class CpuInt8Backend(Backend):
         self.k_scales: list[torch.Tensor] = []                        # [num_blocks, nkv] float32
         self.v_scales: list[torch.Tensor] = []
         self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._scratch_cdata = self.ffi.NULL
+        self._ptr_cache: dict[int, object] = {}
         self._heap_released = False
         self._layer_w: list = []
+        self._layer_kv: list = []                                     # per layer (k, k scales, v, v scales) cdata
         self._dims = None
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -231,6 +235,9 @@ class CpuInt8Backend(Backend):
         d.block_size, d.num_blocks = block_size, num_blocks
         d.eps, d.attn_scale = c.rms_norm_eps, c.head_dim ** -0.5
         self._dims = d
+        self._layer_kv = [(self._p(self.key_caches[i], "int8_t *"), self._p(self.k_scales[i], "float *"),
+                           self._p(self.value_caches[i], "int8_t *"), self._p(self.v_scales[i], "float *"))
+                          for i in range(c.num_layers)]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -251,7 +258,12 @@ class CpuInt8Backend(Backend):
         positions = batch.positions.to(torch.int64).contiguous()
         cos, sin = self._rope_table(positions)
         fields = {**vars(batch), "positions": positions}
-        return CpuBatch(**fields, rope_cos=cos, rope_sin=sin)
+        out = CpuBatch(**fields, rope_cos=cos, rope_sin=sin)
+        # pointers of this step's batch arrays, cast once instead of once per layer
+        out.layer_args = (self._p(cos, "float *"), self._p(sin, "float *"), self._p(out.slot_mapping, "int32_t *"),
+                          self._p(out.block_tables, "int32_t *"), self._p(out.context_lens, "int32_t *"),
+                          self._p(out.query_start_loc, "int32_t *"))
+        return out
 
     # ---- helpers -----------------------------------------------------------------------------
     def _p(self, t: torch.Tensor, ctype: str):
@@ -263,7 +275,19 @@ class CpuInt8Backend(Backend):
     def _scratch_ptr(self, nbytes: int):
         if self._scratch.numel() < nbytes:
             self._scratch = torch.empty(max(nbytes, 2 * self._scratch.numel()), dtype=torch.uint8)
-        return self._p(self._scratch, "void *"), self._scratch.numel()
+            self._scratch_cdata = self._p(self._scratch, "void *")
+        return self._scratch_cdata, self._scratch.numel()
+
+    def _cached_ptr(self, t: torch.Tensor):
+        """float * to a contiguous float32 tensor; the last two casts are kept (h and residual are the
+        same tensors for every layer of a step)."""
+        key = t.data_ptr()
+        hit = self._ptr_cache.get(key)
+        if hit is None:
+            if len(self._ptr_cache) >= 4:
+                self._ptr_cache.clear()
+            hit = self._ptr_cache[key] = self.ffi.cast("float *", key)
+        return hit
 
     def _rope_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -394,12 +418,16 @@ class CpuInt8Backend(Backend):
         need = self.lib.pa_llama_layer_scratch_bytes_cpu(self._dims, shape[0])
         scratch, nbytes = self._scratch_ptr(need)
         tables = batch.block_tables
+        args = batch.layer_args
+        if args is None:                          # a CpuBatch built outside prepare()
+            args = batch.layer_args = (
+                self._p(batch.rope_cos, "float *"), self._p(batch.rope_sin, "float *"),
+                self._p(batch.slot_mapping, "int32_t *"), self._p(tables, "int32_t *"),
+                self._p(batch.context_lens, "int32_t *"), self._p(batch.query_start_loc, "int32_t *"))
+        cos_p, sin_p, slots_p, tables_p, lens_p, qsl_p = args
+        kc, ks, vc, vs = self._layer_kv[layer]
         self._check(self.lib.pa_llama_layer_cpu(
-            self._pool, self._p(h, "float *"), self._p(residual, "float *"), int(first), scratch, nbytes,
-            self._p(self.key_caches[layer], "int8_t *"), self._p(self.k_scales[layer], "float *"),
-            self._p(self.value_caches[layer], "int8_t *"), self._p(self.v_scales[layer], "float *"),
-            self._layer_w[layer], self._dims, self._p(batch.rope_cos, "float *"), self._p(batch.rope_sin, "float *"),
-            self._p(batch.slot_mapping, "int32_t *"), self._p(tables, "int32_t *"),
-            self._p(batch.context_lens, "int32_t *"), self._p(batch.query_start_loc, "int32_t *"),
+            self._pool, self._cached_ptr(h), self._cached_ptr(residual), int(first), scratch, nbytes,
+            kc, ks, vc, vs, self._layer_w[layer], self._dims, cos_p, sin_p, slots_p, tables_p, lens_p, qsl_p,
             shape[0], batch.num_seqs, tables.shape[1]), f"pa_llama_layer_cpu(layer {layer})")
         return h, residual

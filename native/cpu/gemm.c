@@ -78,16 +78,44 @@ HIDDEN void quantize_rows_q8(int8_t *xq, float *xs, const float *x, int64_t m, i
 #define TILE_TARGET "avx2,fma,avxvnni"
 #define TILE_VNNI 1
 #include "gemm_tile.h"
+#include "gemm_tile512.h"
+#ifndef GEMM_NR512
+#define GEMM_NR512 4
+#endif
+_Static_assert(GEMM_NR512 <= 4, "no AVX-512 micro-kernel for this tile");
 
 /* ================================================================================================
  * GEMM/GEMV over pre-quantized activations.
  * ============================================================================================== */
-/* AVX-VNNI when the CPU has it (unless PA_CPU_NO_VNNI is defined at build time for comparison). */
+/* Instruction-set levels: 0 AVX2 (vpmaddubsw), 1 AVX-VNNI (vpdpbusd on ymm), 2 AVX-512 VNNI (zmm, GEMM
+ * tiles only: M = 1 stays on ymm, memory-bound).  The cap is process-wide CPU configuration (like the
+ * cpuid result it limits), set by pa_set_isa_cpu for parity tests; it holds no per-call state. */
+static _Atomic int isa_cap = 2;
+
+static int cpu_isa_level(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512vnni"))
+        return 2;
+#ifndef PA_CPU_NO_VNNI
+    if (__builtin_cpu_supports("avxvnni")) return 1;
+#endif
+    return 0;
+}
+
+static int isa_level(void) {
+    const int hw = cpu_isa_level(), cap = atomic_load_explicit(&isa_cap, memory_order_relaxed);
+    return hw < cap ? hw : cap;
+}
+
+/* ymm kernels at level >= 1 need AVX-VNNI itself (an AVX-512 VNNI CPU without it uses the EVEX form,
+ * which gcc emits for the same intrinsic under avx512vnni+avx512vl) */
 static int use_vnni(void) {
 #ifdef PA_CPU_NO_VNNI
     return 0;
 #else
-    return __builtin_cpu_supports("avxvnni");
+    return isa_level() >= 1 && __builtin_cpu_supports("avxvnni");
 #endif
 }
 
@@ -100,7 +128,8 @@ HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8
     /* up to GEMV_MAX_M rows: GEMV tiles (8 weight streams from DRAM), each row in turn while the
      * 8 weight rows sit in L1; more rows: the register-tiled GEMM */
     const int small = m <= GEMV_MAX_M;
-    const int nr = small ? GEMV_NR : GEMM_NR;       /* weight rows per tile */
+    const int wide = !small && isa_level() >= 2;    /* AVX-512 VNNI GEMM tiles */
+    const int nr = small ? GEMV_NR : wide ? GEMM_NR512 : GEMM_NR;   /* weight rows per tile */
     const int mr = small ? 1 : GEMM_MR;             /* activation rows per tile */
     const int64_t num_tiles = (n + nr - 1) / nr;
     const int64_t chunk = num_tiles / 32 > 1 ? num_tiles / 32 : 1;
@@ -122,7 +151,10 @@ HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8
             const int nr_t = (int)(n - n0 < nr ? n - n0 : nr);
             for (int64_t m0 = 0; m0 < m; m0 += mr) {
                 const int mr_t = (int)(m - m0 < mr ? m - m0 : mr);
-                if (vnni)
+                if (wide)
+                    tile_dispatch_avx512(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb,
+                                         mr_t, nr_t);
+                else if (vnni)
                     tile_dispatch_vnni(y + m0 * n + n0, n, xq + m0 * k, xs + m0 * nb, w + n0 * k, ws + n0 * nb, nb,
                                        mr_t, nr_t);
                 else
@@ -167,6 +199,11 @@ static void gemm_q8_on(pa_pool_cpu *pool, float *y, const int8_t *xq, const floa
 /* ================================================================================================
  * Exports
  * ============================================================================================== */
+int32_t pa_set_isa_cpu(int32_t max_level) {
+    atomic_store(&isa_cap, max_level < 0 ? 0 : max_level > 2 ? 2 : max_level);
+    return isa_level();
+}
+
 pa_status pa_quantize_q8_cpu(int8_t *xq, float *xs, const float *x, int64_t m, int64_t k) {
     CHECK_PTR(xq); CHECK_PTR(xs); CHECK_PTR(x);
     CHECK(m >= 0 && k > 0 && k % QK == 0, "need m >= 0 and k a positive multiple of %d (m=%ld k=%ld)",

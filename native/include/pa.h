@@ -55,6 +55,9 @@ const char *pa_last_error_cuda(void);
 /* 1 when this CPU runs the library (AVX2 + FMA), else 0; call before anything else. */
 int32_t pa_supported_cpu(void);
 int32_t pa_num_threads_cpu(void);
+/* Caps the instruction set of the INT8 GEMM kernels (0 AVX2, 1 AVX-VNNI, 2 AVX-512 VNNI; default 2)
+ * for the whole process; returns the level now in use (the cap or what the CPU has, the lower). */
+int32_t pa_set_isa_cpu(int32_t max_level);
 
 /* xq [m, k] int8, xs [m, k/32] <- x [m, k] float */
 pa_status pa_quantize_q8_cpu(int8_t *xq, float *xs, const float *x, int64_t m, int64_t k);
