@@ -359,13 +359,13 @@ def attention_case(nl, seqs, nh=9, nkv=3, hd=64, bs=16, seed=0):
     [(40, 7)],                                  # a chunk on top of a cached prefix
     [(5, 1), (16, 16), (50, 3), (1, 1), (23, 11)],   # a mixed batch
 ], ids=lambda s: "-".join(f"{c}c{q}q" for c, q in s))
-def test_paged_attention_gqa(nl, seqs):
+def test_paged_attention_gqa(nl, isa, seqs):
     out, ref = attention_case(nl, seqs)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64), (4, 2, 40, 16)])
-def test_paged_attention_other_geometries(nl, nh, nkv, hd, bs):
+def test_paged_attention_other_geometries(nl, isa, nh, nkv, hd, bs):
     out, ref = attention_case(nl, [(70, 1), (65, 20)], nh, nkv, hd, bs, seed=nh + bs)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 

@@ -254,6 +254,100 @@ static void attend_item(const attn_args *a, int64_t s, int64_t g, int64_t ctx, i
     }
 }
 
+/* The same item on AVX-512 (head_dim a multiple of 16): keys dequantized transposed, kT [hd][16 keys],
+ * so 16 scores are one zmm accumulation over d (no horizontal sums); values dequantized with their scale
+ * folded in, so p v is one broadcast-FMA per (key, 16 dims).  Keys past a row's causal limit are masked
+ * to -inf before the max and to 0 after the exp. */
+#define T512A __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64_t ctx, int64_t qlen, int64_t row0,
+                                 int64_t nq, int64_t token0) {
+    const int64_t hd = a->head_dim, bs = a->block_size, group = a->num_heads / a->num_kv_heads;
+    const int64_t rows = nq * group, bsp = (bs + 15) & ~(int64_t)15;
+    /* stack buffers: rows <= 32, hd <= 256, bs <= 64 (<= 224 KiB) */
+    float qs[rows][hd], acc[rows][hd], m[rows], l[rows];
+    float kT[hd][bsp], vt[bsp][hd], sc[bsp];
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = a->q + (token0 + row0 + r / group) * a->q_stride + (g * group + r % group) * hd;
+        for (int64_t d = 0; d < hd; d++) { qs[r][d] = src[d] * a->scale; acc[r][d] = 0.0f; }
+        if (rotated_head_dim(hd)) hadamard_inplace(qs[r], hd);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    const int64_t last_pos = ctx - qlen + row0 + nq - 1;
+    const int32_t *table = a->block_tables + s * a->max_blocks_per_seq;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    for (int64_t p0 = 0; p0 <= last_pos; p0 += bs) {
+        const int64_t tile = (int64_t)table[p0 / bs] * a->num_kv_heads + g;
+        const int64_t nvalid = ctx - p0 < bs ? ctx - p0 : bs;
+        const int8_t *kq = a->key_cache + tile * bs * hd, *vq = a->value_cache + tile * bs * hd;
+        const float ks = a->k_scales[tile];
+        const __m512 vs = _mm512_set1_ps(a->v_scales[tile]);
+        for (int64_t i = 0; i < nvalid; i++)
+            for (int64_t d = 0; d < hd; d++) kT[d][i] = (float)kq[i * hd + d];
+        for (int64_t i = nvalid; i < bsp; i++)
+            for (int64_t d = 0; d < hd; d++) kT[d][i] = 0.0f;
+        for (int64_t i = 0; i < nvalid; i++)
+            for (int64_t d = 0; d < hd; d += 16)
+                _mm512_storeu_ps(&vt[i][d], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                              _mm_loadu_si128((const __m128i *)(vq + i * hd + d)))), vs));
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t qpos = ctx - qlen + row0 + r / group;
+            const int64_t nk = qpos - p0 + 1 < nvalid ? qpos - p0 + 1 : nvalid;
+            if (nk <= 0) continue;
+            /* scores, 16 keys a zmm; running max over the valid ones */
+            __m512 vmax = neg_inf;
+            for (int64_t i0 = 0; i0 < nk; i0 += 16) {
+                __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                for (int64_t d = 0; d < hd; d += 2) {
+                    s0 = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d]), _mm512_loadu_ps(&kT[d][i0]), s0);
+                    s1 = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d + 1]), _mm512_loadu_ps(&kT[d + 1][i0]), s1);
+                }
+                const int64_t left = nk - i0;
+                const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 sv = _mm512_mask_mov_ps(neg_inf, km, _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(ks)));
+                _mm512_storeu_ps(sc + i0, sv);
+                vmax = _mm512_max_ps(vmax, sv);
+            }
+            const float mx = fmaxf(m[r], _mm512_reduce_max_ps(vmax));
+            const float corr = exp_lut(m[r] - mx);
+            __m512 psum = _mm512_setzero_ps();
+            const __m256 vmx = _mm256_set1_ps(mx);
+            for (int64_t i0 = 0; i0 < nk; i0 += 16) {
+                const int64_t left = nk - i0;
+                const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 x = _mm512_loadu_ps(sc + i0);
+                /* masked lanes hold -inf: clamp before the table, zero after */
+                const __m256 lo = exp_lut_ps(_mm256_max_ps(_mm256_sub_ps(_mm512_castps512_ps256(x), vmx), _mm256_set1_ps(-80.0f)));
+                const __m256 hi = exp_lut_ps(_mm256_max_ps(_mm256_sub_ps(_mm512_extractf32x8_ps(x, 1), vmx), _mm256_set1_ps(-80.0f)));
+                const __m512 p = _mm512_maskz_mov_ps(km, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+                _mm512_storeu_ps(sc + i0, p);
+                psum = _mm512_add_ps(psum, p);
+            }
+            l[r] = l[r] * corr + _mm512_reduce_add_ps(psum);
+            m[r] = mx;
+            /* acc = acc * corr + sum_j p_j (vs v_j), 4 zmm of dims at a time */
+            const __m512 vcorr = _mm512_set1_ps(corr);
+            for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+                const int nc = hd - d0 >= 64 ? 4 : (int)((hd - d0) / 16);
+                __m512 o[4];
+                for (int c = 0; c < nc; c++) o[c] = _mm512_mul_ps(_mm512_loadu_ps(&acc[r][d0 + 16 * c]), vcorr);
+                for (int64_t j = 0; j < nk; j++) {
+                    const __m512 pj = _mm512_set1_ps(sc[j]);
+                    for (int c = 0; c < nc; c++) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(&vt[j][d0 + 16 * c]), o[c]);
+                }
+                for (int c = 0; c < nc; c++) _mm512_storeu_ps(&acc[r][d0 + 16 * c], o[c]);
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = a->out + (token0 + row0 + r / group) * a->num_heads * hd + (g * group + r % group) * hd;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int64_t d = 0; d < hd; d++) dst[d] = acc[r][d] * inv;
+        if (rotated_head_dim(hd)) hadamard_inplace(dst, hd);
+    }
+}
+#undef T512A
+
 /* The calling thread's share: it claims work items from *next (zeroed before) until none are left. */
 HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *key_cache, const float *k_scales,
                                     const int8_t *value_cache, const float *v_scales,
@@ -264,6 +358,7 @@ HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *ke
     const attn_args a = {q, out, key_cache, k_scales, value_cache, v_scales, block_tables, num_heads,
                          num_kv_heads, head_dim, block_size, max_blocks_per_seq, q_stride, scale};
     const int64_t group = num_heads / num_kv_heads;
+    const int wide = head_dim % 16 == 0 && isa_level() >= 2;        /* attend_item512 */
     const int64_t qc = MAX_ROWS / group;                         /* query rows per item */
     int64_t max_qlen = 0;
     for (int64_t s = 0; s < num_seqs; s++) {
@@ -280,7 +375,10 @@ HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *ke
         const int64_t row0 = c * qc;
         if (row0 >= qlen) continue;
         const int64_t nq = qlen - row0 < qc ? qlen - row0 : qc;
-        attend_item(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
+        if (wide)
+            attend_item512(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
+        else
+            attend_item(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
     }
 }
 

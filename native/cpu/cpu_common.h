@@ -126,6 +126,8 @@ static inline __m256 load8_i8_ps(const int8_t *p) {
 /* exp(x) for x <= 0 through the 2^(j/256) table with linear interpolation (exp_lut.c). */
 HIDDEN __m256 exp_lut_ps(__m256 x);
 HIDDEN float exp_lut(float x);
+/* Instruction-set level in use: 0 AVX2, 1 AVX-VNNI, 2 AVX-512 (VNNI) (gemm.c; capped by pa_set_isa_cpu). */
+HIDDEN int isa_level(void);
 /* exp(x) by a degree-6 polynomial after range reduction; relative error < 2e-7 (silu). */
 HIDDEN __m256 exp_poly_ps(__m256 x);
 

@@ -104,7 +104,7 @@ static int cpu_isa_level(void) {
     return 0;
 }
 
-static int isa_level(void) {
+HIDDEN int isa_level(void) {
     const int hw = cpu_isa_level(), cap = atomic_load_explicit(&isa_cap, memory_order_relaxed);
     return hw < cap ? hw : cap;
 }
