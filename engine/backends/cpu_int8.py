@@ -152,6 +152,7 @@ class CpuInt8Backend(Backend):
                 if f"layers.{i}.{name}" not in self.q:
                     raise ValueError(f"missing int8 weight layers.{i}.{name}")
         self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
+        _release_free_heap()                         # freed float32 temporaries back to the OS now
 
     def _pack_weights(self) -> None:
         """Move every int8 matrix and its scales into one allocation and give freed memory back.
@@ -235,6 +236,7 @@ class CpuInt8Backend(Backend):
         d.block_size, d.num_blocks = block_size, num_blocks
         d.eps, d.attn_scale = c.rms_norm_eps, c.head_dim ** -0.5
         self._dims = d
+        _release_free_heap()                         # the loader's float copies are normally gone by now
         self._layer_kv = [(self._p(self.key_caches[i], "int8_t *"), self._p(self.k_scales[i], "float *"),
                            self._p(self.value_caches[i], "int8_t *"), self._p(self.v_scales[i], "float *"))
                           for i in range(c.num_layers)]
