@@ -1,6 +1,8 @@
 """The Decoder API: one class per backend over the same Engine (generate, stream, chat)."""
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from pathlib import Path
@@ -47,6 +49,14 @@ def make_backend(name: str, config: ModelConfig, num_threads: int | None = None)
     raise ValueError(f"backend must be one of auto, torch, cpu-int8, cuda; got {name!r}")
 
 
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the OS (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def params_from(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     """SamplingParams from an optional base and keyword overrides (greedy by default)."""
     if params is not None and overrides:
@@ -85,6 +95,13 @@ class Decoder:
             backend.load_quantized_weights(loaded.int8, fuse_weights(loaded.tensors, loaded.config))
         else:
             backend.load_weights(fuse_weights(loaded.tensors, loaded.config))
+        # The backend now holds its own form of the weights: let the loader's float copies go, and give
+        # their pages back to the OS (an INT8 backend would otherwise keep ~4x its weights resident).
+        loaded.tensors.clear()
+        if loaded.int8:
+            loaded.int8.clear()
+        gc.collect()
+        release_free_heap()
         self._install(loaded, backend, start)
 
     def load_quantized_weights(self, path: str | Path, start: bool = True) -> None:
