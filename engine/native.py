@@ -15,8 +15,9 @@ class NativeError(RuntimeError):
     """A native kernel returned a non-zero pa_status, or a library could not be used."""
 
 
-def read_cdef(header: Path = HEADER) -> str:
+def read_cdef(header: Path | None = None) -> str:
     """The declarations between PA_CDEF_BEGIN and PA_CDEF_END, comments stripped."""
+    header = header or HEADER
     text = header.read_text()
     match = re.search(r"/\* PA_CDEF_BEGIN \*/(.*?)/\* PA_CDEF_END \*/", text, re.S)
     if match is None:

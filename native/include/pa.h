@@ -11,7 +11,9 @@
  *   key_cache, value_cache per layer: [num_blocks, num_kv_heads, block_size, head_dim]
  *   a token's slot is block_id * block_size + offset_in_block (slot_mapping, int32; -1 = skip).
  *   INT8 pools add a float scale per (block, kv head): k_scales, v_scales [num_blocks, num_kv_heads];
- *   value = int8 * scale. A write whose absmax exceeds 127 * scale requantizes that tile.
+ *   value = int8 * scale. A write whose absmax exceeds 127 * scale requantizes that tile. The CPU
+ *   backend stores k and v multiplied by an orthonormal Hadamard matrix when head_dim is a power of
+ *   two (q and the attention output are rotated to match; see the CPU section).
  * Block tables: int32 [num_seqs, max_blocks_per_seq], padded with -1.
  * Attention queries of sequence s are rows query_start_loc[s] .. query_start_loc[s+1]-1 and are the
  * LAST query_len tokens of its context_lens[s] tokens (causal: query j sees keys 0..ctx-qlen+j).
@@ -25,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 1
+#define PA_ABI_VERSION 2
 
 typedef int32_t pa_status;
 #define PA_OK 0
