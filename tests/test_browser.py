@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ if not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is absent; `make browser` installs it", allow_module_level=True)
 
 
+@contextmanager
+def serve_in_thread(app):
+    """The app on a threaded Werkzeug server on a free loopback port; yields its URL."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+
+
 def answer(prompt: str) -> list[str]:
     """Slow story pieces by default; HTML-looking pieces when the last user turn asks for them."""
     last_turn = prompt.rsplit("<user>", 1)[-1]
@@ -40,10 +52,8 @@ def answer(prompt: str) -> list[str]:
 def site():
     engine = ScriptedEngine(answer=answer, delay_s=0.03)
     app = create_app({"TESTING": True, "MODEL_NAME": "scripted-model"}, engine=engine)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", engine
-    server.shutdown()
+    with serve_in_thread(app) as url:
+        yield url, engine
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +65,24 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 820})
+@contextmanager
+def new_page(browser, height: int):
+    """A fresh browser context and page whose uncaught script errors collect in page.errors."""
+    context = browser.new_context(viewport={"width": 1280, "height": height})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.errors = errors
-    yield pg
-    context.close()
+    try:
+        yield pg
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser):
+    with new_page(browser, 820) as pg:
+        yield pg
 
 
 def send(page, text: str) -> None:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 
 import pytest
-from werkzeug.serving import make_server
 
-from tests.test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from tests.test_browser import ARTIFACTS, CHROMIUM, browser, new_page, serve_in_thread  # noqa: F401 (fixture)
 from tests.test_webapp_beam import ScriptedBeamEngine, records
 from webapp import create_app
 
@@ -33,30 +31,14 @@ def site(tmp_path_factory):
     engine.eos_slope = 0.22          # about 30 steps before four beams finish
     app = create_app({"TESTING": True, "MODEL_NAME": "scripted-beam", "BEAM_EXPORT_PATH": str(export)},
                      engine=engine)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", engine, export
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield b
-        b.close()
+    with serve_in_thread(app) as url:
+        yield url, engine, export
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    pg = context.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda exc: errors.append(str(exc)))
-    pg.errors = errors
-    yield pg
-    context.close()
+    with new_page(browser, 900) as pg:
+        yield pg
 
 
 def set_beam_settings(page, width: int, max_tokens: int) -> None:
