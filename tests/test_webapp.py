@@ -50,13 +50,17 @@ class ScriptedEngine:
         self._lock = threading.Lock()
 
     def submit(self, prompt, params: SamplingParams, *, messages=None, request_id=None) -> RequestHandle:
+        return self._start(self._run, "fake", prompt, params, request_id)
+
+    def _start(self, target, prefix: str, prompt, params, request_id) -> RequestHandle:
+        """Register a request and run target(rid, handle, prompt, params, stop) on its own thread."""
         assert isinstance(prompt, list), "the web app tokenizes at the edge and submits ids"
-        rid = request_id or f"fake-{next(self._ids)}"
+        rid = request_id or f"{prefix}-{next(self._ids)}"
         handle, stop = RequestHandle(rid, self), threading.Event()
         with self._lock:
             self._running[rid] = stop
             self.prompts.append(self.tokenizer.decode(prompt))
-        threading.Thread(target=self._run, args=(rid, handle, prompt, params, stop), daemon=True).start()
+        threading.Thread(target=target, args=(rid, handle, prompt, params, stop), daemon=True).start()
         return handle
 
     def _run(self, rid, handle, prompt, params, stop) -> None:

@@ -46,14 +46,7 @@ class ScriptedBeamEngine(ScriptedEngine):
     eos_slope = 0.45
 
     def submit_beam(self, prompt, params: BeamParams, *, messages=None, request_id=None) -> RequestHandle:
-        assert isinstance(prompt, list), "the web app tokenizes at the edge and submits ids"
-        rid = request_id or f"beam-{next(self._ids)}"
-        handle, stop = RequestHandle(rid, self), threading.Event()
-        with self._lock:
-            self._running[rid] = stop
-            self.prompts.append(self.tokenizer.decode(prompt))
-        threading.Thread(target=self._run_beam, args=(rid, handle, prompt, params, stop), daemon=True).start()
-        return handle
+        return self._start(self._run_beam, "beam", prompt, params, request_id)
 
     def _run_beam(self, rid, handle, prompt, params, stop) -> None:
         search = BeamSearch(params, (0,), lambda t: WORDS[t])
