@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import glob
-import importlib.metadata
 import json
 import os
 import platform
@@ -44,8 +43,6 @@ LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_DEPS = ["numpy", "typing-extensions", "diskcache", "jinja2"]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 Q8_PATH = CACHE / "SmolLM2-135M-Instruct.Q8_0.gguf"
-TEXT_SOURCES = [("sniffio", "LICENSE.APACHE2"), ("mpmath", "LICENSE"), ("itsdangerous", "LICENSE.txt"),
-                ("blinker", "LICENSE.txt")]
 THREADS = 2
 PREFILL_LEN = 512
 PROMPT_LEN = 64
@@ -121,13 +118,12 @@ def quantize_q8(src: Path) -> None:
     tmp.rename(Q8_PATH)
 
 
-def fixed_text() -> str:
-    parts = []
-    for dist_name, file_name in TEXT_SOURCES:
-        dist = importlib.metadata.distribution(dist_name)
-        path = next(f for f in dist.files or [] if f.name == file_name)
-        parts.append(dist.locate_file(path).read_text(encoding="utf-8"))
-    return "\n\n".join(parts)
+def accuracy_text():
+    """(TEXT_SOURCES, fixed_text) of tests/test_cpu_int8_model.py: both engines read the accuracy test's text."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from tests.test_cpu_int8_model import TEXT_SOURCES, fixed_text
+    return TEXT_SOURCES, fixed_text
 
 
 def busy_ticks() -> int:
@@ -209,7 +205,7 @@ class OursRunner:
             "kv_pool_bytes": backend.kv_bytes_per_block(self.engine.block_size) * self.engine.num_blocks,
             "rss_before_load": base, "rss_after_load": loaded["VmRSS"], "peak_during_load": loaded["VmHWM"],
         }
-        ids = self.dec.tokenizer.encode(fixed_text())
+        ids = self.dec.tokenizer.encode(accuracy_text()[1]())
         need = PREFILL_LEN + max(CONCURRENCY) * PROMPT_LEN
         assert len(ids) >= need, f"fixed text has {len(ids)} tokens, {need} needed"
         self.info["prefill_ids"] = ids[:PREFILL_LEN]
@@ -488,7 +484,7 @@ def report(results: dict, kv_unified: bool) -> list[str]:
                     f"EngineConfig(num_threads={oi['threads']}, enable_prefix_caching=False), OMP_NUM_THREADS={THREADS}; "
                     f"python {platform.python_version()}.",
                     f"prompts: {PREFILL_LEN} ids for prefill, {PROMPT_LEN}-id prompts for decode, cut from the "
-                    f"tokenized licence texts of {', '.join(d for d, _ in TEXT_SOURCES)}; both engines fed ids."]
+                    f"tokenized licence texts of {', '.join(d for d, _ in accuracy_text()[0])}; both engines fed ids."]
 
 
 def main() -> None:

@@ -1,8 +1,6 @@
 """The reference backend against HuggingFace transformers on the same GGUF weights (real SmolLM2)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -11,23 +9,18 @@ from engine.batch import Batch
 from engine.model import LlamaModel
 from engine.sequence import SamplingParams
 from tests.conftest import make_real_engine, run_to_completion
+from tests.test_cpu_int8_model import fixed_text
 
 pytestmark = pytest.mark.slow
 
 NEW_TOKENS = 64
 
 
-def long_text(min_chars: int) -> str:
-    """Fixed prose shipped by an installed package (never downloaded): the licence texts."""
-    import torch as _t
-    site = Path(_t.__file__).resolve().parent.parent
-    parts = []
-    for name in ("numpy", "torch", "transformers", "tokenizers", "flask"):
-        for lic in sorted(site.glob(f"{name}-*.dist-info/**/LICENSE*")):
-            parts.append(lic.read_text(errors="replace"))
-    text = "\n".join(parts)
-    assert len(text) >= min_chars, "not enough licence text found in site-packages"
-    return text[:min_chars]
+def long_text(num_chars: int) -> str:
+    """Fixed prose shipped by installed packages (never downloaded): the accuracy test's licence texts."""
+    text = fixed_text()
+    assert len(text) >= num_chars, "not enough licence text found in site-packages"
+    return text[:num_chars]
 
 
 def prompt_set(tokenizer) -> list[list[int]]:
