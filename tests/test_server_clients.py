@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -46,17 +47,10 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 
     pytest.fail(f"/health never said ok:\n{log.read_text()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """gunicorn serving wsgi:app; yields its base URL."""
-    tmp = tmp_path_factory.mktemp("server")
-    config = tmp / "runtime.yaml"
-    config.write_text(json.dumps({  # JSON is YAML
-        "model": {"path": None},
-        "engine": {"backend": "auto", "block_size": 16, "kv_cache_mb": 64, "max_num_seqs": 16,
-                   "max_batched_tokens": 512, "max_model_len": MAX_MODEL_LEN, "enable_prefix_caching": True},
-        "server": {"max_concurrent_requests": 32, "max_queue_length": 32, "max_body_bytes": MAX_BODY,
-                   "max_prompt_tokens": 4096, "api_key": API_KEY}}))
+@contextmanager
+def run_gunicorn(tmp: Path, config: Path):
+    """gunicorn serving wsgi:app with this runtime config on a free loopback port; yields its base URL
+    once /health says ok, and stops it (SIGTERM, then kill) afterwards."""
     port = free_port()
     log = tmp / "gunicorn.log"
     env = {**os.environ, "PAGEDECODE_CONFIG": str(config), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -77,6 +71,21 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """gunicorn serving wsgi:app; yields its base URL."""
+    tmp = tmp_path_factory.mktemp("server")
+    config = tmp / "runtime.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "model": {"path": None},
+        "engine": {"backend": "auto", "block_size": 16, "kv_cache_mb": 64, "max_num_seqs": 16,
+                   "max_batched_tokens": 512, "max_model_len": MAX_MODEL_LEN, "enable_prefix_caching": True},
+        "server": {"max_concurrent_requests": 32, "max_queue_length": 32, "max_body_bytes": MAX_BODY,
+                   "max_prompt_tokens": 4096, "api_key": API_KEY}}))
+    with run_gunicorn(tmp, config) as base:
+        yield base
 
 
 @pytest.fixture(scope="session")

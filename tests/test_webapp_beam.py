@@ -374,11 +374,7 @@ def test_websocket_closed_mid_beam_frees_every_block(ws_server, tiny, export):
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
     """gunicorn serving SmolLM2 with its export file in tmp (the session server writes to the default)."""
-    import signal
-    import subprocess
-    import sys
-
-    from tests.test_server_clients import API_KEY, ROOT, free_port, wait_healthy
+    from tests.test_server_clients import API_KEY, run_gunicorn
     tmp = tmp_path_factory.mktemp("beam_server")
     config = tmp / "runtime.yaml"
     config.write_text(json.dumps({
@@ -386,25 +382,8 @@ def real_server(tmp_path_factory):
         "engine": {"backend": "auto", "block_size": 16, "kv_cache_mb": 64, "max_num_seqs": 16,
                    "max_batched_tokens": 512, "max_model_len": 2048},
         "server": {"api_key": API_KEY, "beam_export_path": str(tmp / "beam.jsonl")}}))
-    port, log = free_port(), tmp / "gunicorn.log"
-    env = {**__import__("os").environ, "PAGEDECODE_CONFIG": str(config), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("PAGEDECODE_API_KEY", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "config/gunicorn.conf.py",
-                                 "--bind", f"127.0.0.1:{port}", "wsgi:app"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, proc, log)
+    with run_gunicorn(tmp, config) as base:
         yield base, tmp / "beam.jsonl", {"Authorization": f"Bearer {API_KEY}"}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow
