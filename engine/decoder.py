@@ -1,7 +1,6 @@
 """The Decoder API: one class per backend over the same Engine (generate, stream, chat)."""
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import time
@@ -10,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from engine.backends.base import Backend
+from engine.backends.base import Backend, release_free_heap
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import fuse_weights
@@ -49,14 +48,6 @@ def make_backend(name: str, config: ModelConfig, num_threads: int | None = None)
     raise ValueError(f"backend must be one of auto, torch, cpu-int8, cuda; got {name!r}")
 
 
-def release_free_heap() -> None:
-    """glibc's malloc_trim(0): return freed heap pages to the OS (a no-op elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def params_from(params: SamplingParams | None, overrides: dict) -> SamplingParams:
     """SamplingParams from an optional base and keyword overrides (greedy by default)."""
     if params is not None and overrides:
@@ -88,7 +79,18 @@ class Decoder:
     def load_weights(self, path: str | Path | None = None, start: bool = True) -> None:
         """(Re)load float weights (GGUF, HF folder or our layout); None means the embedded model."""
         from engine.weights import load_model
+        self._load(load_model(path, overrides=self._model_overrides), start)
+
+    def load_quantized_weights(self, path: str | Path, start: bool = True) -> None:
+        """Load our weights/ layout with its int8/ tensors (written by `convert --int8`)."""
+        from engine.weights import load_model
         loaded = load_model(path, overrides=self._model_overrides)
+        if not loaded.int8:
+            raise ValueError(f"{path}: no int8/ tensors in its manifest; convert with --int8 first")
+        self._load(loaded, start)
+
+    def _load(self, loaded, start: bool) -> None:
+        """Hand a loaded model to a new backend, free the loader's copies, and start an engine on it."""
         backend = make_backend(self.backend_name if self.backend_name != "auto" else self.config.backend,
                                loaded.config, self.config.num_threads)
         if loaded.int8 and hasattr(backend, "load_quantized_weights"):
@@ -103,14 +105,6 @@ class Decoder:
         gc.collect()
         release_free_heap()
         self._install(loaded, backend, start)
-
-    def load_quantized_weights(self, path: str | Path, start: bool = True) -> None:
-        """Load our weights/ layout with its int8/ tensors (written by `convert --int8`)."""
-        from engine.weights import load_model
-        loaded = load_model(path, overrides=self._model_overrides)
-        if not loaded.int8:
-            raise ValueError(f"{path}: no int8/ tensors in its manifest; convert with --int8 first")
-        self.load_weights(path, start=start)
 
     def _install(self, loaded, backend: Backend, start: bool) -> None:
         from engine.tokenizer import Tokenizer

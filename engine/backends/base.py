@@ -1,12 +1,21 @@
 """The small interface every backend implements; model.py composes the forward from it."""
 from __future__ import annotations
 
+import ctypes
 from abc import ABC, abstractmethod
 
 import torch
 
 from engine.batch import Batch
 from engine.config import ModelConfig
+
+
+def release_free_heap() -> None:
+    """glibc's malloc_trim(0): return freed heap pages to the OS (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Backend(ABC):

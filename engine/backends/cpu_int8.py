@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import native
-from engine.backends.base import Backend
+from engine.backends.base import Backend, release_free_heap
 from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.native import NativeError, NativeLib
@@ -45,15 +45,6 @@ def fuse_int8(int8: dict[str, tuple[torch.Tensor, torch.Tensor]], config: ModelC
         out[f"layers.{i}.gate_up"] = cat([m + "gate_proj.weight", m + "up_proj.weight"])
         out[f"layers.{i}.down"] = int8[m + "down_proj.weight"]
     return out
-
-
-def _release_free_heap() -> None:
-    """glibc's malloc_trim(0): return freed heap pages to the OS (no-op elsewhere)."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def load_cpu_lib() -> NativeLib:
@@ -152,7 +143,7 @@ class CpuInt8Backend(Backend):
                 if f"layers.{i}.{name}" not in self.q:
                     raise ValueError(f"missing int8 weight layers.{i}.{name}")
         self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
-        _release_free_heap()                         # freed float32 temporaries back to the OS now
+        release_free_heap()                         # freed float32 temporaries back to the OS now
 
     def _pack_weights(self) -> None:
         """Move every int8 matrix and its scales into one allocation and give freed memory back.
@@ -236,7 +227,7 @@ class CpuInt8Backend(Backend):
         d.block_size, d.num_blocks = block_size, num_blocks
         d.eps, d.attn_scale = c.rms_norm_eps, c.head_dim ** -0.5
         self._dims = d
-        _release_free_heap()                         # the loader's float copies are normally gone by now
+        release_free_heap()                         # the loader's float copies are normally gone by now
         self._layer_kv = [(self._p(self.key_caches[i], "int8_t *"), self._p(self.k_scales[i], "float *"),
                            self._p(self.value_caches[i], "int8_t *"), self._p(self.v_scales[i], "float *"))
                           for i in range(c.num_layers)]
@@ -251,7 +242,7 @@ class CpuInt8Backend(Backend):
 
     def prepare(self, batch: Batch) -> CpuBatch:
         if not self._heap_released:                  # the loader's float copies are gone by now
-            _release_free_heap()
+            release_free_heap()
             self._heap_released = True
         for name in ("slot_mapping", "query_start_loc", "context_lens", "block_tables"):
             t = getattr(batch, name)
