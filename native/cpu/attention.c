@@ -259,6 +259,30 @@ static void attend_item(const attn_args *a, int64_t s, int64_t g, int64_t ctx, i
  * folded in, so p v is one broadcast-FMA per (key, 16 dims).  Keys past a row's causal limit are masked
  * to -inf before the max and to 0 after the exp. */
 #define T512A __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+/* r[i][j] <- r[j][i] for a 16 x 16 float tile held in 16 zmm (unpack, unpack, 2 x 128-bit shuffles). */
+static inline __attribute__((always_inline)) T512A void transpose16_ps(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; j++) {
+            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
+        }
+    /* now 128-bit lane L of r[4a + c] holds rows 4a..4a+3 of column 4L + c */
+    for (int i = 0; i < 8; i++) {
+        const int a = (i / 4) * 8 + i % 4;                      /* pairs (0,4) (1,5) (2,6) (3,7) (8,12) ... */
+        t[a] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0x88);
+        t[a + 4] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
 static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64_t ctx, int64_t qlen, int64_t row0,
                                  int64_t nq, int64_t token0) {
     const int64_t hd = a->head_dim, bs = a->block_size, group = a->num_heads / a->num_kv_heads;
@@ -282,10 +306,16 @@ static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64
         const int8_t *kq = a->key_cache + tile * bs * hd, *vq = a->value_cache + tile * bs * hd;
         const float ks = a->k_scales[tile];
         const __m512 vs = _mm512_set1_ps(a->v_scales[tile]);
-        for (int64_t i = 0; i < nvalid; i++)
-            for (int64_t d = 0; d < hd; d++) kT[d][i] = (float)kq[i * hd + d];
-        for (int64_t i = nvalid; i < bsp; i++)
-            for (int64_t d = 0; d < hd; d++) kT[d][i] = 0.0f;
+        for (int64_t i0 = 0; i0 < bsp; i0 += 16)
+            for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+                __m512 r[16];
+                for (int64_t i = 0; i < 16; i++)
+                    r[i] = i0 + i < nvalid ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                                 _mm_loadu_si128((const __m128i *)(kq + (i0 + i) * hd + d0))))
+                                           : _mm512_setzero_ps();
+                transpose16_ps(r);
+                for (int64_t d = 0; d < 16; d++) _mm512_storeu_ps(&kT[d0 + d][i0], r[d]);
+            }
         for (int64_t i = 0; i < nvalid; i++)
             for (int64_t d = 0; d < hd; d += 16)
                 _mm512_storeu_ps(&vt[i][d], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
