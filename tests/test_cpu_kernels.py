@@ -364,7 +364,8 @@ def test_paged_attention_gqa(nl, isa, seqs):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64), (4, 2, 40, 16)])
+@pytest.mark.parametrize("nh,nkv,hd,bs", [(4, 4, 32, 8), (8, 1, 64, 32), (9, 3, 64, 64), (4, 2, 40, 16),
+                                         (8, 2, 128, 16)])
 def test_paged_attention_other_geometries(nl, isa, nh, nkv, hd, bs):
     out, ref = attention_case(nl, [(70, 1), (65, 20)], nh, nkv, hd, bs, seed=nh + bs)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -376,6 +376,106 @@ static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64
         if (rotated_head_dim(hd)) hadamard_inplace(dst, hd);
     }
 }
+
+/* attend_item512 for one query token (decode) with a group of at most 4 query heads: the same arithmetic
+ * in the same order per row, so the same bits, but the rows go through each tile together: the scores
+ * of all rows are accumulated from the transposed key registers (no kT buffer; 2 chains a row as above,
+ * 2-8 chains in flight instead of 2, which left the loop waiting on FMA latency), and each value vector
+ * is converted once for all rows (no vt buffer). */
+#define DECODE_ROWS 4
+static T512A void attend_decode512(const attn_args *a, int64_t s, int64_t g, int64_t ctx, int64_t token) {
+    const int64_t hd = a->head_dim, bs = a->block_size, rows = a->num_heads / a->num_kv_heads;
+    float qs[DECODE_ROWS][hd], acc[DECODE_ROWS][hd], m[DECODE_ROWS], l[DECODE_ROWS];
+    float sc[DECODE_ROWS][(bs + 15) & ~(int64_t)15];
+    for (int64_t r = 0; r < rows; r++) {
+        const float *src = a->q + token * a->q_stride + (g * rows + r) * hd;
+        for (int64_t d = 0; d < hd; d++) { qs[r][d] = src[d] * a->scale; acc[r][d] = 0.0f; }
+        if (rotated_head_dim(hd)) hadamard_inplace(qs[r], hd);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+    const int32_t *table = a->block_tables + s * a->max_blocks_per_seq;
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    for (int64_t p0 = 0; p0 < ctx; p0 += bs) {
+        const int64_t tile = (int64_t)table[p0 / bs] * a->num_kv_heads + g;
+        const int64_t nk = ctx - p0 < bs ? ctx - p0 : bs;        /* every key of the tile is visible */
+        const int8_t *kq = a->key_cache + tile * bs * hd, *vq = a->value_cache + tile * bs * hd;
+        const __m512 ks = _mm512_set1_ps(a->k_scales[tile]), vs = _mm512_set1_ps(a->v_scales[tile]);
+        /* step 1: scores of 16 keys at a time for every row */
+        __m512 vmax[DECODE_ROWS];
+        for (int64_t r = 0; r < rows; r++) vmax[r] = neg_inf;
+        for (int64_t i0 = 0; i0 < nk; i0 += 16) {
+            __m512 s0[DECODE_ROWS], s1[DECODE_ROWS];
+            for (int64_t r = 0; r < rows; r++) s0[r] = s1[r] = _mm512_setzero_ps();
+            for (int64_t d0 = 0; d0 < hd; d0 += 16) {
+                __m512 kt[16];
+                for (int64_t i = 0; i < 16; i++)
+                    kt[i] = i0 + i < nk ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                              _mm_loadu_si128((const __m128i *)(kq + (i0 + i) * hd + d0))))
+                                        : _mm512_setzero_ps();
+                transpose16_ps(kt);
+                for (int64_t d = 0; d < 16; d += 2)
+                    for (int64_t r = 0; r < rows; r++) {
+                        s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d0 + d]), kt[d], s0[r]);
+                        s1[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d0 + d + 1]), kt[d + 1], s1[r]);
+                    }
+            }
+            const int64_t left = nk - i0;
+            const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+            for (int64_t r = 0; r < rows; r++) {
+                const __m512 sv = _mm512_mask_mov_ps(neg_inf, km, _mm512_mul_ps(_mm512_add_ps(s0[r], s1[r]), ks));
+                _mm512_storeu_ps(&sc[r][i0], sv);
+                vmax[r] = _mm512_max_ps(vmax[r], sv);
+            }
+        }
+        /* step 2: p = exp(score - max) per row, the row's running state rescaled */
+        float corr[DECODE_ROWS];
+        for (int64_t r = 0; r < rows; r++) {
+            const float mx = fmaxf(m[r], _mm512_reduce_max_ps(vmax[r]));
+            corr[r] = exp_lut(m[r] - mx);
+            __m512 psum = _mm512_setzero_ps();
+            const __m256 vmx = _mm256_set1_ps(mx);
+            for (int64_t i0 = 0; i0 < nk; i0 += 16) {
+                const int64_t left = nk - i0;
+                const __mmask16 km = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                const __m512 x = _mm512_loadu_ps(&sc[r][i0]);
+                const __m256 lo = exp_lut_ps(_mm256_max_ps(_mm256_sub_ps(_mm512_castps512_ps256(x), vmx), _mm256_set1_ps(-80.0f)));
+                const __m256 hi = exp_lut_ps(_mm256_max_ps(_mm256_sub_ps(_mm512_extractf32x8_ps(x, 1), vmx), _mm256_set1_ps(-80.0f)));
+                const __m512 p = _mm512_maskz_mov_ps(km, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+                _mm512_storeu_ps(&sc[r][i0], p);
+                psum = _mm512_add_ps(psum, p);
+            }
+            l[r] = l[r] * corr[r] + _mm512_reduce_add_ps(psum);
+            m[r] = mx;
+        }
+        /* step 3: acc = acc * corr + sum_j p_j (vs v_j), each v_j converted once for all rows */
+        for (int64_t d0 = 0; d0 < hd; d0 += 64) {
+            const int nc = hd - d0 >= 64 ? 4 : (int)((hd - d0) / 16);
+            __m512 o[DECODE_ROWS][4];
+            for (int64_t r = 0; r < rows; r++)
+                for (int c = 0; c < nc; c++)
+                    o[r][c] = _mm512_mul_ps(_mm512_loadu_ps(&acc[r][d0 + 16 * c]), _mm512_set1_ps(corr[r]));
+            for (int64_t j = 0; j < nk; j++) {
+                __m512 v[4];
+                for (int c = 0; c < nc; c++)
+                    v[c] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                             _mm_loadu_si128((const __m128i *)(vq + j * hd + d0 + 16 * c)))), vs);
+                for (int64_t r = 0; r < rows; r++) {
+                    const __m512 pj = _mm512_set1_ps(sc[r][j]);
+                    for (int c = 0; c < nc; c++) o[r][c] = _mm512_fmadd_ps(pj, v[c], o[r][c]);
+                }
+            }
+            for (int64_t r = 0; r < rows; r++)
+                for (int c = 0; c < nc; c++) _mm512_storeu_ps(&acc[r][d0 + 16 * c], o[r][c]);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *dst = a->out + token * a->num_heads * hd + (g * rows + r) * hd;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int64_t d = 0; d < hd; d++) dst[d] = acc[r][d] * inv;
+        if (rotated_head_dim(hd)) hadamard_inplace(dst, hd);
+    }
+}
 #undef T512A
 
 /* The calling thread's share: it claims work items from *next (zeroed before) until none are left. */
@@ -405,7 +505,9 @@ HIDDEN void paged_attention_q8_part(float *out, const float *q, const int8_t *ke
         const int64_t row0 = c * qc;
         if (row0 >= qlen) continue;
         const int64_t nq = qlen - row0 < qc ? qlen - row0 : qc;
-        if (wide)
+        if (wide && nq == 1 && qlen == 1 && group <= DECODE_ROWS)
+            attend_decode512(&a, s, g, context_lens[s], query_start_loc[s]);
+        else if (wide)
             attend_item512(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
         else
             attend_item(&a, s, g, context_lens[s], qlen, row0, nq, query_start_loc[s]);
