@@ -59,10 +59,14 @@ class LlamaModel:
         if logits is not None:
             return logits
         h = b.embed(batch.input_ids)
-        residual = None
-        for i in range(self.config.num_layers):
-            fused = b.forward_layer(i, h, residual, batch)
-            h, residual = fused if fused is not None else self.layer(i, h, residual, batch)
+        whole = b.forward_layers(h, batch)
+        if whole is not None:
+            h, residual = whole
+        else:
+            residual = None
+            for i in range(self.config.num_layers):
+                fused = b.forward_layer(i, h, residual, batch)
+                h, residual = fused if fused is not None else self.layer(i, h, residual, batch)
         if batch.logits_indices.numel() == 0:
             return torch.empty(0, self.config.vocab_size, device=h.device)
         rows = batch.logits_indices

@@ -457,20 +457,37 @@ def steps(cfg, block_size):
 
 
 def test_fused_layer_matches_composed_ops(nl, isa):
-    """forward_layer (one native call, on the worker pool or OpenMP) == model.layer over the separate ops."""
+    """forward_layers (all layers, one native call) == forward_layer (one call a layer; on the worker pool or
+    OpenMP) == model.layer over the separate ops."""
     logits = []
-    for fused, pool in ((True, True), (True, False), (False, False)):
+    for fused, pool in (("all", True), ("layer", True), ("layer", False), ("none", False)):
         b = CpuInt8Backend(TINY, lib=nl, use_pool=pool)
         b.load_weights(tiny_weights(TINY))
         b.allocate_kv_cache(num_blocks=16, block_size=8)
-        if not fused:
+        if fused != "all":
+            b.forward_layers = lambda *a: None
+        if fused == "none":
             b.forward_layer = lambda *a: None
         model = LlamaModel(TINY, b)
         logits.append([model.forward(batch) for batch in steps(TINY, 8)])
-    for a, c, e in zip(*logits):
+    for whole, a, c, e in zip(*logits):
         assert torch.isfinite(a).all()
+        assert torch.equal(whole, a)                   # one call for all layers computes the same bits
         assert torch.equal(a, c)                       # the worker pool and OpenMP compute the same
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+def test_all_layers_call_rejects_a_bad_batch(nl):
+    """pa_llama_layers_cpu checks the batch once: a slot outside the pool is an error naming it, not a write."""
+    b = CpuInt8Backend(TINY, lib=nl)
+    b.load_weights(tiny_weights(TINY))
+    b.allocate_kv_cache(num_blocks=4, block_size=8)
+    batch = b.prepare(steps(TINY, 8)[0])
+    batch.slot_mapping[0] = 4 * 8                      # one past the pool's last slot
+    before = [t.clone() for t in b.key_caches]
+    with pytest.raises(NativeError, match="pa_llama_layers_cpu.*slot_mapping"):
+        b.forward_layers(b.embed(batch.input_ids), batch)
+    assert all(torch.equal(x, y) for x, y in zip(before, b.key_caches))
 
 
 def test_prepare_adds_rope_table(tiny_backend):

@@ -93,6 +93,10 @@ class Backend(ABC):
         """A backend may fuse a whole layer; None means use model.py's composition."""
         return None
 
+    def forward_layers(self, h: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A backend may run every layer in one call on the embedded h; (h, residual) or None."""
+        return None
+
     def forward_step(self, batch: Batch) -> torch.Tensor | None:
         """A backend may run the whole step itself (e.g. a CUDA graph); None means model.py composes it."""
         return None

@@ -40,7 +40,7 @@ HIDDEN void quantize_rows_q8(int8_t *xq, float *xs, const float *x, int64_t m, i
 HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
                     int64_t m, int64_t n, int64_t k);
 HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
-                         int64_t m, int64_t n, int64_t k, work_counter *next);
+                         int64_t m, int64_t n, int64_t k, work_counter *next, int nt);
 HIDDEN void quantize_row_q8(int8_t *q, float *s, const float *x, int64_t k);
 HIDDEN void rms_norm_row(float *out, float *res, const float *x, const float *weight, int64_t hidden, float eps);
 HIDDEN void rope_heads(float *x, int64_t heads, int64_t head_dim, const float *c, const float *s);

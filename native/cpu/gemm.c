@@ -13,6 +13,9 @@
  * NR weight rows (NR * K bytes, L1-resident) it sweeps all activation rows in tiles of MR, so every
  * weight byte is read from memory once for the whole batch.
  */
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "cpu_common.h"
 #ifndef GEMV_NR
 #define GEMV_NR 2
@@ -129,9 +132,12 @@ static int use_vnni(void) {
 
 /* The calling thread's share of y: it claims chunks of NR-row weight tiles from *next until none are
  * left (dynamic: the 2 cores are shared, and a static split waits for the slower thread).  Every
- * thread of a team calls this with the same counter, zeroed before. */
+ * thread of a team (nt members) calls this with the same counter, zeroed before.  M = 1 claims
+ * 1/nt of the rows at a time, so each thread streams one contiguous range: two 2-core streams read
+ * 45 GB/s where one reads 41, and fine-grained interleaved chunks only 29 (batch-1 layers 3.7 ->
+ * 2.85 ms a token); a thread that finds the other's chunk unclaimed (its core taken) runs it too. */
 HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
-                         int64_t m, int64_t n, int64_t k, work_counter *next) {
+                         int64_t m, int64_t n, int64_t k, work_counter *next, int nt) {
     const int64_t nb = k / QK;
     /* up to GEMV_MAX_M rows: GEMV tiles (8 weight streams from DRAM), each row in turn while the
      * 8 weight rows sit in L1; more rows: the register-tiled GEMM */
@@ -140,7 +146,8 @@ HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8
     const int nr = small ? GEMV_NR : wide ? GEMM_NR512 : GEMM_NR;   /* weight rows per tile */
     const int mr = small ? 1 : GEMM_MR;             /* activation rows per tile */
     const int64_t num_tiles = (n + nr - 1) / nr;
-    const int64_t chunk = num_tiles / 32 > 1 ? num_tiles / 32 : 1;
+    const int64_t parts = small ? (nt > 1 ? nt : 1) : 32;
+    const int64_t chunk = num_tiles / parts > 1 ? (num_tiles + parts - 1) / parts : 1;
     const int vnni = use_vnni();
     for (;;) {
         const int64_t t0 = atomic_fetch_add_explicit(next, chunk, memory_order_relaxed);
@@ -178,7 +185,13 @@ HIDDEN void gemm_q8(float *y, const int8_t *xq, const float *xs, const int8_t *w
                     int64_t m, int64_t n, int64_t k) {
     work_counter next = 0;
     #pragma omp parallel if (m * n * k >= 65536)
-    gemm_q8_part(y, xq, xs, w, ws, m, n, k, &next);
+    {
+        int nt = 1;
+#ifdef _OPENMP
+        nt = omp_get_num_threads();
+#endif
+        gemm_q8_part(y, xq, xs, w, ws, m, n, k, &next, nt);
+    }
 }
 
 /* The same on a worker pool (no OpenMP threads spinning next to the pool's). */
@@ -186,7 +199,7 @@ typedef struct { float *y; const int8_t *xq; const float *xs, *ws; const int8_t 
 
 static void gemm_team(void *arg, int tid, int nt) {
     gemm_job *j = arg;
-    gemm_q8_part(j->y, j->xq, j->xs, j->w, j->ws, j->m, j->n, j->k, &j->next);
+    gemm_q8_part(j->y, j->xq, j->xs, j->w, j->ws, j->m, j->n, j->k, &j->next, nt);
 }
 
 static void gemm_q8_on(pa_pool_cpu *pool, float *y, const int8_t *xq, const float *xs, const int8_t *w,

@@ -121,7 +121,7 @@ static void layer_team(void *arg, int tid, int nt) {
     }
     barrier_wait(bar);
     /* step 2: qkv = x @ Wqkv.T */
-    gemm_q8_part(s.qkv, s.xq, s.xs, w->qkv, w->qkv_scales, T, qkv_n, H, &next[0]);
+    gemm_q8_part(s.qkv, s.xq, s.xs, w->qkv, w->qkv_scales, T, qkv_n, H, &next[0], nt);
     barrier_wait(bar);
     /* step 3: RoPE on q (rows dealt out); each (kv head, K|V) stream: RoPE on its k, then the int8 write */
     for (int64_t t = tid; t < T; t += nt)
@@ -143,7 +143,7 @@ static void layer_team(void *arg, int tid, int nt) {
         quantize_row_q8(s.xq + t * q_size, s.xs + t * (q_size / QK), s.attn + t * q_size, q_size);
     barrier_wait(bar);
     /* step 5: h = attn @ Wo.T; residual += h; x = rms_norm(residual) * post_norm, quantized */
-    gemm_q8_part(hidden_io, s.xq, s.xs, w->o, w->o_scales, T, H, q_size, &next[2]);
+    gemm_q8_part(hidden_io, s.xq, s.xs, w->o, w->o_scales, T, H, q_size, &next[2], nt);
     barrier_wait(bar);
     for (int64_t t = tid; t < T; t += nt) {
         rms_norm_row(s.x + t * H, residual + t * H, hidden_io + t * H, w->post_norm, H, d->eps);
@@ -151,7 +151,7 @@ static void layer_team(void *arg, int tid, int nt) {
     }
     barrier_wait(bar);
     /* step 6: MLP: act = silu(x @ Wg.T) * (x @ Wu.T), quantized in place of x; h = act @ Wd.T */
-    gemm_q8_part(s.gate_up, s.xq, s.xs, w->gate_up, w->gate_up_scales, T, 2 * I, H, &next[3]);
+    gemm_q8_part(s.gate_up, s.xq, s.xs, w->gate_up, w->gate_up_scales, T, 2 * I, H, &next[3], nt);
     barrier_wait(bar);
     for (int64_t t = 0; t < T; t++) {
         int64_t c0, c1;
@@ -161,7 +161,67 @@ static void layer_team(void *arg, int tid, int nt) {
         quantize_row_q8(s.xq + t * I + c0, s.xs + t * (I / QK) + c0 / QK, s.act + t * I + c0, c1 - c0);
     }
     barrier_wait(bar);
-    gemm_q8_part(hidden_io, s.xq, s.xs, w->down, w->down_scales, T, H, I, &next[4]);
+    gemm_q8_part(hidden_io, s.xq, s.xs, w->down, w->down_scales, T, H, I, &next[4], nt);
+}
+
+/* The checks every layer call of a step shares: dimensions, scratch, the batch's index arrays. */
+static pa_status check_layer_call(const char *kernel, const pa_layer_dims_cpu *d, int64_t scratch_bytes,
+                                  const int32_t *slot_mapping, const int32_t *block_tables,
+                                  const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
+                                  int64_t num_seqs, int64_t max_blocks_per_seq) {
+#define LCHECK(cond, ...) do { if (!(cond)) return cpu_fail(PA_ERR_INVALID_ARG, kernel, __VA_ARGS__); } while (0)
+    LCHECK(num_tokens > 0 && num_seqs > 0 && max_blocks_per_seq > 0 && d->num_blocks > 0, "bad batch sizes");
+    LCHECK(d->hidden % QK == 0 && d->intermediate % QK == 0 && (d->num_heads * d->head_dim) % QK == 0,
+           "hidden=%ld, intermediate=%ld and num_heads*head_dim must be multiples of %d", (long)d->hidden,
+           (long)d->intermediate, QK);
+    LCHECK(d->num_kv_heads > 0 && d->num_heads % d->num_kv_heads == 0 && d->num_heads / d->num_kv_heads <= 32,
+           "num_heads=%ld / num_kv_heads=%ld", (long)d->num_heads, (long)d->num_kv_heads);
+    LCHECK(d->head_dim % 8 == 0 && d->head_dim <= MAX_HEAD_DIM && d->block_size > 0 && d->block_size <= 64,
+           "head_dim=%ld (multiple of 8, <= %d), block_size=%ld (<= 64)", (long)d->head_dim, MAX_HEAD_DIM,
+           (long)d->block_size);
+    LCHECK(d->eps > 0.0f, "eps must be positive");
+    const int64_t need = carve(NULL, d, num_tokens).bytes;
+    LCHECK(scratch_bytes >= need, "scratch of %ld bytes given, %ld needed", (long)scratch_bytes, (long)need);
+    for (int64_t t = 0; t < num_tokens; t++)
+        LCHECK(slot_mapping[t] >= -1 && slot_mapping[t] < d->num_blocks * d->block_size,
+               "slot_mapping[%ld] = %d out of range", (long)t, slot_mapping[t]);
+#undef LCHECK
+    return check_attention_batch(kernel, block_tables, context_lens, query_start_loc, num_seqs, num_tokens,
+                                 d->block_size, max_blocks_per_seq, d->num_blocks);
+}
+
+static int layer_weights_complete(const pa_layer_weights_cpu *w) {
+    return w->input_norm && w->post_norm && w->qkv && w->qkv_scales && w->o && w->o_scales && w->gate_up &&
+           w->gate_up_scales && w->down && w->down_scales;
+}
+
+/* One layer on the team (or the caller alone), arguments checked. */
+static void run_layer(pa_pool_cpu *pool, layer_ctx *ctx) {
+    /* One token too runs on the team: each thread streams its half of every matrix (gemm_q8_part), two
+     * streams read ~10% more than one, and the barriers cost ~2 us a layer with both threads awake.
+     * When the cores are shared, pool_take_solo runs the next calls on the caller alone. */
+    if (pool != NULL && pool_take_solo(pool)) {
+        layer_team(ctx, 0, 1);
+        return;
+    }
+    if (pool != NULL) {
+        ctx->bar.n = pool_size(pool);
+        const double t0 = now_seconds();
+        const double waited = pool_run(pool, layer_team, ctx) + 1e-9 * (double)atomic_load(&ctx->bar.slept_ns);
+        pool_check_contention(pool, waited, now_seconds() - t0);
+        return;
+    }
+    #pragma omp parallel
+    {
+        int tid = 0, nt = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        nt = omp_get_num_threads();
+#endif
+        #pragma omp single
+        ctx->bar.n = nt;                               /* the implied barrier publishes it */
+        layer_team(ctx, tid, nt);
+    }
 }
 
 pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, int32_t first, void *scratch,
@@ -175,54 +235,43 @@ pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residua
     CHECK_PTR(key_cache); CHECK_PTR(k_scales); CHECK_PTR(value_cache); CHECK_PTR(v_scales);
     CHECK_PTR(cos_t); CHECK_PTR(sin_t); CHECK_PTR(slot_mapping); CHECK_PTR(block_tables);
     CHECK_PTR(context_lens); CHECK_PTR(query_start_loc);
-    CHECK(w->input_norm && w->post_norm && w->qkv && w->qkv_scales && w->o && w->o_scales && w->gate_up &&
-          w->gate_up_scales && w->down && w->down_scales, "a weight pointer is NULL");
-    CHECK(num_tokens > 0 && num_seqs > 0 && max_blocks_per_seq > 0 && d->num_blocks > 0, "bad batch sizes");
-    CHECK(d->hidden % QK == 0 && d->intermediate % QK == 0 && (d->num_heads * d->head_dim) % QK == 0,
-          "hidden=%ld, intermediate=%ld and num_heads*head_dim must be multiples of %d", (long)d->hidden,
-          (long)d->intermediate, QK);
-    CHECK(d->num_kv_heads > 0 && d->num_heads % d->num_kv_heads == 0 && d->num_heads / d->num_kv_heads <= 32,
-          "num_heads=%ld / num_kv_heads=%ld", (long)d->num_heads, (long)d->num_kv_heads);
-    CHECK(d->head_dim % 8 == 0 && d->head_dim <= MAX_HEAD_DIM && d->block_size > 0 && d->block_size <= 64,
-          "head_dim=%ld (multiple of 8, <= %d), block_size=%ld (<= 64)", (long)d->head_dim, MAX_HEAD_DIM,
-          (long)d->block_size);
-    CHECK(d->eps > 0.0f, "eps must be positive");
-    const layer_scratch s = carve((char *)scratch, d, num_tokens);
-    CHECK(scratch_bytes >= s.bytes, "scratch of %ld bytes given, %ld needed", (long)scratch_bytes, (long)s.bytes);
-    for (int64_t t = 0; t < num_tokens; t++)
-        CHECK(slot_mapping[t] >= -1 && slot_mapping[t] < d->num_blocks * d->block_size,
-              "slot_mapping[%ld] = %d out of range", (long)t, slot_mapping[t]);
-    pa_status st = check_attention_batch(__func__, block_tables, context_lens, query_start_loc, num_seqs, num_tokens,
-                                         d->block_size, max_blocks_per_seq, d->num_blocks);
+    CHECK(layer_weights_complete(w), "a weight pointer is NULL");
+    pa_status st = check_layer_call(__func__, d, scratch_bytes, slot_mapping, block_tables, context_lens,
+                                    query_start_loc, num_tokens, num_seqs, max_blocks_per_seq);
     if (st != PA_OK) return st;
+    layer_ctx ctx = {hidden_io, residual, first != 0, carve((char *)scratch, d, num_tokens), key_cache, k_scales,
+                     value_cache, v_scales, w, d, cos_t, sin_t, slot_mapping, block_tables, context_lens,
+                     query_start_loc, num_tokens, num_seqs, max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 1}};
+    run_layer(pool, &ctx);
+    return PA_OK;
+}
 
-    layer_ctx ctx = {hidden_io, residual, first != 0, s, key_cache, k_scales, value_cache, v_scales, w, d, cos_t,
-                     sin_t, slot_mapping, block_tables, context_lens, query_start_loc, num_tokens, num_seqs,
-                     max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 1}};
-    /* One token: one thread. Its layer streams ~3.5 MB of weights, which one core reads as fast as two
-     * here (~40 GB/s), and without a partner there is no barrier to wait at when the cores are shared
-     * (measured: 5.5 ms a token either way on a quiet machine). */
-    if (num_tokens < 2 || (pool != NULL && pool_take_solo(pool))) {
-        layer_team(&ctx, 0, 1);
-        return PA_OK;
+pa_status pa_llama_layers_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, void *scratch,
+                              int64_t scratch_bytes, int64_t num_layers, int8_t *const *key_caches,
+                              float *const *k_scales, int8_t *const *value_caches, float *const *v_scales,
+                              const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
+                              const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
+                              const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
+                              int64_t num_seqs, int64_t max_blocks_per_seq) {
+    CHECK_PTR(hidden_io); CHECK_PTR(residual); CHECK_PTR(scratch); CHECK_PTR(w); CHECK_PTR(d);
+    CHECK_PTR(key_caches); CHECK_PTR(k_scales); CHECK_PTR(value_caches); CHECK_PTR(v_scales);
+    CHECK_PTR(cos_t); CHECK_PTR(sin_t); CHECK_PTR(slot_mapping); CHECK_PTR(block_tables);
+    CHECK_PTR(context_lens); CHECK_PTR(query_start_loc);
+    CHECK(num_layers > 0, "num_layers=%ld must be positive", (long)num_layers);
+    for (int64_t i = 0; i < num_layers; i++) {
+        CHECK(layer_weights_complete(&w[i]), "layer %ld: a weight pointer is NULL", (long)i);
+        CHECK(key_caches[i] && k_scales[i] && value_caches[i] && v_scales[i], "layer %ld: a KV pointer is NULL",
+              (long)i);
     }
-    if (pool != NULL) {
-        ctx.bar.n = pool_size(pool);
-        const double t0 = now_seconds();
-        const double waited = pool_run(pool, layer_team, &ctx) + 1e-9 * (double)atomic_load(&ctx.bar.slept_ns);
-        pool_check_contention(pool, waited, now_seconds() - t0);
-        return PA_OK;
-    }
-    #pragma omp parallel
-    {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        #pragma omp single
-        ctx.bar.n = nt;                                /* the implied barrier publishes it */
-        layer_team(&ctx, tid, nt);
+    pa_status st = check_layer_call(__func__, d, scratch_bytes, slot_mapping, block_tables, context_lens,
+                                    query_start_loc, num_tokens, num_seqs, max_blocks_per_seq);
+    if (st != PA_OK) return st;
+    const layer_scratch s = carve((char *)scratch, d, num_tokens);
+    for (int64_t i = 0; i < num_layers; i++) {
+        layer_ctx ctx = {hidden_io, residual, i == 0, s, key_caches[i], k_scales[i], value_caches[i], v_scales[i],
+                         &w[i], d, cos_t, sin_t, slot_mapping, block_tables, context_lens, query_start_loc,
+                         num_tokens, num_seqs, max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 1}};
+        run_layer(pool, &ctx);
     }
     return PA_OK;
 }
