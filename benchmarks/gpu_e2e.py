@@ -157,19 +157,6 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
             "other_ms": (total - spent["forward"] - spent["sample"]) / steps * 1e3}
 
 
-def with_identity_eq(run):
-    """Run with engine.sequence.Sequence compared by identity instead of its dataclass __eq__ (which
-    compares every field): Scheduler.schedule tests `seq not in self.running` for each running sequence,
-    O(B^2) field-wise comparisons a step. A measurement for the engine's owner; restored afterwards."""
-    from engine.sequence import Sequence
-    saved = Sequence.__eq__, Sequence.__hash__
-    Sequence.__eq__, Sequence.__hash__ = object.__eq__, object.__hash__
-    try:
-        return run()
-    finally:
-        Sequence.__eq__, Sequence.__hash__ = saved
-
-
 def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
     """Each GEMV of a batch-1 decode step alone: a graph of 20 calls cycling weight copies (so the L2
     holds none of them), plain and PDL launches; GB/s = weight bytes / time."""
@@ -272,8 +259,8 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
-    ap.add_argument("--variants", nargs="+", default=["base", "pdl", "fuse", "pdl+fuse"],
-                    help="GEMV-path variants, run at batches <= 8 (larger batches run base)")
+    ap.add_argument("--variants", nargs="+", default=["default", "base", "pdl", "fuse", "pdl+fuse"],
+                    help="GEMV-path variants, run at batches <= 8 (larger batches run the backend's default)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -291,6 +278,7 @@ def main() -> None:
         weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)
+        defaults = backend.use_pdl, backend.fuse_silu          # the constructor's choice for this model
         del weights
         hf = hf.to(torch.bfloat16)
         if args.no_hf:
@@ -309,17 +297,10 @@ def main() -> None:
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
-            variants = args.variants if b <= backend.gemv_max_rows else ["base", "base+eqpatch"]
+            variants = args.variants if b <= backend.gemv_max_rows else ["default"]
             for variant in variants:
-                if variant == "base+eqpatch":     # what Sequence(eq=False) would give the scheduler (see docstring)
-                    eng = with_identity_eq(lambda: engine_run(cfg, backend, b, args.prompt_len, args.steps))
-                    print(f"{name} B={b} Engine with Sequence compared by identity: {eng['tok_s']:,.0f} tok/s "
-                          f"(step {eng['step_ms']:.2f} ms, other {eng['other_ms']:.2f})", flush=True)
-                    lines.append(f"| {name} | {b} | Engine, Sequence eq by identity | {eng['tok_s']:,.0f} | "
-                                 f"{eng['step_ms']:.2f} ({eng['forward_ms']:.2f} / {eng['sample_ms']:.2f} / "
-                                 f"{eng['other_ms']:.2f}) | | | | | |")
-                    continue
-                backend.use_pdl, backend.fuse_silu = "pdl" in variant, "fuse" in variant
+                backend.use_pdl, backend.fuse_silu = defaults if variant == "default" else \
+                    ("pdl" in variant, "fuse" in variant)
                 backend._graphs.clear()
                 with torch.inference_mode():
                     fwd = Runner(model, b, args.prompt_len, args.steps).run()

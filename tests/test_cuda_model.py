@@ -1,7 +1,9 @@
 """End to end on the GPU: CudaBackend's greedy tokens against the float32 reference and HF transformers.
 
 The SmolLM2-135M configuration with seeded random weights (HF's own init, std 0.02; q/k projections x3
-so attention is not uniform). bf16 and fp32 greedy can part on near-ties, so each candidate's tokens
+so attention is not uniform), rounded to bf16-representable values, so the float32 reference, HF and the
+bf16/fp16 backends all hold the same numbers. In float16 (10-bit mantissa) the greedy tokens must equal
+the reference's and HF's exactly. bf16 (7-bit) and fp32 greedy can part on near-ties, so bf16 candidates
 are checked under teacher forcing: every token must be the float32 reference's argmax, or a flip the
 candidate's measured logit error explains (reference margin <= 2 x max |logit error| at that step).
 Exact agreement counts are printed for the record (benchmarks/results_cuda.md).
@@ -65,6 +67,8 @@ def hf_fp32():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(3)
             layer.self_attn.k_proj.weight.mul_(3)
+        for param in model.parameters():                # exactly representable in bf16 (and so in fp16)
+            param.copy_(param.bfloat16().float())
     return model
 
 
@@ -186,6 +190,9 @@ def runs(hf_fp32, fused, prompts):
     eager = CudaBackend(SMOL, use_cuda_graphs=False)
     eager.load_weights(fused)
     r["cuda-eager"] = greedy(eager, prompts)
+    half = CudaBackend(SMOL, dtype=torch.float16)
+    half.load_weights(fused)
+    r["cuda-fp16"] = greedy(half, prompts)
     r["hf-fp32"] = hf_generate(hf_fp32, prompts)
     r["hf-bf16"] = hf_generate(copy.deepcopy(hf_fp32).to(torch.bfloat16), prompts)
     r["_graphs"] = sorted(cuda._graphs)
@@ -206,6 +213,16 @@ def test_bf16_greedy_tokens(runs, prompts, name):
     print(f"{name} vs HF fp32:", agreement(r[name][0], r["hf-fp32"][0]))
     rel, _ = check_against_ref(name, teacher_forced(ref, prompts, r[name][0]), *r[name])
     assert rel < 0.1, f"{name}: bf16 logits differ from the float32 reference by {rel:.3f} (relative)"
+
+
+def test_fp16_greedy_tokens_equal_reference_and_hf(runs, prompts):
+    """float16 activations carry 3 more mantissa bits than bf16: no near-tie flips are left to explain."""
+    r, ref = runs
+    print("cuda-fp16 vs ref fp32:", agreement(r["cuda-fp16"][0], r["ref"][0]))
+    print("cuda-fp16 vs HF fp32:", agreement(r["cuda-fp16"][0], r["hf-fp32"][0]))
+    check_against_ref("cuda-fp16", teacher_forced(ref, prompts, r["cuda-fp16"][0]), *r["cuda-fp16"])
+    assert r["cuda-fp16"][0] == r["ref"][0]
+    assert r["cuda-fp16"][0] == r["hf-fp32"][0]
 
 
 def test_graphs_were_used(runs):
