@@ -41,7 +41,8 @@ for stage in "$@"; do
             | tee "$OUT/attention.log" | grep -v "^B=\|^  " | tail -30
         ;;
     e2e)
-        timeout "${STAGE_LIMIT_e2e:-200}" python3 benchmarks/gpu_e2e.py --no-hf --gemv --out "$OUT/e2e.md" 2>&1 \
+        timeout "${STAGE_LIMIT_e2e:-300}" python3 benchmarks/gpu_e2e.py ${E2E_ARGS:---variants default --gemv} \
+            --out "$OUT/e2e.md" 2>&1 \
             | tee "$OUT/e2e.log" | grep -v "pdl=" | tail -30
         ;;
     ncu)
