@@ -101,7 +101,7 @@ def isa(nl, request):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 576, 576), (1, 7, 32), (3, 5, 64), (2, 13, 1536), (8, 960, 576),
-                                   (33, 100, 96), (5, 192, 576), (6, 9, 32), (17, 11, 160)])
+                                   (33, 100, 96), (5, 192, 576), (6, 9, 32), (17, 11, 160), (64, 576, 1536)])
 def test_linear_within_quantization_bound(nl, isa, m, n, k):
     """|y - x @ w.T| <= sum_k |x_k| sw_k / 2 + sx_k / 2 (|w_k| + sw_k / 2), per element."""
     torch.manual_seed(m * 1000 + n + k)
@@ -127,7 +127,7 @@ def test_linear_on_worker_pool_matches_openmp(nl):
     handle = nl.ffi.new("pa_pool_cpu **")
     nl.check(nl.lib.pa_pool_create_cpu(handle, 3), "pool_create")     # more members than cores: still correct
     try:
-        for m, n, k in [(1, 4000, 576), (9, 700, 96), (1, 5, 32)]:
+        for m, n, k in [(1, 4000, 576), (9, 700, 96), (1, 5, 32), (40, 700, 96)]:
             x, (q, s) = torch.randn(m, k), quantize_int8_local(torch.randn(n, k))
             assert torch.equal(linear(nl, x, q, s, pool=handle[0]), linear(nl, x, q, s))
     finally:

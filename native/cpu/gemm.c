@@ -90,6 +90,12 @@ HIDDEN void quantize_rows_q8(int8_t *xq, float *xs, const float *x, int64_t m, i
 #define TILE_VNNI 1
 #include "gemm_tile.h"
 #include "gemm_tile512.h"
+#include <string.h>
+#include "gemm_panel512.h"
+#ifndef PANEL_MIN_M
+#define PANEL_MIN_M 4
+#endif
+#define PANEL_MAX_SUMS (1 << 17)          /* m * K/32 block sums on the stack: <= 512 KiB */
 #ifndef GEMM_NR512
 #define GEMM_NR512 4
 #endif
@@ -130,6 +136,25 @@ static int use_vnni(void) {
 #endif
 }
 
+/* gemm_q8_part for m >= PANEL_MIN_M on AVX-512 VNNI: the thread claims 32-row weight panels, packs each
+ * (gemm_panel512.h) and runs every activation row against it. */
+static __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni"))) void
+gemm_panel_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws, int64_t m, int64_t n,
+                int64_t k, work_counter *next) {
+    const int64_t nb = k / QK, num_panels = (n + PANEL_N - 1) / PANEL_N;
+    int32_t asum[m * nb];
+    uint32_t wp[(k / 4) * PANEL_N];
+    float sp[nb * PANEL_N];
+    block_sums512(asum, xq, m, k);
+    for (;;) {
+        const int64_t t = atomic_fetch_add_explicit(next, 1, memory_order_relaxed);
+        if (t >= num_panels) break;
+        const int64_t n0 = t * PANEL_N, rows = n - n0 < PANEL_N ? n - n0 : PANEL_N;
+        pack_panel512(wp, sp, w + n0 * k, ws + n0 * nb, k, rows);
+        panel_rows512(y + n0, n, xq, xs, asum, wp, sp, m, k, (int)rows);
+    }
+}
+
 /* The calling thread's share of y: it claims chunks of NR-row weight tiles from *next until none are
  * left (dynamic: the 2 cores are shared, and a static split waits for the slower thread).  Every
  * thread of a team (nt members) calls this with the same counter, zeroed before.  M = 1 claims
@@ -139,6 +164,10 @@ static int use_vnni(void) {
 HIDDEN void gemm_q8_part(float *y, const int8_t *xq, const float *xs, const int8_t *w, const float *ws,
                          int64_t m, int64_t n, int64_t k, work_counter *next, int nt) {
     const int64_t nb = k / QK;
+    if (m >= PANEL_MIN_M && m * nb <= PANEL_MAX_SUMS && isa_level() >= 2) {
+        gemm_panel_part(y, xq, xs, w, ws, m, n, k, next);
+        return;
+    }
     /* up to GEMV_MAX_M rows: GEMV tiles (8 weight streams from DRAM), each row in turn while the
      * 8 weight rows sit in L1; more rows: the register-tiled GEMM */
     const int small = m <= GEMV_MAX_M;
