@@ -2,10 +2,11 @@
 
 The SmolLM2-135M configuration with seeded random weights (HF's own init, std 0.02; q/k projections x3
 so attention is not uniform), rounded to bf16-representable values, so the float32 reference, HF and the
-bf16/fp16 backends all hold the same numbers. In float16 (10-bit mantissa) the greedy tokens must equal
-the reference's and HF's exactly. bf16 (7-bit) and fp32 greedy can part on near-ties, so bf16 candidates
-are checked under teacher forcing: every token must be the float32 reference's argmax, or a flip the
-candidate's measured logit error explains (reference margin <= 2 x max |logit error| at that step).
+bf16/fp16 backends all hold the same numbers. Random weights give flat next-token distributions, so
+bf16 (7-bit mantissa) and even fp16 (10-bit) greedy can part from fp32 on near-ties (measured on the
+H200: fp16 6/8 prompts and 222/256 tokens identical, bf16 0-1/8). Each candidate's tokens are checked
+under teacher forcing: every token must be the float32 reference's argmax, or a flip the candidate's
+measured logit error explains (reference margin <= 2 x max |logit error| at that step).
 Exact agreement counts are printed for the record (benchmarks/results_cuda.md).
 """
 from __future__ import annotations
@@ -215,14 +216,14 @@ def test_bf16_greedy_tokens(runs, prompts, name):
     assert rel < 0.1, f"{name}: bf16 logits differ from the float32 reference by {rel:.3f} (relative)"
 
 
-def test_fp16_greedy_tokens_equal_reference_and_hf(runs, prompts):
-    """float16 activations carry 3 more mantissa bits than bf16: no near-tie flips are left to explain."""
+def test_fp16_greedy_tokens(runs, prompts):
+    """float16 activations carry 3 more mantissa bits than bf16: ~8x smaller logit error, fewer flips."""
     r, ref = runs
     print("cuda-fp16 vs ref fp32:", agreement(r["cuda-fp16"][0], r["ref"][0]))
     print("cuda-fp16 vs HF fp32:", agreement(r["cuda-fp16"][0], r["hf-fp32"][0]))
-    check_against_ref("cuda-fp16", teacher_forced(ref, prompts, r["cuda-fp16"][0]), *r["cuda-fp16"])
-    assert r["cuda-fp16"][0] == r["ref"][0]
-    assert r["cuda-fp16"][0] == r["hf-fp32"][0]
+    rel, _ = check_against_ref("cuda-fp16", teacher_forced(ref, prompts, r["cuda-fp16"][0]), *r["cuda-fp16"])
+    bf16_rel, _ = check_against_ref("cuda", teacher_forced(ref, prompts, r["cuda"][0]), *r["cuda"])
+    assert rel < bf16_rel / 4, f"fp16 logit error {rel:.2e} is not well below bf16's {bf16_rel:.2e}"
 
 
 def test_graphs_were_used(runs):
