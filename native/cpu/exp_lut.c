@@ -39,7 +39,10 @@ HIDDEN float exp_lut(float x) {
     int n = (int)tf;
     int j = n & 255;
     float v = EXP2_TABLE[j] + (t - tf) * (EXP2_TABLE[j + 1] - EXP2_TABLE[j]);
-    return ldexpf(v, n >> 8);
+    /* v * 2^e through the exponent bits, as exp_lut_ps (exact like ldexpf: e >= -126 since x >= -87,
+     * and ldexpf was a libm call per softmax row and tile) */
+    union { uint32_t u; float f; } pow2 = {.u = (uint32_t)((n >> 8) + 127) << 23};
+    return v * pow2.f;
 }
 
 /* Cephes-style expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial for e^r. */
