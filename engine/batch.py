@@ -26,6 +26,9 @@ class Batch:
     max_query_len: int
     max_context_len: int
     block_size: int
+    # The input ids already on the backend's device (a pipelined decode step: the previous step's argmax,
+    # not yet read by the host); input_ids then holds placeholders. Only backends with supports_async.
+    device_input_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

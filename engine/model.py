@@ -58,7 +58,7 @@ class LlamaModel:
         logits = b.forward_step(batch)
         if logits is not None:
             return logits
-        h = b.embed(batch.input_ids)
+        h = b.embed(batch.input_ids if batch.device_input_ids is None else batch.device_input_ids)
         whole = b.forward_layers(h, batch)
         if whole is not None:
             h, residual = whole

@@ -30,6 +30,9 @@ class Backend(ABC):
     """
 
     name = "base"
+    # prepare() honours Batch.device_input_ids and the device runs asynchronously to the host, so the
+    # engine may launch a decode step from the previous one's device-side argmax (Engine.step)
+    supports_async = False
 
     def __init__(self, config: ModelConfig):
         self.config = config

@@ -344,6 +344,7 @@ class CudaBackend(Backend):
     """bf16 (or fp16) on one GPU; decode-only steps of up to 128 sequences replay a CUDA graph."""
 
     name = "cuda"
+    supports_async = True                       # decode steps pipelined on the device argmax (Engine.step)
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
@@ -407,7 +408,10 @@ class CudaBackend(Backend):
         """Upload the index tensors once (one copy from pinned memory); decode steps go to a graph."""
         graph = self._graph_for(batch)
         if graph is not None:
-            return graph.load(batch)
+            loaded = graph.load(batch)
+            if batch.device_input_ids is not None:            # after the host ids' copy, on the same stream
+                loaded.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
+            return loaded
         parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc, batch.context_lens,
                  batch.logits_indices, batch.block_tables.reshape(-1)]
         sizes = [p.numel() for p in parts]
@@ -422,6 +426,8 @@ class CudaBackend(Backend):
         self._staged = torch.cuda.Event()
         self._staged.record()
         ids, pos, slots, qsl, ctx, rows, tables = ints.split(sizes)
+        if batch.device_input_ids is not None:
+            ids = batch.device_input_ids.to(torch.int32)
         return CudaBatch(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl, context_lens=ctx,
                          block_tables=tables.view(batch.block_tables.shape), logits_indices=rows,
                          max_query_len=batch.max_query_len, max_context_len=batch.max_context_len,

@@ -1,0 +1,99 @@
+"""Pipelined decode (Engine.step with a supports_async backend): a step of plain greedy decodes leaves its
+argmax on the device and the next step is launched from it before the host reads it. On the tiny model
+with the reference backend marked async, every output must equal the synchronous engine's, sequences
+that finish while a step is in flight must not leak blocks, and the pipeline must actually run."""
+from __future__ import annotations
+
+import random
+
+from engine.sequence import SamplingParams
+from tests.conftest import TINY, make_tiny_engine, run_to_completion
+
+
+def make_engine(pipelined: bool, **options):
+    eng = make_tiny_engine(**options)
+    eng.backend.supports_async = pipelined     # the reference backend honours Batch.device_input_ids
+    return eng
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, TINY.vocab_size) for _ in range(rng.randrange(2, 60))] for _ in range(n)]
+
+
+def run(pipelined: bool, requests, arrivals=None, **options):
+    """requests: (prompt, params); arrivals[i]: steps run before request i is submitted."""
+    eng = make_engine(pipelined, **options)
+    handles = []
+    for i, (p, params) in enumerate(requests):
+        for _ in range((arrivals or [0] * len(requests))[i]):
+            eng.step()
+        handles.append(eng.submit(p, params))
+    done = run_to_completion(eng, handles)
+    return eng, [(c.token_ids, c.finish_reason) for c in done]
+
+
+def assert_all_free(eng) -> None:
+    eng.blocks.check_invariants()
+    assert eng.blocks.num_used_blocks == 0
+    assert eng.blocks.num_free_blocks == eng.num_blocks
+
+
+def test_pipelined_equals_synchronous_with_mixed_finishes():
+    ps = prompts(6, seed=3)
+    lengths = [3, 24, 9, 17, 1, 30]
+    reqs = [(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)) for p, n in zip(ps, lengths)]
+    _, sync = run(False, reqs)
+    # stop tokens taken from the synchronous outputs: requests end mid-stream while a step is in flight
+    reqs[1] = (ps[1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
+                                     stop_token_ids=(sync[1][0][6],)))
+    reqs[3] = (ps[3], SamplingParams(temperature=0.0, max_tokens=17, stop_token_ids=(sync[3][0][2],)))
+    _, sync = run(False, reqs)
+    eng, piped = run(True, reqs)
+    assert piped == sync
+    assert sync[1][1] == "stop" and len(sync[1][0]) < 24
+    assert eng.counters["steps_ahead"] > 10, "the pipeline did not run"
+    assert_all_free(eng)
+
+
+def test_arrivals_and_sampling_rows_fall_back_and_resume():
+    ps = prompts(5, seed=4)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=12, ignore_eos=True)
+    reqs = [(ps[0], greedy), (ps[1], greedy), (ps[2], sampled), (ps[3], greedy), (ps[4], greedy)]
+    arrivals = [0, 4, 3, 9, 5]
+    _, sync = run(False, reqs, arrivals)
+    eng, piped = run(True, reqs, arrivals)
+    assert piped == sync
+    assert eng.counters["steps_ahead"] > 0
+    assert_all_free(eng)
+
+
+def test_abort_while_a_step_is_in_flight_frees_every_block():
+    ps = prompts(3, seed=5)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    eng = make_engine(True)
+    handles = [eng.submit(p, params) for p in ps]
+    for _ in range(8):
+        eng.step()
+    assert eng._inflight is not None, "no step in flight to abort under"
+    eng.abort(handles[1].request_id)
+    done = run_to_completion(eng, handles)
+    assert done[1].finish_reason == "abort" and len(done[1].token_ids) < 40
+    assert [len(done[i].token_ids) for i in (0, 2)] == [40, 40]
+    assert_all_free(eng)
+
+
+def test_blocks_filled_by_pipelined_steps_are_cached_like_synchronous_ones():
+    """A follow-up whose prompt extends the first request's output reuses the blocks decoded ahead."""
+    p = prompts(1, seed=6)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    cached = {}
+    for pipelined in (False, True):
+        eng = make_engine(pipelined, enable_prefix_caching=True)
+        first = run_to_completion(eng, [eng.submit(p, params)])[0]
+        follow = run_to_completion(eng, [eng.submit(p + first.token_ids[:32], params)])[0]
+        cached[pipelined] = (first.token_ids, follow.token_ids, follow.num_cached_tokens)
+        assert eng.blocks.num_used_blocks == 0
+    assert cached[True] == cached[False]
+    assert cached[True][2] >= 16 * ((len(p) + 32) // 16) - 16      # decoded blocks were hashed and reused
