@@ -4,7 +4,8 @@ generate on the same random weights, for the SmolLM2-135M configuration and a Ll
 Three ways of counting our steps, all greedy:
   Engine:        the team's engine.engine.Engine (scheduler, block manager, Batch.build, Sampler) over
                  CudaBackend, stepped on this thread; decode steps replay a whole-step CUDA graph through
-                 Backend.forward_step and the Sampler takes the argmax on the GPU;
+                 Backend.forward_step; pipelined (the default: each step launched from the previous step's
+                 argmax on the GPU before the host reads it) and synchronous (argmax read every step);
   forward:       LlamaModel.forward (same graph) + argmax on the GPU, only token ids copied back (what HF
                  does), batches built vectorised (the Batch dataclass directly);
   gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
@@ -115,9 +116,12 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return fast(logits)
 
 
-def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4) -> dict:
+def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4,
+               pipelined: bool = True) -> dict:
     """The real Engine over backend: B random prompts, stepped on this thread until every sequence
-    decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step."""
+    decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step.
+    pipelined=False turns off the engine's pipelined decode (Engine.step) for comparison."""
+    backend.supports_async = pipelined
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.sequence import SamplingParams
@@ -152,7 +156,8 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
     torch.cuda.synchronize()
     total = time.perf_counter() - t0
     eng.model.forward, eng.sampler = fwd, smp
-    return {"tok_s": tokens / total, "step_ms": total / steps * 1e3, "forward_ms": spent["forward"] / steps * 1e3,
+    backend.supports_async = type(backend).supports_async
+    return {"tok_s": tokens / total, "ahead": eng.counters["steps_ahead"] / max(1, eng.counters["steps"]), "step_ms": total / steps * 1e3, "forward_ms": spent["forward"] / steps * 1e3,
             "sample_ms": spent["sample"] / steps * 1e3,
             "other_ms": (total - spent["forward"] - spent["sample"]) / steps * 1e3}
 
@@ -268,9 +273,10 @@ def main() -> None:
 
     prop = torch.cuda.get_device_properties(0)
     print(f"# {prop.name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| model | batch | variant | Engine tok/s | Engine step ms (forward / sample / other) | forward+argmax tok/s |"
-             " gpu-multistep tok/s | HF generate tok/s | Engine / HF | Batch.build ms |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | variant | Engine tok/s (pipelined) | Engine tok/s (synchronous) | synchronous step ms "
+             "(forward / sample / other) | forward+argmax tok/s | gpu-multistep tok/s | HF generate tok/s | "
+             "Engine / HF | Batch.build ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
     for name in args.models:
         cfg = MODELS[name]
@@ -307,15 +313,17 @@ def main() -> None:
                     multi = Runner(model, b, args.prompt_len, args.steps).run_multistep()
                     if args.profile and b == 1 and variant == "base":
                         profile_steps(Runner(model, b, args.prompt_len, args.steps))
+                sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, pipelined=False)
                 eng = engine_run(cfg, backend, b, args.prompt_len, args.steps)
-                print(f"{name} B={b} variant={variant}: Engine {eng['tok_s']:,.0f} tok/s (step {eng['step_ms']:.2f} ms = "
-                      f"forward {eng['forward_ms']:.2f} + sample {eng['sample_ms']:.2f} + other {eng['other_ms']:.2f})"
-                      f" | forward+argmax {fwd:,.0f} | multistep {multi:,.0f} | HF {hf_ts:,.0f} | Batch.build "
-                      f"{build * 1e3:.2f} ms", flush=True)
-                lines.append(f"| {name} | {b} | {variant} | {eng['tok_s']:,.0f} | {eng['step_ms']:.2f} "
-                             f"({eng['forward_ms']:.2f} / {eng['sample_ms']:.2f} / {eng['other_ms']:.2f}) | "
-                             f"{fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | {eng['tok_s'] / hf_ts:.1f}x | "
-                             f"{build * 1e3:.2f} |")
+                print(f"{name} B={b} variant={variant}: Engine {eng['tok_s']:,.0f} tok/s pipelined ({eng['ahead']:.0%} "
+                      f"of steps launched ahead; step {eng['step_ms']:.2f} ms), {sync['tok_s']:,.0f} synchronous "
+                      f"(step {sync['step_ms']:.2f} ms = forward {sync['forward_ms']:.2f} + sample "
+                      f"{sync['sample_ms']:.2f} + other {sync['other_ms']:.2f}) | forward+argmax {fwd:,.0f} | "
+                      f"multistep {multi:,.0f} | HF {hf_ts:,.0f} | Batch.build {build * 1e3:.2f} ms", flush=True)
+                lines.append(f"| {name} | {b} | {variant} | {eng['tok_s']:,.0f} | {sync['tok_s']:,.0f} | "
+                             f"{sync['step_ms']:.2f} ({sync['forward_ms']:.2f} / {sync['sample_ms']:.2f} / "
+                             f"{sync['other_ms']:.2f}) | {fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | "
+                             f"{eng['tok_s'] / hf_ts:.1f}x | {build * 1e3:.2f} |")
         del model, backend, hf
         gc.collect()
         torch.cuda.empty_cache()

@@ -283,7 +283,10 @@ def test_engine_end_to_end_on_cuda(runs, fused, prompts):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     done = run_to_completion(eng, [eng.submit(p, params) for p in prompts])
     outs = [c.token_ids for c in done]
-    print("engine+cuda vs our cuda loop:", agreement(outs, r["cuda"][0]))
+    print("engine+cuda vs our cuda loop:", agreement(outs, r["cuda"][0]),
+          f"({eng.counters['steps_ahead']} of {eng.counters['steps']} steps launched ahead)")
+    assert eng.counters["steps_ahead"] > NEW_TOKENS // 2, "the pipelined decode did not run"
+    assert eng.blocks.num_used_blocks == 0
     ref_logits = teacher_forced(ref, prompts, outs)
     tol = max((c.float().cpu() - t).abs().max().item() for c, t in
               zip(r["cuda"][1], teacher_forced(ref, prompts, r["cuda"][0])))
