@@ -17,6 +17,7 @@
 #include <omp.h>
 #endif
 #include "cpu_common.h"
+#include "transpose512.h"
 
 /* ================================================================================================
  * x <- H x for the orthonormal Hadamard matrix of size n (a power of two, a multiple of 8): butterflies
@@ -260,29 +261,17 @@ static void attend_item(const attn_args *a, int64_t s, int64_t g, int64_t ctx, i
  * to -inf before the max and to 0 after the exp. */
 #define T512A __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
-/* r[i][j] <- r[j][i] for a 16 x 16 float tile held in 16 zmm (unpack, unpack, 2 x 128-bit shuffles). */
-static inline __attribute__((always_inline)) T512A void transpose16_ps(__m512 r[16]) {
-    __m512 t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) {
-            r[i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
-            r[i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + j]), _mm512_castps_pd(t[i + j + 2])));
-        }
-    /* now 128-bit lane L of r[4a + c] holds rows 4a..4a+3 of column 4L + c */
-    for (int i = 0; i < 8; i++) {
-        const int a = (i / 4) * 8 + i % 4;                      /* pairs (0,4) (1,5) (2,6) (3,7) (8,12) ... */
-        t[a] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0x88);
-        t[a + 4] = _mm512_shuffle_f32x4(r[a], r[a + 4], 0xDD);
-    }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
-    }
+/* Keys i0 .. i0 + 15 of a tile (zero past nvalid), dims d0 .. d0 + 15, as floats transposed: r[d] holds
+ * dim d0 + d of the 16 keys. */
+static inline __attribute__((always_inline)) T512A void key_chunk_t(__m512 r[16], const int8_t *kq, int64_t hd,
+                                                                      int64_t i0, int64_t d0, int64_t nvalid) {
+    for (int64_t i = 0; i < 16; i++)
+        r[i] = i0 + i < nvalid ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                     _mm_loadu_si128((const __m128i *)(kq + (i0 + i) * hd + d0))))
+                               : _mm512_setzero_ps();
+    transpose16_ps(r);
 }
+
 static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64_t ctx, int64_t qlen, int64_t row0,
                                  int64_t nq, int64_t token0) {
     const int64_t hd = a->head_dim, bs = a->block_size, group = a->num_heads / a->num_kv_heads;
@@ -309,11 +298,7 @@ static T512A void attend_item512(const attn_args *a, int64_t s, int64_t g, int64
         for (int64_t i0 = 0; i0 < bsp; i0 += 16)
             for (int64_t d0 = 0; d0 < hd; d0 += 16) {
                 __m512 r[16];
-                for (int64_t i = 0; i < 16; i++)
-                    r[i] = i0 + i < nvalid ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                                 _mm_loadu_si128((const __m128i *)(kq + (i0 + i) * hd + d0))))
-                                           : _mm512_setzero_ps();
-                transpose16_ps(r);
+                key_chunk_t(r, kq, hd, i0, d0, nvalid);
                 for (int64_t d = 0; d < 16; d++) _mm512_storeu_ps(&kT[d0 + d][i0], r[d]);
             }
         for (int64_t i = 0; i < nvalid; i++)
@@ -409,11 +394,7 @@ static T512A void attend_decode512(const attn_args *a, int64_t s, int64_t g, int
             for (int64_t r = 0; r < rows; r++) s0[r] = s1[r] = _mm512_setzero_ps();
             for (int64_t d0 = 0; d0 < hd; d0 += 16) {
                 __m512 kt[16];
-                for (int64_t i = 0; i < 16; i++)
-                    kt[i] = i0 + i < nk ? _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-                                              _mm_loadu_si128((const __m128i *)(kq + (i0 + i) * hd + d0))))
-                                        : _mm512_setzero_ps();
-                transpose16_ps(kt);
+                key_chunk_t(kt, kq, hd, i0, d0, nk);
                 for (int64_t d = 0; d < 16; d += 2)
                     for (int64_t r = 0; r < rows; r++) {
                         s0[r] = _mm512_fmadd_ps(_mm512_set1_ps(qs[r][d0 + d]), kt[d], s0[r]);

@@ -91,6 +91,7 @@ HIDDEN void quantize_rows_q8(int8_t *xq, float *xs, const float *x, int64_t m, i
 #include "gemm_tile.h"
 #include "gemm_tile512.h"
 #include <string.h>
+#include "transpose512.h"
 #include "gemm_panel512.h"
 #ifndef PANEL_MIN_M
 #define PANEL_MIN_M 4

@@ -15,29 +15,6 @@
 #define PANEL_N 32                 /* weight rows per panel: 2 zmm of int32 lanes */
 #define PANEL_MR 6                 /* activation rows per register tile: 24 accumulators */
 
-/* r[i][j] <- r[j][i] for 16 x 16 32-bit values in 16 zmm (attention.c's transpose16_ps on integers). */
-static inline __attribute__((always_inline)) T512P void transpose16_epi32(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) {
-            r[i + 2 * j] = _mm512_unpacklo_epi64(t[i + j], t[i + j + 2]);
-            r[i + 2 * j + 1] = _mm512_unpackhi_epi64(t[i + j], t[i + j + 2]);
-        }
-    for (int i = 0; i < 8; i++) {
-        const int a = (i / 4) * 8 + i % 4;
-        t[a] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0x88);
-        t[a + 4] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0xDD);
-    }
-    for (int i = 0; i < 8; i++) {
-        r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-    }
-}
-
 /* Panel rows n0 .. n0 + rows - 1 (rows <= PANEL_N; missing rows are zero weights, scale 0) into
  * wp [nb * 8][PANEL_N] uint32 (4 bytes of K, +128 each) and sp [nb][PANEL_N] float. */
 static T512P void pack_panel512(uint32_t *wp, float *sp, const int8_t *w, const float *ws, int64_t k, int64_t rows) {
