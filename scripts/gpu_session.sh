@@ -3,6 +3,7 @@
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
 #   stages: info tests kernels model attention e2e ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>)
+# Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
 set -u
@@ -14,6 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD
 PYTEST="python3 -m pytest -q -p no:cacheprovider -o addopts= --timeout=900 -rs"
 t_start=$(date +%s)
+failed=0                     # a stage whose first command (pytest, a benchmark) exited non-zero
 stamp() { echo "=== $1 at +$(( $(date +%s) - t_start )) s"; }
 
 for stage in "$@"; do
@@ -31,19 +33,24 @@ for stage in "$@"; do
     kernels)
         timeout "${STAGE_LIMIT_kernels:-150}" $PYTEST tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" \
             | grep -E "passed|failed|FAILED|Error|error" | tail -25
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     model)
         timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests_model.log" \
             | grep -E "passed|failed|FAILED|Error|rel err|identical|graphs" | tail -40
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     attention)
-        timeout "${STAGE_LIMIT_attention:-150}" python3 benchmarks/gpu_attention.py --out "$OUT/attention.md" 2>&1 \
+        timeout "${STAGE_LIMIT_attention:-240}" python3 benchmarks/gpu_attention.py ${ATTN_ARGS:---flex some} \
+            --out "$OUT/attention.md" 2>&1 \
             | tee "$OUT/attention.log" | grep -v "^B=\|^  " | tail -30
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     e2e)
         timeout "${STAGE_LIMIT_e2e:-300}" python3 benchmarks/gpu_e2e.py ${E2E_ARGS:---variants default --gemv} \
             --out "$OUT/e2e.md" 2>&1 \
             | tee "$OUT/e2e.log" | grep -v "pdl=" | tail -30
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     ncu)
         timeout "${STAGE_LIMIT_ncu:-90}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
@@ -58,3 +65,4 @@ for stage in "$@"; do
     esac
 done
 stamp done
+exit $failed
