@@ -1,6 +1,7 @@
 """Batched logits processing: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,22 +35,46 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
     return logits
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (masked entries become -inf)."""
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Temperature, then the top-k, top-p and min-p filters of one row [vocab] -> (token ids, their scaled
+    logits), or (None, every scaled logit) when nothing is filtered out.
+
+    Top-p never sorts the vocabulary (3 ms a row at 49k tokens): it takes the top m tokens, m doubling
+    from 64, until the nucleus ends inside them (the first token whose preceding mass reaches top_p is
+    outside it), with probabilities normalised over the whole top-k-filtered row, in float64."""
     logits = logits / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    vocab = logits.shape[-1]
+    ids = None
+    if params.top_k and params.top_k < vocab:
+        logits, ids = logits.topk(params.top_k)
     if params.top_p < 1.0:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the mass before it already reaches top_p (the first one always stays).
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    if params.min_p > 0.0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
-    return logits
+        lse = torch.logsumexp(logits.double(), -1)     # float64: the boundary of a wide nucleus sits
+        m = min(64, logits.shape[-1])                  # among ~1e-6 probabilities
+        while True:
+            vals, order = logits.topk(m)
+            probs = (vals.double() - lse).exp()
+            keep = (probs.cumsum(-1) - probs) < params.top_p       # the first token always stays
+            if not keep[-1] or m == logits.shape[-1]:
+                break
+            m = min(2 * m, logits.shape[-1])
+        vals, order = vals[keep], order[keep]
+        ids = order if ids is None else ids[order]
+        logits = vals
+    if params.min_p > 0.0:                 # p_i >= min_p * p_max  <=>  logit_i >= max + log(min_p)
+        keep = logits >= logits.max() + math.log(params.min_p)
+        ids = keep.nonzero()[:, 0] if ids is None else ids[keep]
+        logits = logits[keep]
+    return ids, logits
+
+
+def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The row with candidates()' filters applied as a mask (filtered entries become -inf)."""
+    ids, kept = candidates(logits, params)
+    if ids is None:
+        return kept
+    out = torch.full_like(logits, float("-inf"))
+    out[ids] = kept
+    return out
 
 
 class Sampler:
@@ -84,5 +109,10 @@ class Sampler:
         logits = apply_penalties(logits, p, prompt_ids, output_ids)
         if p.is_greedy:
             return int(logits.argmax())
-        probs = filter_logits(logits, p).softmax(-1)
-        return int(torch.multinomial(probs, 1, generator=generator))
+        ids, kept = candidates(logits, p)
+        # inverse CDF with one uniform from the row's own generator (a multinomial over the whole
+        # vocabulary took 0.8 ms a row)
+        cdf = kept.softmax(-1).cumsum(-1)
+        u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+        j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[-1] - 1)
+        return j if ids is None else int(ids[j])

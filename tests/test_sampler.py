@@ -56,3 +56,53 @@ def test_greedy_and_logprobs():
     assert abs(res[0].logprob - expected) < 1e-6
     assert [t for t, _ in res[0].top_logprobs] == [1, 2]
     assert res[1].logprob is None and res[1].top_logprobs is None
+
+
+def reference_mask(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The textbook filters over a full sort, in float64 (what candidates() must match without sorting)."""
+    logits = logits.double() / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < torch.topk(logits, p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        logits = logits.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+    return torch.isfinite(logits)
+
+
+def test_filters_match_a_full_sort_on_a_large_vocabulary():
+    """Nuclei from a handful of tokens to tens of thousands (top_p 0.999 on a flat row): the doubling
+    top-m search keeps the tokens a float64 full sort keeps; they may part only on a token whose
+    preceding mass is within rounding of top_p."""
+    gen = torch.Generator().manual_seed(11)
+    for scale in (0.3, 3.0, 12.0):
+        logits = torch.randn(49152, generator=gen) * scale
+        for kw in ({"top_p": 0.9}, {"top_p": 0.999}, {"top_p": 0.5, "top_k": 100}, {"min_p": 0.05},
+                   {"top_p": 0.95, "min_p": 0.1, "temperature": 0.7}, {"top_k": 7}):
+            p = SamplingParams(**kw)
+            got = torch.isfinite(filter_logits(logits.clone(), p))
+            want = reference_mask(logits.clone(), p)
+            differ = (got != want).nonzero()[:, 0]
+            assert len(differ) <= 1, (scale, kw, len(differ))
+            if len(differ):                              # exclusive cumulative mass in float64 at those tokens
+                probs = (logits.double() / p.temperature).softmax(-1)
+                before = probs[probs > probs[differ].max()].sum()
+                assert abs(float(before) - p.top_p) < 1e-5, (scale, kw, float(before))
+            assert got.sum() > 0
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04]))
+    p = SamplingParams(temperature=1.0, top_p=0.85, seed=3)      # nucleus: the first three (0.9 of the mass)
+    s, gen = Sampler(), make_generator(3)
+    n = 6000
+    counts = torch.zeros(5)
+    for _ in range(n):
+        counts[s(logits[None], [p], [[]], [[]], [gen])[0].token_id] += 1
+    expected = torch.tensor([0.4, 0.3, 0.2, 0.0, 0.0]) / 0.9
+    assert counts[3:].sum() == 0
+    assert ((counts / n - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-9).all(), counts / n
