@@ -25,7 +25,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "abi_version", "last_error"):
+               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "abi_version",
+               "last_error"):
         assert f"pa_{op}_cuda" in names
 
 
@@ -375,6 +376,56 @@ def test_gemv_norm_silu_equals_norm_then_silu_gemv(kernels):
     fused = kernels.gemv(x, w, GEMV_NORM_SILU, nw)
     two_step = kernels.silu_mul(kernels.gemv(x, w, GEMV_NORM, nw))
     assert torch.equal(fused, two_step)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,nh,nkv,hd,k,bs,theta", [
+    (1, 9, 3, 64, 576, 16, 1e5),          # SmolLM2, one row
+    (3, 32, 8, 128, 2048, 16, 5e5),       # Llama-3.2-1B-like, GQA 4
+    (8, 4, 4, 32, 64, 8, 1e4),            # GQA 1, eight rows, small blocks
+    (5, 16, 2, 64, 256, 32, 1e4),         # GQA 8
+])
+def test_gemv_rope_equals_gemv_then_rope_write_kv(kernels, dtype, rows, nh, nkv, hd, k, bs, theta):
+    """The fused qkv epilogue writes the same bits as GEMV(NORM) + pa_rope_write_kv_cuda: out (q and k
+    rotated, v), and k / v in their slots (a -1 slot stores nothing), and agrees with a float64 reference."""
+    from engine.backends.cuda import GEMV_NORM
+    g = gen(rows * 100 + nh + k)
+    n = (nh + 2 * nkv) * hd
+    x = randn(rows, k, g=g, dtype=dtype, scale=2.0)
+    w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
+    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1
+    num_blocks = 2 * rows + 3
+    positions = torch.randint(0, 5000, (rows,), generator=g, device="cuda", dtype=torch.int32)
+    slots = torch.randperm(num_blocks * bs, generator=g, device="cuda")[:rows].to(torch.int32)
+    slots[rows // 2] = -1                                   # a padding row: nothing stored
+    caches = [randn(num_blocks, nkv, bs, hd, g=g, dtype=dtype) for _ in range(2)]
+    two = [c.clone() for c in caches]
+    out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+    kernels.gemv_rope(x, w, nw, positions, slots, caches[0], caches[1], nh, 1e-5, theta, out=out)
+    ref = kernels.gemv(x, w, GEMV_NORM, nw, eps=1e-5)
+    q = ref[:, :nh * hd].view(rows, nh, hd)
+    kk = ref[:, nh * hd:(nh + nkv) * hd].view(rows, nkv, hd)
+    v = ref[:, (nh + nkv) * hd:].view(rows, nkv, hd)
+    kernels.rope(q, kk, positions, theta, cache=(two[0], two[1], v, slots))
+    assert torch.equal(out, ref)
+    assert torch.equal(caches[0], two[0]) and torch.equal(caches[1], two[1])
+    # float64: rms_norm, projection, rotate_half RoPE
+    xd = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    y = xd @ w.double().T
+    cos, sin = rope_cos_sin(positions.cpu().long(), hd, theta, torch.float64)
+    cos, sin = cos.cuda(), sin.cuda()
+    qd = apply_rope(y[:, :nh * hd].view(rows, nh, hd), cos, sin)
+    kd = apply_rope(y[:, nh * hd:(nh + nkv) * hd].view(rows, nkv, hd), cos, sin)
+    assert rel_err(out[:, :nh * hd].view(rows, nh, hd), qd) <= TOL
+    assert rel_err(out[:, nh * hd:(nh + nkv) * hd].view(rows, nkv, hd), kd) <= TOL
+    for m in range(rows):
+        if slots[m] < 0:
+            continue
+        blk, off = divmod(int(slots[m]), bs)
+        assert rel_err(caches[0][blk, :, off], kd[m]) <= TOL
+        assert rel_err(caches[1][blk, :, off], y[m, (nh + nkv) * hd:].view(nkv, hd)) <= TOL
 
 
 @pytest.mark.cuda

@@ -247,7 +247,8 @@ def test_graph_variants(fused, runs, prompts):
 
 @pytest.mark.parametrize("options", [{"decode_impl": "tc"}, {"use_pdl": True}, {"fuse_silu": True},
                                      {"decode_impl": "tc", "use_pdl": True, "fuse_silu": True},
-                                     {"decode_impl": "simt", "use_pdl": False, "fuse_silu": False}])
+                                     {"decode_impl": "simt", "use_pdl": False, "fuse_silu": False},
+                                     {"fuse_rope": False}, {"fuse_rope": True, "use_pdl": True}])
 def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile), PDL-launched GEMVs and
     the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, against the float32 reference."""

@@ -158,6 +158,33 @@ class CudaKernels:
                    k, mode, float(eps), int(bool(pdl)), self._code(x))
         return out
 
+    def gemv_rope(self, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, positions: torch.Tensor,
+                  slot_mapping: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int,
+                  eps: float, theta: float, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+        """The decode qkv projection with RoPE and the KV write fused (pa_gemv_rope_cuda): out [rows, n] holds
+        q and k rotated and v; k and v also land in their slots of the caches."""
+        op = "pa_gemv_rope_cuda"
+        n, k = weight.shape
+        rows = x.shape[0]
+        if key_cache.dim() != 4:
+            raise native.NativeError(f"{op}: key_cache must be [num_blocks, num_kv_heads, block_size, head_dim]")
+        nkv, hd = key_cache.shape[1], key_cache.shape[3]
+        if n != (num_heads + 2 * nkv) * hd:
+            raise native.NativeError(f"{op}: weight has {n} rows, expected ({num_heads} + 2 x {nkv}) x {hd}")
+        self._check(op, "weight", weight, x.dtype)
+        self._check(op, "x", x, x.dtype, (rows, k))
+        self._check(op, "norm_weight", norm_weight, x.dtype, (k,))
+        self._check(op, "positions", positions, torch.int32, (rows,))
+        self._check(op, "slot_mapping", slot_mapping, torch.int32, (rows,))
+        self._check_cache(op, key_cache, value_cache, x.dtype, nkv, hd)
+        if out is None:
+            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+        self._check(op, "out", out, x.dtype, (rows, n))
+        self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(positions),
+                   self._p(slot_mapping), self._p(key_cache), self._p(value_cache), rows, k, num_heads, nkv, hd,
+                   key_cache.shape[2], float(eps), float(theta), int(bool(pdl)), self._code(x))
+        return out
+
     def decode_partition_tc(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
         """Tokens per block of the tensor-core kernel: at most one block per SM (floor(SMs / units)
         partitions of each (sequence, kv head), at least one), each as long as possible, at least 128
@@ -348,7 +375,8 @@ class CudaBackend(Backend):
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
-                 use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True):
+                 use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
+                 fuse_rope: bool = True):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -364,6 +392,7 @@ class CudaBackend(Backend):
         # (the 1B-like step is 1.5-3.5 % slower: PDL slows its k = 8192 down projection).
         self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
+        self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
@@ -614,13 +643,19 @@ class CudaBackend(Backend):
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
         c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self.use_pdl
-        qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl)
+        if self.fuse_rope:
+            qkv = kn.gemv_rope(r, w[f"layers.{i}.qkv"], w[f"layers.{i}.input_norm"], batch.positions,
+                               batch.slot_mapping, self.key_caches[i], self.value_caches[i], c.num_heads, eps,
+                               c.rope_theta, pdl=pdl)
+        else:
+            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl)
         T = qkv.shape[0]
         q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
-        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
-        v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
-        kn.rope(q, k, batch.positions, c.rope_theta,
-                cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
+        if not self.fuse_rope:
+            k = qkv[:, c.q_size:c.q_size + c.kv_size].view(T, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
+            kn.rope(q, k, batch.positions, c.rope_theta,
+                    cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
         r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl)
         if self.fuse_silu:

@@ -13,12 +13,25 @@ constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;   // 16-byte weight loads per lane and row in a batch (two batches in flight)
 
+// The mode of pa_gemv_rope_cuda (internal: pa_gemv_cuda rejects it): the NORM prologue, rows paired as
+// RoPE pairs them, rotation and the KV write in the epilogue.
+constexpr int kModeNormRope = 100;
+
 struct GemvArgs {
     void *out;
     const void *x, *weight, *norm_weight, *residual;
     int rows, n, k, mode;
     float eps;
+    // kModeNormRope only
+    const int32_t *positions = nullptr, *slots = nullptr;
+    void *key_cache = nullptr, *value_cache = nullptr;
+    int num_heads = 0, num_kv_heads = 0, head_dim = 0, block_size = 0;
+    float theta = 0.f;
 };
+
+__device__ __forceinline__ bool norm_prologue(int mode) {
+    return mode == PA_CUDA_GEMV_NORM || mode == PA_CUDA_GEMV_NORM_SILU || mode == kModeNormRope;
+}
 
 // Programmatic dependent launch (sm_90): with pdl set, the next kernel of the stream (when it too is a
 // PDL launch) may start as soon as every block of this one has started; it prefetches its weights,
@@ -55,7 +68,7 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
         uint4 raw = make_uint4(0, 0, 0, 0);
         if (m < a.rows) raw = reinterpret_cast<const uint4 *>(x + (int64_t)m * a.k)[v];
         reinterpret_cast<uint4 *>(xs)[i] = raw;
-        if (a.mode == PA_CUDA_GEMV_NORM || a.mode == PA_CUDA_GEMV_NORM_SILU) {
+        if (norm_prologue(a.mode)) {
             float f[8], t = 0.f;
             Vec<T>::to_float(raw, f);
 #pragma unroll
@@ -65,7 +78,7 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
                 if (mm == m) sq[mm] += t;   // constant-indexed: stays in registers
         }
     }
-    if (a.mode != PA_CUDA_GEMV_NORM && a.mode != PA_CUDA_GEMV_NORM_SILU) return;
+    if (!norm_prologue(a.mode)) return;
     const int warp = tid / 32, lane = tid % 32;
 #pragma unroll
     for (int m = 0; m < MR; ++m) {
@@ -98,8 +111,13 @@ __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
 
 // The weight row of a warp's r-th row: consecutive rows, or for NORM_SILU (RPW = 2) the gate row j and
 // the up row half + j of output j = row0 / 2 (weight = [gate; up], n = 2 * half rows).
+// With kModeNormRope (RPW = 2) pair p = row0 / 2 is (head, j): rows head * hd + j and + hd / 2.
 __device__ __forceinline__ int weight_row(const GemvArgs &a, int row0, int r) {
     if (a.mode == PA_CUDA_GEMV_NORM_SILU) return min(row0 / 2 + r * (a.n / 2), a.n - 1);
+    if (a.mode == kModeNormRope) {
+        const int half = a.head_dim / 2, p = row0 / 2;
+        return min((p / half) * a.head_dim + p % half + r * half, a.n - 1);
+    }
     return min(row0 + r, a.n - 1);
 }
 
@@ -190,6 +208,40 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
         }
         // 3. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
         //    warp's (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda rounds it
+        if (RPW == 2 && a.mode == kModeNormRope) {
+            // x1, x2 rounded as the GEMV stores them; q and k rotated as rope_kernel rotates; k and v
+            // stored in their slots as rope_kernel stores them
+            const int half = a.head_dim / 2, p = row0 / 2, head = p / half, j = p % half;
+            const bool valid = p < a.n / 2, is_v = head >= a.num_heads + a.num_kv_heads;
+#pragma unroll
+            for (int m = 0; m < MR; ++m) {
+                const float x1 = round_to<T>(warp_sum(acc[0][m]));
+                const float x2 = round_to<T>(warp_sum(acc[RPW - 1][m]));
+                if (lane != m || m >= a.rows || !valid) continue;
+                float y1 = x1, y2 = x2;
+                if (!is_v) {
+                    const float inv_freq = 1.f / powf(a.theta, (float)(2 * j) / (float)a.head_dim);
+                    float sn, cn;
+                    sincosf((float)a.positions[m] * inv_freq, &sn, &cn);
+                    const float c = round_to<T>(cn), s = round_to<T>(sn);
+                    y1 = round_to<T>(x1 * c) + round_to<T>(-x2 * s);
+                    y2 = round_to<T>(x2 * c) + round_to<T>(x1 * s);
+                }
+                T *o = (T *)a.out + (int64_t)m * a.n + (int64_t)head * a.head_dim;
+                o[j] = from_f<T>(y1);
+                o[j + half] = from_f<T>(y2);
+                const int64_t slot = a.slots[m];
+                if (head >= a.num_heads && slot >= 0) {
+                    const int kv_head = is_v ? head - a.num_heads - a.num_kv_heads : head - a.num_heads;
+                    T *dst = (T *)(is_v ? a.value_cache : a.key_cache) +
+                             (((slot / a.block_size) * a.num_kv_heads + kv_head) * a.block_size + slot % a.block_size) *
+                                 a.head_dim;
+                    dst[j] = from_f<T>(y1);
+                    dst[j + half] = from_f<T>(y2);
+                }
+            }
+            continue;
+        }
         if (RPW == 2 && a.mode == PA_CUDA_GEMV_NORM_SILU) {
             const int half = a.n / 2, j = row0 / 2;
 #pragma unroll
@@ -256,7 +308,7 @@ pa_status launch_gemv(const GemvArgs &a, int num_sms, bool pdl, cudaStream_t str
                          a.k, smem);
     // Two rows a warp for tall matrices (more loads in flight), one for the rest; NORM_SILU always
     // takes two (the gate and up rows of one output).
-    if (a.mode == PA_CUDA_GEMV_NORM_SILU || a.n >= 32 * num_sms)
+    if (a.mode == PA_CUDA_GEMV_NORM_SILU || a.mode == kModeNormRope || a.n >= 32 * num_sms)
         return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, pdl, stream);
     return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
 }
@@ -283,6 +335,44 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
     GemvArgs a{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps};
+    cudaStream_t st = (cudaStream_t)stream;
+    return dispatch_dtype(dtype, name, [&](auto tag) {
+        using T = decltype(tag);
+        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, pdl != 0, st);
+        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, pdl != 0, st);
+        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, pdl != 0, st);
+        return launch_gemv<T, 8>(a, num_sms, pdl != 0, st);
+    });
+}
+
+extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
+                                       const int32_t *positions, const int32_t *slot_mapping, void *key_cache,
+                                       void *value_cache, int32_t num_rows, int32_t k, int32_t num_heads,
+                                       int32_t num_kv_heads, int32_t head_dim, int32_t block_size, float eps,
+                                       float theta, int32_t pdl, int32_t dtype, void *stream) {
+    const char *name = "gemv_kernel (RoPE epilogue)";
+    if (out == nullptr || x == nullptr || weight == nullptr || norm_weight == nullptr || positions == nullptr ||
+        slot_mapping == nullptr || key_cache == nullptr || value_cache == nullptr || num_rows < 0 || k <= 0 ||
+        k % 8 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
+        head_dim % 2 || block_size <= 0 || !(theta > 0.f))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
+    if (num_rows > 8)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, (int)num_rows);
+    if (num_rows == 0) return PA_OK;
+    int device = 0, num_sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, (num_heads + 2 * num_kv_heads) * head_dim, k,
+               kModeNormRope, eps};
+    a.positions = positions;
+    a.slots = slot_mapping;
+    a.key_cache = key_cache;
+    a.value_cache = value_cache;
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.head_dim = head_dim;
+    a.block_size = block_size;
+    a.theta = theta;
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 3
+#define PA_ABI_VERSION 4
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -264,6 +264,15 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
 pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                        const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
                        int32_t pdl, int32_t dtype, void *stream);
+/* The qkv projection of a decode layer with RoPE and the KV write in its epilogue (one launch where
+ * pa_gemv_cuda(NORM) + pa_rope_write_kv_cuda took two): out [num_rows, (nh + 2 nkv) hd] = T(rms_norm(x) *
+ * norm_weight @ weight.T), then q and k heads rotated and k, v stored in their slots (slot_mapping[m] < 0:
+ * not stored), every value rounded exactly as the two kernels round it. weight [(nh + 2 nkv) hd, k]. */
+pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
+                            const int32_t *positions, const int32_t *slot_mapping, void *key_cache,
+                            void *value_cache, int32_t num_rows, int32_t k, int32_t num_heads,
+                            int32_t num_kv_heads, int32_t head_dim, int32_t block_size, float eps, float theta,
+                            int32_t pdl, int32_t dtype, void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */
