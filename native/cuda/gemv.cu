@@ -313,6 +313,23 @@ pa_status launch_gemv(const GemvArgs &a, int num_sms, bool pdl, cudaStream_t str
     return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
 }
 
+// The shared tail of both exports: the row limit, the SM count, the dtype and row-count dispatch.
+pa_status run_gemv(const char *name, const GemvArgs &a, int32_t pdl, int32_t dtype, void *stream) {
+    if (a.rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, a.rows);
+    if (a.rows == 0) return PA_OK;
+    int device = 0, num_sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    cudaStream_t st = (cudaStream_t)stream;
+    return dispatch_dtype(dtype, name, [&](auto tag) {
+        using T = decltype(tag);
+        if (a.rows == 1) return launch_gemv<T, 1>(a, num_sms, pdl != 0, st);
+        if (a.rows == 2) return launch_gemv<T, 2>(a, num_sms, pdl != 0, st);
+        if (a.rows <= 4) return launch_gemv<T, 4>(a, num_sms, pdl != 0, st);
+        return launch_gemv<T, 8>(a, num_sms, pdl != 0, st);
+    });
+}
+
 }  // namespace
 
 extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
@@ -328,21 +345,8 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
     if (mode == PA_CUDA_GEMV_NORM_SILU && (n % 2 || residual != nullptr))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM_SILU needs an even n and no residual", name);
-    if (num_rows > 8)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, (int)num_rows);
-    if (num_rows == 0) return PA_OK;
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-    GemvArgs a{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps};
-    cudaStream_t st = (cudaStream_t)stream;
-    return dispatch_dtype(dtype, name, [&](auto tag) {
-        using T = decltype(tag);
-        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, pdl != 0, st);
-        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, pdl != 0, st);
-        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, pdl != 0, st);
-        return launch_gemv<T, 8>(a, num_sms, pdl != 0, st);
-    });
+    return run_gemv(name, GemvArgs{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps}, pdl, dtype,
+                    stream);
 }
 
 extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
@@ -356,12 +360,6 @@ extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *wei
         k % 8 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
         head_dim % 2 || block_size <= 0 || !(theta > 0.f))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (num_rows > 8)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, (int)num_rows);
-    if (num_rows == 0) return PA_OK;
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
     GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, (num_heads + 2 * num_kv_heads) * head_dim, k,
                kModeNormRope, eps};
     a.positions = positions;
@@ -373,12 +371,5 @@ extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *wei
     a.head_dim = head_dim;
     a.block_size = block_size;
     a.theta = theta;
-    cudaStream_t st = (cudaStream_t)stream;
-    return dispatch_dtype(dtype, name, [&](auto tag) {
-        using T = decltype(tag);
-        if (num_rows == 1) return launch_gemv<T, 1>(a, num_sms, pdl != 0, st);
-        if (num_rows == 2) return launch_gemv<T, 2>(a, num_sms, pdl != 0, st);
-        if (num_rows <= 4) return launch_gemv<T, 4>(a, num_sms, pdl != 0, st);
-        return launch_gemv<T, 8>(a, num_sms, pdl != 0, st);
-    });
+    return run_gemv(name, a, pdl, dtype, stream);
 }
