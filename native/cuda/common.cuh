@@ -27,6 +27,66 @@ static inline pa_status check_launch(const char *kernel) {
         if (st_ != PA_OK) return st_;       \
     } while (0)
 
+// Set a kernel's dynamic shared-memory limit to 200 KiB, once per kernel (the first launch of each
+// instantiation); a failure is PA_ERR_CUDA naming the kernel.
+template <auto Kernel>
+pa_status raise_smem_limit(const char *kernel) {
+    static const cudaError_t attr =
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
+    if (attr != cudaSuccess)
+        return cuda_fail(PA_ERR_CUDA, "%s: cudaFuncSetAttribute: %s", kernel, cudaGetErrorString(attr));
+    return PA_OK;
+}
+
+// ---- paged attention arguments ----------------------------------------------------------------
+static constexpr float kLog2e = 1.4426950408889634f;   // the kernels take exp2 of log2(e)-scaled scores
+
+// What every paged attention kernel (decode, tensor-core decode, prefill) reads; each extends it.
+struct PagedArgs {
+    void *out;
+    const void *q, *key_cache, *value_cache;
+    const int32_t *block_tables, *context_lens, *query_start_loc;
+    int num_heads, num_kv_heads, group, bs_log2, max_blocks;
+    int64_t q_stride;
+    float scale_log2e;
+};
+
+// The checks the paged attention exports share, then a's common fields (scale in natural-log units).
+static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *out, const void *q,
+                                        const void *key_cache, const void *value_cache,
+                                        const int32_t *block_tables, const int32_t *context_lens,
+                                        const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
+                                        int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                        int32_t max_blocks_per_seq, int64_t q_stride, float scale) {
+    if (out == nullptr || q == nullptr || key_cache == nullptr || value_cache == nullptr || block_tables == nullptr ||
+        context_lens == nullptr || query_start_loc == nullptr || num_seqs < 0 || num_heads <= 0 ||
+        num_kv_heads <= 0 || num_heads % num_kv_heads || max_blocks_per_seq <= 0)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
+    if (head_dim != 64 && head_dim != 128)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
+    if (block_size <= 0 || (block_size & (block_size - 1)))
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
+    if (num_seqs > 65535)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d sequences exceed the grid (65535)", name, (int)num_seqs);
+    a.out = out;
+    a.q = q;
+    a.key_cache = key_cache;
+    a.value_cache = value_cache;
+    a.block_tables = block_tables;
+    a.context_lens = context_lens;
+    a.query_start_loc = query_start_loc;
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.group = num_heads / num_kv_heads;
+    int bs_log2 = 0;
+    while ((1 << bs_log2) < block_size) ++bs_log2;
+    a.bs_log2 = bs_log2;
+    a.max_blocks = max_blocks_per_seq;
+    a.q_stride = q_stride;
+    a.scale_log2e = scale * kLog2e;
+    return PA_OK;
+}
+
 // ---- element types --------------------------------------------------------------------------
 // 8 elements of a 16-bit type in one 16-byte vector.
 template <typename T> struct Vec;
@@ -95,4 +155,3 @@ template <typename F> static inline pa_status dispatch_dtype(int32_t dtype, cons
     return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown dtype code %d", op, (int)dtype);
 }
 
-static constexpr float kLog2e = 1.4426950408889634f;

@@ -260,11 +260,7 @@ pa_status launch_decode_stages(const DecodeArgs &a, int num_seqs, cudaStream_t s
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_kernel: partition_size %d with block_size %d needs %zu "
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
-    // Raise this kernel's dynamic shared-memory limit once (the first launch of each instantiation).
-    static const cudaError_t attr = cudaFuncSetAttribute(decode_kernel<T, D, GP, STAGES>,
-                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-    if (attr != cudaSuccess)
-        return cuda_fail(PA_ERR_CUDA, "decode_kernel: cudaFuncSetAttribute: %s", cudaGetErrorString(attr));
+    PA_RETURN_IF_ERR((raise_smem_limit<decode_kernel<T, D, GP, STAGES>>("decode_kernel")));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
     decode_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
     return check_launch("decode_kernel");
@@ -302,14 +298,10 @@ __attribute__((visibility("hidden"))) pa_status make_decode_args(
     const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
     int32_t block_size, int32_t max_blocks_per_seq, int32_t partition_size, int32_t max_splits, int64_t q_stride,
     float scale, int gp) {
-    if (out == nullptr || q == nullptr || key_cache == nullptr || value_cache == nullptr || block_tables == nullptr ||
-        context_lens == nullptr || query_start_loc == nullptr || num_seqs < 0 || num_heads <= 0 ||
-        num_kv_heads <= 0 || num_heads % num_kv_heads || max_blocks_per_seq <= 0 || max_splits <= 0)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (head_dim != 64 && head_dim != 128)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
-    if (block_size <= 0 || (block_size & (block_size - 1)))
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
+    PA_RETURN_IF_ERR(fill_paged_args(a, name, out, q, key_cache, value_cache, block_tables, context_lens,
+                                     query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                     max_blocks_per_seq, q_stride, scale));
+    if (max_splits <= 0) return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_splits %d)", name, (int)max_splits);
     if (partition_size <= 0 || partition_size % 16)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: partition_size %d is not a positive multiple of 16", name,
                          (int)partition_size);
@@ -318,30 +310,11 @@ __attribute__((visibility("hidden"))) pa_status make_decode_args(
                          (int)max_splits);
     if (max_splits > 65535)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: max_splits %d exceeds 65535", name, (int)max_splits);
-    if (num_seqs > 65535)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d sequences exceed the grid (65535)", name, (int)num_seqs);
-    const int group = num_heads / num_kv_heads;
-    a.out = out;
     a.partial_out = partial_out;
     a.partial_ml = partial_ml;
-    a.q = q;
-    a.key_cache = key_cache;
-    a.value_cache = value_cache;
-    a.block_tables = block_tables;
-    a.context_lens = context_lens;
-    a.query_start_loc = query_start_loc;
-    a.num_heads = num_heads;
-    a.num_kv_heads = num_kv_heads;
-    a.group = group;
-    a.head_groups = (group + gp - 1) / gp;
-    int bs_log2 = 0;
-    while ((1 << bs_log2) < block_size) ++bs_log2;
-    a.bs_log2 = bs_log2;
-    a.max_blocks = max_blocks_per_seq;
+    a.head_groups = (a.group + gp - 1) / gp;
     a.partition = partition_size;
     a.max_splits = max_splits;
-    a.q_stride = q_stride;
-    a.scale_log2e = scale * kLog2e;
     a.counters = nullptr;
     return PA_OK;
 }

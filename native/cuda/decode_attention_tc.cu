@@ -328,10 +328,7 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_tc_kernel: partition_size %d with block_size %d needs %zu "
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
-    static const cudaError_t attr = cudaFuncSetAttribute(decode_tc_kernel<T, D, GP, STAGES>,
-                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-    if (attr != cudaSuccess)
-        return cuda_fail(PA_ERR_CUDA, "decode_tc_kernel: cudaFuncSetAttribute: %s", cudaGetErrorString(attr));
+    PA_RETURN_IF_ERR((raise_smem_limit<decode_tc_kernel<T, D, GP, STAGES>>("decode_tc_kernel")));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
     decode_tc_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
     PA_RETURN_IF_ERR(check_launch("decode_tc_kernel"));

@@ -7,14 +7,9 @@
 
 namespace decode {
 
-struct DecodeArgs {
-    void *out;
+struct DecodeArgs : PagedArgs {
     float *partial_out, *partial_ml;
-    const void *q, *key_cache, *value_cache;
-    const int32_t *block_tables, *context_lens, *query_start_loc;
-    int num_heads, num_kv_heads, group, head_groups, bs_log2, max_blocks, partition, max_splits;
-    int64_t q_stride;
-    float scale_log2e;
+    int head_groups, partition, max_splits;
     int32_t *counters;   // tensor-core kernel only: [num_seqs][gridDim.y] arrival counts (NULL: merge_kernel)
 };
 

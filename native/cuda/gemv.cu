@@ -272,9 +272,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
 
 template <typename T, int MR, int RPW>
 pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl, cudaStream_t stream) {
-    static const cudaError_t attr = cudaFuncSetAttribute(gemv_kernel<T, MR, RPW>,
-                                                         cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024);
-    if (attr != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "gemv_kernel: %s", cudaGetErrorString(attr));
+    PA_RETURN_IF_ERR((raise_smem_limit<gemv_kernel<T, MR, RPW>>("gemv_kernel")));
     const int groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
     // Blocks an SM while the input is small: four for the one-row-a-warp kernels (<= 64 registers:
     // all four fit, so a 3072-row GEMV streams in one round instead of two), else two.

@@ -15,13 +15,8 @@ constexpr int kRows = 32;                 // query rows per block
 constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr int kKeys = 32;                 // keys per tile
 
-struct PrefillArgs {
-    void *out;
-    const void *q, *key_cache, *value_cache;
-    const int32_t *block_tables, *context_lens, *query_start_loc;
-    int num_heads, num_kv_heads, group, tile_tokens, bs_log2, max_blocks;
-    int64_t q_stride;
-    float scale_log2e;
+struct PrefillArgs : PagedArgs {
+    int tile_tokens;
 };
 
 template <typename T, int D>
@@ -175,39 +170,16 @@ extern "C" pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, c
                                                      int32_t max_query_len, int64_t q_stride, float scale,
                                                      int32_t dtype, void *stream) {
     const char *name = "prefill_kernel";
-    if (out == nullptr || q == nullptr || key_cache == nullptr || value_cache == nullptr || block_tables == nullptr ||
-        context_lens == nullptr || query_start_loc == nullptr || num_seqs < 0 || num_heads <= 0 ||
-        num_kv_heads <= 0 || num_heads % num_kv_heads || max_blocks_per_seq <= 0 || max_query_len < 0)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (head_dim != 64 && head_dim != 128)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
-    if (block_size <= 0 || (block_size & (block_size - 1)))
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
-    const int group = num_heads / num_kv_heads;
-    if (group > kRows)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, group, kRows);
-    if (num_seqs == 0 || max_query_len == 0) return PA_OK;
-    if (num_seqs > 65535)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d sequences exceed the grid (65535)", name, (int)num_seqs);
-
     PrefillArgs a;
-    a.out = out;
-    a.q = q;
-    a.key_cache = key_cache;
-    a.value_cache = value_cache;
-    a.block_tables = block_tables;
-    a.context_lens = context_lens;
-    a.query_start_loc = query_start_loc;
-    a.num_heads = num_heads;
-    a.num_kv_heads = num_kv_heads;
-    a.group = group;
-    a.tile_tokens = kRows / group;
-    int bs_log2 = 0;
-    while ((1 << bs_log2) < block_size) ++bs_log2;
-    a.bs_log2 = bs_log2;
-    a.max_blocks = max_blocks_per_seq;
-    a.q_stride = q_stride;
-    a.scale_log2e = scale * kLog2e;
+    PA_RETURN_IF_ERR(fill_paged_args(a, name, out, q, key_cache, value_cache, block_tables, context_lens,
+                                     query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
+                                     max_blocks_per_seq, q_stride, scale));
+    if (max_query_len < 0) return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_query_len %d)", name,
+                                            (int)max_query_len);
+    if (a.group > kRows)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, kRows);
+    if (num_seqs == 0 || max_query_len == 0) return PA_OK;
+    a.tile_tokens = kRows / a.group;
     dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, num_kv_heads, num_seqs);
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
