@@ -124,6 +124,11 @@ class BlockManager:
 
     def append_slots(self, seq_id: int, num_total_tokens: int) -> list[tuple[int, int]]:
         """Grow seq_id's table to num_total_tokens slots; returns [(src, dst)] copies for CoW."""
+        table, slots = self._tables.get(seq_id), self._num_slots.get(seq_id, 0)
+        if table is not None and slots < num_total_tokens <= len(table) * self.block_size \
+                and self._ref[table[slots // self.block_size]] == 1:
+            self._num_slots[seq_id] = num_total_tokens      # the common decode step: room in an own block
+            return []
         cow_index, num_new = self._append_plan(seq_id, num_total_tokens)
         need = num_new + (cow_index is not None)
         if need > self.num_free_blocks:

@@ -20,7 +20,7 @@ from engine.model import LlamaModel
 from engine.request import Request, RequestHandle, RequestOutput
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import FinishReason, SamplingParams, Sequence
+from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger("pagedecode.engine")
 
@@ -218,14 +218,12 @@ class Engine:
         waiting: the next step's inputs are then exactly this step's argmax, in the same order."""
         if not getattr(self.backend, "supports_async", False) or self.scheduler.waiting or not rows:
             return False
+        requests, limit = self._requests, self.max_model_len - 2
         for seq in rows:
-            req = self._requests.get(seq.request_id)
-            if not isinstance(req, Request) or seq.is_finished or seq.num_uncomputed != 0:
-                return False
-            p = req.params
-            if not (p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
-                    and not p.frequency_penalty and p.logprobs is None
-                    and len(seq.output_ids) >= p.min_tokens and seq.num_computed + 2 <= self.max_model_len):
+            req = requests.get(seq.request_id)
+            if not isinstance(req, Request) or not req.plain_greedy or seq.status is SequenceStatus.FINISHED \
+                    or seq.num_computed != len(seq.prompt_ids) + len(seq.output_ids) or seq.num_computed > limit \
+                    or (req.params.min_tokens and len(seq.output_ids) < req.params.min_tokens):
                 return False
         return True
 

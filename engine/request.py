@@ -118,6 +118,13 @@ class Request:
     pending_logprobs: list[dict] = field(default_factory=list)
 
     @property
+    def plain_greedy(self) -> bool:
+        """Greedy without penalties or logprobs: the next token is the argmax alone (Engine pipelining)."""
+        p = self.params
+        return (p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+                and p.logprobs is None)
+
+    @property
     def max_stop_len(self) -> int:
         return max((len(s) for s in self.params.stop), default=0)
 

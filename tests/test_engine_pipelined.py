@@ -97,3 +97,19 @@ def test_blocks_filled_by_pipelined_steps_are_cached_like_synchronous_ones():
         assert eng.blocks.num_used_blocks == 0
     assert cached[True] == cached[False]
     assert cached[True][2] >= 16 * ((len(p) + 32) // 16) - 16      # decoded blocks were hashed and reused
+
+
+def test_beam_requests_beside_pipelined_greedy_ones():
+    """A beam search in the batch keeps every step synchronous (its rows need the host); outputs unchanged."""
+    from engine.beam import BeamParams
+    ps = prompts(3, seed=8)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    out = {}
+    for pipelined in (False, True):
+        eng = make_engine(pipelined)
+        handles = [eng.submit(p, greedy) for p in ps[:2]]
+        beam = eng.submit_beam(ps[2], BeamParams(beam_width=3, max_tokens=8))
+        done = run_to_completion(eng, handles + [beam])
+        out[pipelined] = [c.token_ids for c in done]
+        assert eng.blocks.num_used_blocks == 0
+    assert out[True] == out[False]
