@@ -14,27 +14,20 @@ from engine.backends.base import Backend
 from engine.batch import Batch
 from engine.beam import BeamParams, BeamSearch
 from engine.beam_request import BeamRequest, beam_sampling_params, fork_children
-from engine.block_manager import BlockManager, NoFreeBlocksError
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.model import LlamaModel
+from engine.pipeline import PipelinedDecode, InflightStep
 from engine.request import Request, RequestHandle, RequestOutput
 from engine.sampler import Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from engine.sequence import FinishReason, SamplingParams, Sequence
 
 log = logging.getLogger("pagedecode.engine")
 
 
-class _Inflight:
-    """A launched decode step whose sampled tokens the host has not read yet."""
 
-    __slots__ = ("rows", "tokens", "host", "landed")
-
-    def __init__(self, rows: list[Sequence], tokens: torch.Tensor, host: torch.Tensor, landed) -> None:
-        self.rows, self.tokens, self.host, self.landed = rows, tokens, host, landed
-
-
-class Engine:
+class Engine(PipelinedDecode):
     """One model, one KV cache, one thread that owns the scheduler; callers talk through queues."""
 
     def __init__(self, model_config: ModelConfig, backend: Backend, config: EngineConfig | None = None,
@@ -63,7 +56,7 @@ class Engine:
                          "prefix_tokens_cached": 0, "steps": 0, "preemptions": 0, "steps_ahead": 0}
         # A decode step whose tokens are still on the device (backends with supports_async): the next
         # step is launched from them before the host reads them (see step()).
-        self._inflight: _Inflight | None = None
+        self._inflight: InflightStep | None = None
         self._stats = self._snapshot()
 
     # ---- public, any thread -------------------------------------------------------------------
@@ -170,13 +163,7 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> int:
         """Admit, schedule, run the model once, sample, and publish outputs. Returns tokens run.
-
-        Pipelined decode (backends with supports_async, e.g. CUDA): a step of plain greedy decodes leaves
-        its argmax on the device (self._inflight); the next call launches the following step with those
-        device tokens as its inputs, and only then reads them on the host and publishes them, so the
-        scheduler, block manager and request bookkeeping run while the GPU computes. A sequence that
-        finished in the step being read has one extra row in the step already launched; that row is
-        dropped (its blocks are freed at once: later GPU work is stream-ordered after it)."""
+        With a step in flight (engine/pipeline.py) the next one is launched from its device tokens first."""
         while True:
             try:
                 self._handle(self._inbox.get_nowait())
@@ -205,81 +192,12 @@ class Engine:
         self.scheduler.mark_computed(out)
         rows = [it.seq for it in out.scheduled]
         if len(logits) == len(rows) and self._can_pipeline(rows):
-            self._inflight = _Inflight(rows, *self._device_argmax(logits))
+            self._inflight = InflightStep(rows, *self._device_argmax(logits))
         else:
             self._sample(out, logits)
         self.counters["steps"] += 1
         self._stats = self._snapshot()
         return batch.num_tokens
-
-    # ---- pipelined decode ----------------------------------------------------------------------
-    def _can_pipeline(self, rows: list[Sequence]) -> bool:
-        """Every row a plain greedy decode of a live request that can take one more token, nothing
-        waiting: the next step's inputs are then exactly this step's argmax, in the same order."""
-        if not getattr(self.backend, "supports_async", False) or self.scheduler.waiting or not rows:
-            return False
-        requests, limit = self._requests, self.max_model_len - 2
-        for seq in rows:
-            req = requests.get(seq.request_id)
-            if not isinstance(req, Request) or not req.plain_greedy or seq.status is SequenceStatus.FINISHED \
-                    or seq.num_computed != len(seq.prompt_ids) + len(seq.output_ids) or seq.num_computed > limit \
-                    or (req.params.min_tokens and len(seq.output_ids) < req.params.min_tokens):
-                return False
-        return True
-
-    def _device_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(tokens on the device, their host copy in flight, an event that marks it landed)."""
-        tokens = logits.argmax(-1)
-        if not tokens.is_cuda:
-            return tokens, tokens, None
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        landed = torch.cuda.Event()
-        landed.record()
-        return tokens, host, landed
-
-    def _launch_ahead(self, prev: "_Inflight") -> "_Inflight | None":
-        """The step after prev, its inputs prev's device tokens; None when it cannot run blind."""
-        keep = [i for i, seq in enumerate(prev.rows) if not seq.is_finished]
-        rows = [prev.rows[i] for i in keep]
-        if not self._can_pipeline(rows):
-            return None
-        try:
-            for seq in rows:                       # the slot of the token being computed
-                self.blocks.append_slots(seq.seq_id, seq.num_computed + 1)
-        except NoFreeBlocksError:
-            return None                            # the normal path preempts
-        batch = Batch.build([([0], seq.num_computed, self.blocks.get_block_table(seq.seq_id)) for seq in rows],
-                            self.block_size, [True] * len(rows))
-        ids = prev.tokens if len(keep) == len(prev.rows) else \
-            prev.tokens[torch.tensor(keep, device=prev.tokens.device)]
-        batch.device_input_ids = ids
-        logits = self.model.forward(batch)
-        for seq in rows:
-            seq.num_computed += 1
-        self.counters["steps"] += 1
-        self.counters["steps_ahead"] += 1
-        return _Inflight(rows, *self._device_argmax(logits))
-
-    def _read_inflight(self, step: "_Inflight") -> None:
-        """Wait for a pipelined step's tokens on the host and publish them."""
-        if step.landed is not None:
-            step.landed.synchronize()
-        now = time.monotonic()
-        for seq, token in zip(step.rows, step.host.tolist()):
-            if seq.is_finished:                    # finished in an earlier step: an extra row
-                continue
-            req = self._requests[seq.request_id]
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            self._deliver(req, token)
-
-    def _mark_ahead(self, step: "_Inflight") -> None:
-        """Cache the blocks a pipelined step filled, now that the tokens in them are known."""
-        size = self.block_size
-        for seq in step.rows:
-            if not seq.is_finished and seq.num_computed % size == 0:
-                self.blocks.mark_computed(seq.seq_id, seq.token_ids, seq.num_computed)
 
     def _account(self, out: SchedulerOutput) -> None:
         for it in out.scheduled:
