@@ -154,20 +154,9 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     stage_input<T, MR>(a, xs, scratch);
     __syncthreads();
 
+    int next_row0 = row0;
     for (; group < num_groups; group += gridDim.x) {
-        if (group != (int)blockIdx.x) {          // later groups: set up and issue their first loads
-            row0 = (group * kWarps + warp) * RPW;
-#pragma unroll
-            for (int r = 0; r < RPW; ++r)
-                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                for (int r = 0; r < RPW; ++r) {
-                    const int v = lane + u * 32;
-                    wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-                }
-        }
+        row0 = next_row0;                        // wv already holds this group's first loads
         // 2. stream the rows: two batches of kUnroll x RPW 16-byte loads in flight per lane
         float acc[RPW][MR];
 #pragma unroll
@@ -206,7 +195,23 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
 #pragma unroll
                 for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
         }
-        // 3. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
+        // 3. the next group's first loads go out now: their DRAM latency hides behind this group's
+        //    reduction and epilogue (and the block's later groups start with data in flight)
+        if (group + (int)gridDim.x < num_groups) {
+            next_row0 = ((group + gridDim.x) * kWarps + warp) * RPW;
+#pragma unroll
+            for (int r = 0; r < RPW; ++r)
+                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight +
+                                                          (int64_t)weight_row(a, next_row0, r) * a.k);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int r = 0; r < RPW; ++r) {
+                    const int v = lane + u * 32;
+                    wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+                }
+        }
+        // 4. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
         //    warp's (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda rounds it
         if (RPW == 2 && a.mode == kModeNormRope) {
             // x1, x2 rounded as the GEMV stores them; q and k rotated as rope_kernel rotates; k and v
