@@ -4,7 +4,7 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -87,18 +87,24 @@ class RequestHandle:
     def result(self, timeout: float | None = None) -> Completion:
         """Block until the request finishes and return everything it produced."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        texts, ids, logprobs = [], [], []
-        last = None
-        while not self.finished:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            last = self.get(timeout=remaining)
-            texts.append(last.text)
-            ids += last.token_ids
-            logprobs += last.logprobs or []
-        assert last is not None
-        return Completion(self.request_id, "".join(texts), ids, last.finish_reason, last.num_prompt_tokens,
-                          last.num_generated_tokens, last.num_cached_tokens, logprobs or None,
-                          last.time_to_first_token, last.beams, last.beam_tree, last.peak_blocks)
+
+        def outputs() -> Iterator[RequestOutput]:
+            while not self.finished:
+                yield self.get(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return gather(self.request_id, outputs())
+
+
+def gather(request_id: str, outputs: Iterable[RequestOutput]) -> Completion:
+    """One Completion from a request's outputs, up to and including its final one."""
+    texts, ids, logprobs, last = [], [], [], None
+    for last in outputs:
+        texts.append(last.text)
+        ids += last.token_ids
+        logprobs += last.logprobs or []
+    assert last is not None, "a request ends with a final output"
+    return Completion(request_id, "".join(texts), ids, last.finish_reason, last.num_prompt_tokens,
+                      last.num_generated_tokens, last.num_cached_tokens, logprobs or None,
+                      last.time_to_first_token, last.beams, last.beam_tree, last.peak_blocks)
 
 
 @dataclass

@@ -249,15 +249,9 @@ class Generation:
         return {"ttft_s": ttft, "tokens_per_s": rate, "total_s": time.monotonic() - self.submitted}
 
     def collect(self):
-        """Run to the end; the Completion-like result (text, token_ids, finish_reason, usage)."""
-        texts, ids, logprobs, last = [], [], [], None
-        for out in self.outputs():
-            texts.append(out.text)
-            ids += out.token_ids
-            logprobs += out.logprobs or []
-            last = out
-        return _Completed("".join(texts), ids, last.finish_reason, last.num_prompt_tokens,
-                          last.num_generated_tokens, last.num_cached_tokens, logprobs or None)
+        """Run to the end; the request's engine.request.Completion (text, token_ids, finish_reason, usage)."""
+        from engine.request import gather  # here, so importing webapp does not load torch
+        return gather(self.handle.request_id, self.outputs())
 
     def close(self) -> None:
         with self._close_lock:
@@ -268,14 +262,3 @@ class Generation:
             self.handle.cancel()
             self.runtime.metrics.aborted.inc()
         self.runtime.admission.release()
-
-
-@dataclass
-class _Completed:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    num_cached_tokens: int
-    logprobs: list[dict] | None
