@@ -1,9 +1,9 @@
 """INT8 CPU backend: int8 weights and int8 paged KV pools, run by libpa_cpu.so's AVX2 kernels.
 
 Every linear runs our blocked-Q8 GEMM/GEMV (activations quantized per 32 values). oneDNN's s8 matmul
-(pa_linear_onednn_cpu) is 1.5-3x faster at M >= 8 here, but it scales activations per row, which drops
-teacher-forced top-1 agreement with fp32 to 0.89-0.92 on this model (benchmarks/results_cpu.md), so the
-per-(M, shape) choice is ours everywhere; one native call per layer (pa_llama_layer_cpu) runs the rest.
+(pa_linear_onednn_cpu) measures 1.6-4.1x slower at M = 1, 8 and 32 here and scales activations per row,
+which drops teacher-forced top-1 agreement with fp32 to 0.89-0.92 on this model (benchmarks/results_cpu.md),
+so the per-(M, shape) choice is ours everywhere; one native call (pa_llama_layers_cpu) runs every layer.
 """
 from __future__ import annotations
 
@@ -95,12 +95,9 @@ class CpuInt8Backend(Backend):
         self.v_scales: list[torch.Tensor] = []
         self._scratch = torch.empty(0, dtype=torch.uint8)
         self._scratch_cdata = self.ffi.NULL
-        self._ptr_cache: dict[int, object] = {}
         self._heap_released = False
-        self._layer_w: list = []
-        self._layer_kv: list = []                                     # per layer (k, k scales, v, v scales) cdata
         self._layers_w = None                                         # pa_layer_weights_cpu[num_layers]
-        self._kv_arrays: list = []                                    # the 4 pointer arrays of _layer_kv
+        self._kv_arrays: list = []                                    # k, k scales, v, v scales: a pointer a layer
         self._dims = None
 
     # ---- set-up ------------------------------------------------------------------------------
@@ -144,10 +141,9 @@ class CpuInt8Backend(Backend):
             for name in LINEARS:
                 if f"layers.{i}.{name}" not in self.q:
                     raise ValueError(f"missing int8 weight layers.{i}.{name}")
-        self._layer_w = [self._layer_struct(i) for i in range(c.num_layers)]
         self._layers_w = self.ffi.new("pa_layer_weights_cpu[]", c.num_layers)   # for pa_llama_layers_cpu
-        for i, w in enumerate(self._layer_w):
-            self._layers_w[i] = w[0]
+        for i in range(c.num_layers):
+            self._fill_layer(self.ffi.addressof(self._layers_w, i), i)
         release_free_heap()                         # freed float32 temporaries back to the OS now
 
     def _pack_weights(self) -> None:
@@ -189,15 +185,13 @@ class CpuInt8Backend(Backend):
         s[:c.q_size] *= f.repeat_interleave(c.num_heads // c.num_kv_heads, 0).reshape(-1, 1)
         self.q[f"layers.{i}.qkv"] = (q, s.contiguous())
 
-    def _layer_struct(self, i: int):
-        w = self.ffi.new("pa_layer_weights_cpu *")
+    def _fill_layer(self, w, i: int) -> None:
         w.input_norm = self._p(self.f[f"layers.{i}.input_norm"], "float *")
         w.post_norm = self._p(self.f[f"layers.{i}.post_norm"], "float *")
         for name in LINEARS:
             q, s = self.q[f"layers.{i}.{name}"]
             setattr(w, name, self._p(q, "int8_t *"))
             setattr(w, name + "_scales", self._p(s, "float *"))
-        return w
 
     def pool_stats(self) -> tuple[int, int]:
         """(stalls, solo calls) of the worker pool: how often shared cores made the layers run alone."""
@@ -233,11 +227,9 @@ class CpuInt8Backend(Backend):
         d.eps, d.attn_scale = c.rms_norm_eps, c.head_dim ** -0.5
         self._dims = d
         release_free_heap()                         # the loader's float copies are normally gone by now
-        self._layer_kv = [(self._p(self.key_caches[i], "int8_t *"), self._p(self.k_scales[i], "float *"),
-                           self._p(self.value_caches[i], "int8_t *"), self._p(self.v_scales[i], "float *"))
-                          for i in range(c.num_layers)]
-        self._kv_arrays = [self.ffi.new(f"{ctype}[]", [kv[j] for kv in self._layer_kv])
-                           for j, ctype in enumerate(("int8_t *", "float *", "int8_t *", "float *"))]
+        self._kv_arrays = [self.ffi.new(f"{ctype}[]", [self._p(t, ctype) for t in pools])
+                           for ctype, pools in (("int8_t *", self.key_caches), ("float *", self.k_scales),
+                                                ("int8_t *", self.value_caches), ("float *", self.v_scales))]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -277,17 +269,6 @@ class CpuInt8Backend(Backend):
             self._scratch = torch.empty(max(nbytes, 2 * self._scratch.numel()), dtype=torch.uint8)
             self._scratch_cdata = self._p(self._scratch, "void *")
         return self._scratch_cdata, self._scratch.numel()
-
-    def _cached_ptr(self, t: torch.Tensor):
-        """float * to a contiguous float32 tensor; the last two casts are kept (h and residual are the
-        same tensors for every layer of a step)."""
-        key = t.data_ptr()
-        hit = self._ptr_cache.get(key)
-        if hit is None:
-            if len(self._ptr_cache) >= 4:
-                self._ptr_cache.clear()
-            hit = self._ptr_cache[key] = self.ffi.cast("float *", key)
-        return hit
 
     def _rope_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -428,25 +409,3 @@ class CpuInt8Backend(Backend):
                 self._p(batch.slot_mapping, "int32_t *"), self._p(batch.block_tables, "int32_t *"),
                 self._p(batch.context_lens, "int32_t *"), self._p(batch.query_start_loc, "int32_t *"))
         return batch.layer_args
-
-    def forward_layer(self, layer, h, residual, batch):
-        if not isinstance(batch, CpuBatch) or batch.rope_cos is None:
-            return None
-        shape = (batch.num_tokens, self.config.hidden_size)
-        if h.dtype != torch.float32 or tuple(h.shape) != shape or not h.is_contiguous():
-            raise NativeError(f"forward_layer: h must be contiguous float32 {shape}")
-        first = residual is None
-        if first:
-            residual = torch.empty(shape)
-        elif tuple(residual.shape) != shape or not residual.is_contiguous():
-            raise NativeError(f"forward_layer: residual must be contiguous float32 {shape}")
-        need = self.lib.pa_llama_layer_scratch_bytes_cpu(self._dims, shape[0])
-        scratch, nbytes = self._scratch_ptr(need)
-        tables = batch.block_tables
-        cos_p, sin_p, slots_p, tables_p, lens_p, qsl_p = self._layer_args(batch)
-        kc, ks, vc, vs = self._layer_kv[layer]
-        self._check(self.lib.pa_llama_layer_cpu(
-            self._pool, self._cached_ptr(h), self._cached_ptr(residual), int(first), scratch, nbytes,
-            kc, ks, vc, vs, self._layer_w[layer], self._dims, cos_p, sin_p, slots_p, tables_p, lens_p, qsl_p,
-            shape[0], batch.num_seqs, tables.shape[1]), f"pa_llama_layer_cpu(layer {layer})")
-        return h, residual

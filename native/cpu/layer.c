@@ -224,28 +224,6 @@ static void run_layer(pa_pool_cpu *pool, layer_ctx *ctx) {
     }
 }
 
-pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, int32_t first, void *scratch,
-                             int64_t scratch_bytes,
-                             int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
-                             const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
-                             const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
-                             const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
-                             int64_t num_seqs, int64_t max_blocks_per_seq) {
-    CHECK_PTR(hidden_io); CHECK_PTR(residual); CHECK_PTR(scratch); CHECK_PTR(w); CHECK_PTR(d);
-    CHECK_PTR(key_cache); CHECK_PTR(k_scales); CHECK_PTR(value_cache); CHECK_PTR(v_scales);
-    CHECK_PTR(cos_t); CHECK_PTR(sin_t); CHECK_PTR(slot_mapping); CHECK_PTR(block_tables);
-    CHECK_PTR(context_lens); CHECK_PTR(query_start_loc);
-    CHECK(layer_weights_complete(w), "a weight pointer is NULL");
-    pa_status st = check_layer_call(__func__, d, scratch_bytes, slot_mapping, block_tables, context_lens,
-                                    query_start_loc, num_tokens, num_seqs, max_blocks_per_seq);
-    if (st != PA_OK) return st;
-    layer_ctx ctx = {hidden_io, residual, first != 0, carve((char *)scratch, d, num_tokens), key_cache, k_scales,
-                     value_cache, v_scales, w, d, cos_t, sin_t, slot_mapping, block_tables, context_lens,
-                     query_start_loc, num_tokens, num_seqs, max_blocks_per_seq, {0, 0, 0, 0, 0}, {0, 0, 0, 0, 1}};
-    run_layer(pool, &ctx);
-    return PA_OK;
-}
-
 pa_status pa_llama_layers_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, void *scratch,
                               int64_t scratch_bytes, int64_t num_layers, int8_t *const *key_caches,
                               float *const *k_scales, int8_t *const *value_caches, float *const *v_scales,

@@ -1,5 +1,5 @@
 /*
- * pool.c -- the worker team of pa_llama_layer_cpu.  OpenMP's fork/join sleeps on a futex when
+ * pool.c -- the worker team of pa_llama_layers_cpu (and pa_linear_q8_cpu).  OpenMP's fork/join sleeps on a futex when
  * OMP_WAIT_POLICY=PASSIVE (the web server sets it so idle OpenMP threads do not steal its cores),
  * which costs ~50-80 us a layer on these VMs.  These workers spin for a while after each job (the next
  * layer call comes ~20 us later) and only then sleep, so an idle server still costs no CPU.

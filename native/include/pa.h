@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 4
+#define PA_ABI_VERSION 5
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -121,28 +121,20 @@ typedef struct {
     int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size, num_blocks;
     float eps, attn_scale;
 } pa_layer_dims_cpu;
-/* Scratch bytes pa_llama_layer_cpu needs for num_tokens rows (-1 on bad arguments). */
+/* Scratch bytes pa_llama_layers_cpu needs for num_tokens rows (-1 on bad arguments). */
 int64_t pa_llama_layer_scratch_bytes_cpu(const pa_layer_dims_cpu *dims, int64_t num_tokens);
 /* A team of num_threads (the calling thread + num_threads - 1 workers that spin ~1 ms after a job,
- * then sleep): runs pa_llama_layer_cpu without OpenMP's fork/join, which sleeps under
+ * then sleep): runs pa_llama_layers_cpu without OpenMP's fork/join, which sleeps under
  * OMP_WAIT_POLICY=PASSIVE. */
 pa_status pa_pool_create_cpu(pa_pool_cpu **pool, int32_t num_threads);
 pa_status pa_pool_destroy_cpu(pa_pool_cpu *pool);
 /* stalls: team waits > 2 ms for a partner (its core was taken); solo_calls: calls then run alone */
 pa_status pa_pool_stats_cpu(int64_t *stalls, int64_t *solo_calls, const pa_pool_cpu *pool);
-/* hidden_io [T, hidden]: in the layer's input h, out its output h; residual [T, hidden] in/out
- * (first != 0: residual is set to h, as model.py's residual=None); the pools as pa_write_kv_q8_cpu;
- * cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu.
- * pool: the team to run on (NULL: an OpenMP parallel region). */
-pa_status pa_llama_layer_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, int32_t first, void *scratch,
-                             int64_t scratch_bytes,
-                             int8_t *key_cache, float *k_scales, int8_t *value_cache, float *v_scales,
-                             const pa_layer_weights_cpu *w, const pa_layer_dims_cpu *d, const float *cos_t,
-                             const float *sin_t, const int32_t *slot_mapping, const int32_t *block_tables,
-                             const int32_t *context_lens, const int32_t *query_start_loc, int64_t num_tokens,
-                             int64_t num_seqs, int64_t max_blocks_per_seq);
-/* Every layer of the model in one call (layer 0 with first = 1): w [num_layers], the pools per layer;
- * the batch is checked once. At batch 1 the ~30 Python -> C layer calls cost ~4% of a step. */
+/* Every decoder layer of the model (model.py's LlamaModel.layer, composed from this library's kernels) in
+ * one call. hidden_io [T, hidden]: in the embedded h, out the last layer's h; residual [T, hidden] out
+ * (layer 0 sets it to h, as model.py's residual=None); w [num_layers] and the pools per layer (layout as
+ * pa_write_kv_q8_cpu); cos_t, sin_t from pa_rope_table_cpu; batch arrays as pa_paged_attention_q8_cpu,
+ * checked once. pool: the team to run on (NULL: an OpenMP parallel region). */
 pa_status pa_llama_layers_cpu(pa_pool_cpu *pool, float *hidden_io, float *residual, void *scratch,
                               int64_t scratch_bytes, int64_t num_layers, int8_t *const *key_caches,
                               float *const *k_scales, int8_t *const *value_caches, float *const *v_scales,
