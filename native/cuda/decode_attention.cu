@@ -72,14 +72,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token chunk
     extern __shared__ __align__(16) float smem[];
 
-    const int seq = blockIdx.z, split = blockIdx.x;
-    const int kv_head = blockIdx.y / a.head_groups, hg = blockIdx.y % a.head_groups;
-    const int q_row = a.query_start_loc[seq];
-    if (a.query_start_loc[seq + 1] - q_row != 1) return;
-    const int ctx = a.context_lens[seq];
-    const int start = split * a.partition;
-    if (split > 0 && start >= ctx) return;
-    const int end = min(ctx, start + a.partition), ntok = end - start;
+    const DecodeBlock blk = decode_block(a);
+    if (!blk.live) return;
+    const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
+    const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
     const bool direct = ctx <= a.partition;   // one partition: this block writes the output
     const int h0 = kv_head * a.group + hg * GP;
     const int nheads = min(GP, a.group - hg * GP);

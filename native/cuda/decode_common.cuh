@@ -13,6 +13,26 @@ struct DecodeArgs : PagedArgs {
     int32_t *counters;   // tensor-core kernel only: [num_seqs][gridDim.y] arrival counts (NULL: merge_kernel)
 };
 
+// Which (sequence, partition, kv head, head group) a decode block serves, and its tokens [start, end);
+// live is false for a sequence that is not a one-token decode and for a partition past its context.
+struct DecodeBlock {
+    int seq, split, kv_head, hg, q_row, ctx, start, end;
+    bool live;
+};
+__device__ __forceinline__ DecodeBlock decode_block(const DecodeArgs &a) {
+    DecodeBlock b;
+    b.seq = blockIdx.z;
+    b.split = blockIdx.x;
+    b.kv_head = blockIdx.y / a.head_groups;
+    b.hg = blockIdx.y % a.head_groups;
+    b.q_row = a.query_start_loc[b.seq];
+    b.ctx = a.context_lens[b.seq];
+    b.start = b.split * a.partition;
+    b.end = min(b.ctx, b.start + a.partition);
+    b.live = a.query_start_loc[b.seq + 1] - b.q_row == 1 && (b.split == 0 || b.start < b.ctx);
+    return b;
+}
+
 // cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
     const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);

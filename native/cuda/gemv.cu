@@ -121,6 +121,23 @@ __device__ __forceinline__ int weight_row(const GemvArgs &a, int row0, int r) {
     return min(row0 + r, a.n - 1);
 }
 
+// The weight rows of a warp's group starting at row0 (wrow) and their first kUnroll 16-byte loads (wv).
+template <typename T, int RPW>
+__device__ __forceinline__ void first_loads(const GemvArgs &a, int row0, int lane, const uint4 *(&wrow)[RPW],
+                                            uint4 (&wv)[RPW][kUnroll]) {
+    const int nv = a.k / 8;
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int r = 0; r < RPW; ++r) {
+            const int v = lane + u * 32;
+            wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+        }
+}
+
 // A grid-stride loop over groups of 8 * RPW rows: the prologue (staging the transformed input) is
 // paid once per block, however many rows the block then streams.
 template <typename T, int MR, int RPW>
@@ -139,17 +156,8 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     int group = blockIdx.x;
     int row0 = (group * kWarps + warp) * RPW;
     const uint4 *wrow[RPW];
-#pragma unroll
-    for (int r = 0; r < RPW; ++r)
-        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
     uint4 wv[RPW][kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-            const int v = lane + u * 32;
-            wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-        }
+    first_loads<T, RPW>(a, row0, lane, wrow, wv);
     pdl_wait();
     stage_input<T, MR>(a, xs, scratch);
     __syncthreads();
@@ -199,17 +207,7 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
         //    reduction and epilogue (and the block's later groups start with data in flight)
         if (group + (int)gridDim.x < num_groups) {
             next_row0 = ((group + gridDim.x) * kWarps + warp) * RPW;
-#pragma unroll
-            for (int r = 0; r < RPW; ++r)
-                wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight +
-                                                          (int64_t)weight_row(a, next_row0, r) * a.k);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                for (int r = 0; r < RPW; ++r) {
-                    const int v = lane + u * 32;
-                    wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-                }
+            first_loads<T, RPW>(a, next_row0, lane, wrow, wv);
         }
         // 4. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
         //    warp's (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda rounds it
