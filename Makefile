@@ -21,7 +21,7 @@ $(STAMP): requirements.txt
 	touch $@
 
 native: $(STAMP)
-	$(MAKE) -C native PYTHON_PREFIX=$(abspath $(VENV))
+	$(MAKE) -j2 -C native PYTHON_PREFIX=$(abspath $(VENV))
 
 # Headless browser tests drive Debian's chromium (never `playwright install`).
 browser:

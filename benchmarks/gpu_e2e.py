@@ -10,8 +10,10 @@ Three ways of counting our steps, all greedy:
                  does), batches built vectorised (the Batch dataclass directly);
   gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
                  the GPU, no host round trip per token (the GPU-bound step time).
-Batch-1 steps (the GEMV path) run in several variants (--variants): base; pdl (GEMVs as programmatic
-dependent launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); pdl+fuse.
+Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the backend's choice: every layer
+in one persistent launch, pa_decode_layers_cuda); kernels (the default's fusions as five launches a layer);
+base; pdl (GEMVs as programmatic dependent launches); fuse (SiLU-mul in gate_up's epilogue, down a plain
+GEMV); pdl+fuse (these four per-kernel).
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -264,7 +266,7 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
-    ap.add_argument("--variants", nargs="+", default=["default", "base", "pdl", "fuse", "pdl+fuse"],
+    ap.add_argument("--variants", nargs="+", default=["default", "kernels"],
                     help="GEMV-path variants, run at batches <= 8 (larger batches run the backend's default)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--out", type=Path, default=None)
@@ -284,7 +286,7 @@ def main() -> None:
         weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)
-        defaults = backend.use_pdl, backend.fuse_silu          # the constructor's choice for this model
+        defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers   # the constructor's choice
         del weights
         hf = hf.to(torch.bfloat16)
         if args.no_hf:
@@ -305,13 +307,16 @@ def main() -> None:
             build = batch_build_cost(b, args.prompt_len + args.steps)
             variants = args.variants if b <= backend.gemv_max_rows else ["default"]
             for variant in variants:
-                backend.use_pdl, backend.fuse_silu = defaults if variant == "default" else \
-                    ("pdl" in variant, "fuse" in variant)
+                if variant in ("default", "kernels"):
+                    backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults
+                    backend.fuse_layers = backend.fuse_layers and variant == "default"
+                else:
+                    backend.use_pdl, backend.fuse_silu, backend.fuse_layers = "pdl" in variant, "fuse" in variant, False
                 backend._graphs.clear()
                 with torch.inference_mode():
                     fwd = Runner(model, b, args.prompt_len, args.steps).run()
                     multi = Runner(model, b, args.prompt_len, args.steps).run_multistep()
-                    if args.profile and b == 1 and variant == "base":
+                    if args.profile and b == 1:
                         profile_steps(Runner(model, b, args.prompt_len, args.steps))
                 sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, pipelined=False)
                 eng = engine_run(cfg, backend, b, args.prompt_len, args.steps)

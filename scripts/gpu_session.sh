@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels model attention e2e ncu   (each stage under its own time limit, so a
+#   stages: info tests kernels layers model attention e2e ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>)
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
@@ -28,11 +28,16 @@ for stage in "$@"; do
               torch.cuda.get_device_name(0)); from engine import native; print(native.available('cuda'))" 2>&1 | tee -a "$OUT/info.txt"
         ;;
     tests)
-        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
+        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_layers.py tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
         ;;
     kernels)
         timeout "${STAGE_LIMIT_kernels:-150}" $PYTEST tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" \
             | grep -E "passed|failed|FAILED|Error|error" | tail -25
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
+        ;;
+    layers)
+        timeout "${STAGE_LIMIT_layers:-150}" $PYTEST tests/test_cuda_layers.py -s 2>&1 | tee "$OUT/tests_layers.log" \
+            | grep -E "passed|failed|FAILED|Error|error|vs chain" | tail -30
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     model)

@@ -25,7 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "abi_version",
+               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "decode_layers", "abi_version",
                "last_error"):
         assert f"pa_{op}_cuda" in names
 

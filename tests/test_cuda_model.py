@@ -1,13 +1,19 @@
 """End to end on the GPU: CudaBackend's greedy tokens against the float32 reference and HF transformers.
 
-The SmolLM2-135M configuration with seeded random weights (HF's own init, std 0.02; q/k projections x3
-so attention is not uniform), rounded to bf16-representable values, so the float32 reference, HF and the
-bf16/fp16 backends all hold the same numbers. Random weights give flat next-token distributions, so
-bf16 (7-bit mantissa) and even fp16 (10-bit) greedy can part from fp32 on near-ties (measured on the
-H200: fp16 6/8 prompts and 222/256 tokens identical, bf16 0-1/8). Each candidate's tokens are checked
-under teacher forcing: every token must be the float32 reference's argmax, or a flip the candidate's
-measured logit error explains (reference margin <= 2 x max |logit error| at that step).
-Exact agreement counts are printed for the record (benchmarks/results_cuda.md).
+Two models with the SmolLM2-135M configuration, weights rounded to bf16-representable values so the float32
+reference, HF and the bf16/fp16 backends all hold the same numbers:
+
+- Seeded random weights (HF's own init, std 0.02; q/k projections x3 so attention is not uniform). Random
+  weights give flat next-token distributions, so bf16 (7-bit mantissa) and even fp16 (10-bit) greedy can
+  part from fp32 on near-ties (measured on the H200: fp16 6/8 prompts and 222/256 tokens identical, bf16
+  0-1/8). Each candidate's tokens are checked under teacher forcing: every token must be the float32
+  reference's argmax, or a flip the candidate's measured logit error explains (reference margin <= 2 x max
+  |logit error| at that step). Exact agreement counts are printed for the record (benchmarks/results_cuda.md).
+- The same configuration trained from random init for TRAIN_STEPS steps on the GPU on a synthetic language
+  that needs attention (tests/trained_model.py), so its predictions are confident like a trained model's.
+  On prompts from that language the float32 reference, CudaBackend bf16 (graphs) and HF fp32 must give
+  literally the same greedy tokens; the reference's smallest top-1/top-2 logit margin along the greedy
+  path and bf16's largest logit error are printed to show why (margin >> error).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from engine.batch import Batch
 from engine.config import EngineConfig, ModelConfig
 from engine.model import LlamaModel, fuse_weights
 from engine.sequence import SamplingParams
+from tests.trained_model import make_language, train_synthetic
 
 pytestmark = [pytest.mark.cuda, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -35,6 +42,8 @@ PROMPT_LENS = [5, 16, 17, 31, 64, 100, 129, 250]   # partial blocks, block bound
 NEW_TOKENS = 32
 BLOCK = 16
 CHUNK = 48                                          # prefill chunk: later chunks sit on a cached prefix
+TRAIN_STEPS = 600                                   # 16 x 320 tokens each: ~4.4 TFLOP, ~30 s on an H200
+TRAIN_SEED = 7
 
 
 class RefOnGpu(TorchRefBackend):
@@ -53,8 +62,8 @@ class RefOnGpu(TorchRefBackend):
         return out.to(q.device)
 
 
-@pytest.fixture(scope="module")
-def hf_fp32():
+def hf_llama(seed: int):
+    """HF's LlamaForCausalLM with the SMOL configuration and HF's own seeded init, on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
     c = SMOL
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -62,8 +71,13 @@ def hf_fp32():
                       num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rope_theta=c.rope_theta,
                       rms_norm_eps=c.rms_norm_eps, max_position_embeddings=c.max_position_embeddings,
                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to("cuda").eval()
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).to("cuda").eval()
+
+
+@pytest.fixture(scope="module")
+def hf_fp32():
+    model = hf_llama(0)
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(3)
@@ -245,10 +259,13 @@ def test_graph_variants(fused, runs, prompts):
         check_against_ref(f"cuda-graph-{key}", teacher_forced(ref, batch_prompts, outs), outs, logits)
 
 
-@pytest.mark.parametrize("options", [{"decode_impl": "tc"}, {"use_pdl": True}, {"fuse_silu": True},
-                                     {"decode_impl": "tc", "use_pdl": True, "fuse_silu": True},
+NO_LAYERS = {"fuse_layers": False}      # the per-kernel GEMV layer path (the default is one persistent launch)
+
+
+@pytest.mark.parametrize("options", [NO_LAYERS, {"decode_impl": "tc", **NO_LAYERS}, {"use_pdl": True, **NO_LAYERS},
+                                     {"decode_impl": "tc", "use_pdl": True, "fuse_silu": True, **NO_LAYERS},
                                      {"decode_impl": "simt", "use_pdl": False, "fuse_silu": False},
-                                     {"fuse_rope": False}, {"fuse_rope": True, "use_pdl": True}])
+                                     {"fuse_rope": False}, {"fuse_rope": True, "use_pdl": True, **NO_LAYERS}])
 def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile), PDL-launched GEMVs and
     the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, against the float32 reference."""
@@ -318,3 +335,61 @@ def test_multi_step_greedy_on_the_gpu(runs, fused, prompts, rows):
         for j, tok in enumerate(toks):
             best = int(lg[j].argmax())
             assert tok == best or (lg[j, best] - lg[j, tok]).item() <= 2 * tol, (s, j, tok, best)
+
+
+
+# ---- a trained model: confident predictions, literal equality -------------------------------------------
+@pytest.fixture(scope="module")
+def trained():
+    """A second SMOL-config model trained on the synthetic language: fused weights, HF model, prompts, stats."""
+    model = hf_llama(0)
+    stats = train_synthetic(model, TRAIN_STEPS, "cuda", TRAIN_SEED)
+    fused = fuse_weights({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, SMOL)
+    prompts = make_language(SMOL.vocab_size, TRAIN_SEED).prompts(PROMPT_LENS, seed=1234)
+    return fused, model, prompts, stats
+
+
+@pytest.fixture(scope="module")
+def trained_runs(trained):
+    """Greedy tokens and logits of the float32 reference, CudaBackend bf16 (graphs) and HF fp32."""
+    from engine.backends.cuda import CudaBackend
+    fused, model, prompts, _ = trained
+    ref = RefOnGpu(SMOL, device="cuda")
+    ref.load_weights(fused)
+    cuda = CudaBackend(SMOL)
+    cuda.load_weights(fused)
+    r = {"ref": greedy(ref, prompts), "cuda": greedy(cuda, prompts), "hf-fp32": hf_generate(model, prompts)}
+    r["_graphs"] = sorted(cuda._graphs)
+    return r
+
+
+def test_trained_model_learned_the_rule(trained):
+    """Below the bigram floor only through attention; the record shows how close to the true floor."""
+    stats = trained[3]
+    print(f"trained {stats['steps']} steps ({stats['tokens']} tokens) in {stats['seconds']:.1f}s: loss "
+          f"{stats['loss']:.3f}, floor {stats['floor']:.3f}, bigram floor {stats['bigram_floor']:.3f}; "
+          f"curve {[(i, round(x, 2)) for i, x in stats['losses']]}")
+    assert stats["loss"] < (stats["floor"] + stats["bigram_floor"]) / 2, "training did not learn the rule"
+
+
+@pytest.mark.parametrize("name", ["cuda", "hf-fp32"])
+def test_trained_greedy_tokens_equal_the_reference(trained_runs, name):
+    """Literal equality on every prompt; the reference's margin along the path against the logit error."""
+    (ref_outs, ref_logits), (outs, logits) = trained_runs["ref"], trained_runs[name]
+    print(f"trained: {name} vs ref fp32:", agreement(outs, ref_outs))
+    if name == "cuda":
+        assert (8, False, False) in trained_runs["_graphs"], "decode steps of 8 sequences did not replay a graph"
+    for s, (ref_toks, toks, ref_lg, lg) in enumerate(zip(ref_outs, outs, ref_logits, logits)):
+        n = next((j for j, (u, v) in enumerate(zip(ref_toks, toks)) if u != v), len(toks))
+        top2 = ref_lg[:n + 1].topk(2, dim=-1).values.cpu()                          # [steps, 2]
+        margin = top2[:, 0] - top2[:, 1]
+        err = (lg[:n + 1].float().cpu() - ref_lg[:n + 1].cpu()).abs().amax(dim=-1)  # [steps]
+        print(f"  prompt {s}: min reference margin {margin.min().item():.3f}, "
+              f"max |{name} logit error| {err.max().item():.4f}")
+        assert toks == ref_toks, (f"{name}: prompt {s} parts from the reference at step {n} (reference margin "
+                                  f"{margin[n].item():.3f}, logit error there {err[n].item():.4f})")
+
+
+def test_trained_cuda_equals_hf(trained_runs):
+    print("trained: cuda bf16 vs HF fp32:", agreement(trained_runs["cuda"][0], trained_runs["hf-fp32"][0]))
+    assert trained_runs["cuda"][0] == trained_runs["hf-fp32"][0]

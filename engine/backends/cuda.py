@@ -34,6 +34,32 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return j * 256 + idx.gather(1, j[:, None])[:, 0]
 
 
+LAYER_FIELDS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "key_cache", "value_cache")  # pa.h
+
+
+@dataclasses.dataclass
+class LayerStack:
+    """pa_decode_layers_cuda's layer table (int64 device pointers [layers, 8], pa_cuda_decode_layer order),
+    the tensors it points into, and the kernel's workspaces (zeroed counters and barrier: the kernel leaves
+    them zero)."""
+    table: torch.Tensor
+    keep: list
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden: int
+    inter: int
+    max_rows: int
+    max_splits: int
+    qkv: torch.Tensor
+    attn: torch.Tensor
+    act: torch.Tensor
+    part_o: torch.Tensor
+    part_ml: torch.Tensor
+    counters: torch.Tensor
+    barrier: torch.Tensor
+
+
 class CudaKernels:
     """Checked wrappers of the pa_*_cuda exports: validate tensors, pass pointers and torch's stream."""
 
@@ -184,6 +210,70 @@ class CudaKernels:
                    self._p(slot_mapping), self._p(key_cache), self._p(value_cache), rows, k, num_heads, nkv, hd,
                    key_cache.shape[2], float(eps), float(theta), int(bool(pdl)), self._code(x))
         return out
+
+    def layer_stack(self, layers: list[dict[str, torch.Tensor]], num_heads: int,
+                    max_rows: int = GEMV_MAX_ROWS) -> LayerStack:
+        """The device table of pa_decode_layers_cuda (one pa_cuda_decode_layer a layer) and its workspaces.
+        layers[i]: input_norm, qkv, o, post_norm, gate_up, down (as pa_gemv_cuda takes them), key_cache,
+        value_cache; the stack keeps them alive, so it is valid until they are replaced."""
+        op = "pa_decode_layers_cuda"
+        if not layers:
+            raise native.NativeError(f"{op}: no layers")
+        kc = layers[0]["key_cache"]
+        dtype, device = kc.dtype, kc.device
+        if kc.dim() != 4:
+            raise native.NativeError(f"{op}: key_cache must be [num_blocks, num_kv_heads, block_size, head_dim]")
+        nkv, hd = kc.shape[1], kc.shape[3]
+        hidden = layers[0]["input_norm"].shape[0]
+        inter = layers[0]["down"].shape[1]
+        qkv_n = (num_heads + 2 * nkv) * hd
+        shapes = {"input_norm": (hidden,), "qkv": (qkv_n, hidden), "o": (hidden, num_heads * hd),
+                  "post_norm": (hidden,), "gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+        ptrs = []
+        for i, layer in enumerate(layers):
+            for name, shape in shapes.items():
+                self._check(op, f"layers[{i}].{name}", layer[name], dtype, shape)
+            self._check_cache(op, layer["key_cache"], layer["value_cache"], dtype, nkv, hd)
+            ptrs.append([layer[n].data_ptr() for n in LAYER_FIELDS])
+        max_splits = max(1, 2 * self.num_sms // nkv)          # the kernel runs <= 2 blocks an SM
+        f32 = dict(dtype=torch.float32, device=device)
+        return LayerStack(
+            table=torch.tensor(ptrs, dtype=torch.int64).to(device), keep=list(layers), num_heads=num_heads,
+            num_kv_heads=nkv, head_dim=hd, hidden=hidden, inter=inter, max_rows=max_rows, max_splits=max_splits,
+            qkv=torch.empty(max_rows, qkv_n, dtype=dtype, device=device),
+            attn=torch.empty(max_rows, num_heads * hd, dtype=dtype, device=device),
+            act=torch.empty(max_rows, inter, dtype=dtype, device=device),
+            part_o=torch.empty(max_rows * num_heads * max_splits * hd, **f32),
+            part_ml=torch.empty(max_rows * num_heads * max_splits * 2, **f32),
+            counters=torch.zeros(max_rows * nkv, dtype=torch.int32, device=device),
+            barrier=torch.zeros(2, dtype=torch.int32, device=device))
+
+    def decode_layers(self, x: torch.Tensor, stack: LayerStack, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                      block_tables: torch.Tensor, context_lens: torch.Tensor, eps: float, theta: float,
+                      scale: float) -> torch.Tensor:
+        """Every layer of a decode step in one persistent launch (pa_decode_layers_cuda): x [rows, hidden], the
+        residual stream of rows one-token sequences (row m = sequence m), is updated in place and returned."""
+        op = "pa_decode_layers_cuda"
+        rows = x.shape[0]
+        if rows > stack.max_rows:
+            raise native.NativeError(f"{op}: {rows} rows, the stack's workspaces hold {stack.max_rows}")
+        self._check(op, "x", x, stack.qkv.dtype, (rows, stack.hidden))
+        self._check(op, "positions", positions, torch.int32, (rows,))
+        self._check(op, "slot_mapping", slot_mapping, torch.int32, (rows,))
+        self._check(op, "context_lens", context_lens, torch.int32, (rows,))
+        self._check(op, "block_tables", block_tables, torch.int32)
+        if block_tables.dim() != 2 or block_tables.shape[0] < rows:
+            raise native.NativeError(f"{op}: block_tables shape {tuple(block_tables.shape)} has fewer than {rows} rows")
+        block_size = stack.keep[0]["key_cache"].shape[2]
+        self._call(op, self._p(x), self._p(stack.qkv), self._p(stack.attn), self._p(stack.act),
+                   self.ffi.cast("float *", stack.part_o.data_ptr()), self.ffi.cast("float *", stack.part_ml.data_ptr()),
+                   self.ffi.cast("int32_t *", stack.counters.data_ptr()),
+                   self.ffi.cast("uint32_t *", stack.barrier.data_ptr()),
+                   self.ffi.cast("const pa_cuda_decode_layer *", stack.table.data_ptr()), stack.table.shape[0],
+                   self._p(positions), self._p(slot_mapping), self._p(block_tables), self._p(context_lens), rows,
+                   stack.hidden, stack.inter, stack.num_heads, stack.num_kv_heads, stack.head_dim, block_size,
+                   block_tables.shape[1], stack.max_splits, float(eps), float(theta), float(scale), self._code(x))
+        return x
 
     def decode_partition_tc(self, num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
         """Tokens per block of the tensor-core kernel: at most one block per SM (floor(SMs / units)
@@ -376,7 +466,7 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True):
+                 fuse_rope: bool = True, fuse_layers: bool | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -393,6 +483,14 @@ class CudaBackend(Backend):
         self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
+        # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
+        # in). None: wherever the kernel takes the shape and neither fusion was turned off.
+        supported = (config.head_dim in (64, 128) and config.num_heads // config.num_kv_heads <= 8
+                     and config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0)
+        if fuse_layers and not supported:
+            raise ValueError("fuse_layers: pa_decode_layers_cuda takes head_dim 64 or 128 and GQA groups <= 8")
+        self.fuse_layers = (supported and fuse_silu and fuse_rope) if fuse_layers is None else fuse_layers
+        self._layer_stack: LayerStack | None = None       # built on first use; reset with weights or caches
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
@@ -411,6 +509,7 @@ class CudaBackend(Backend):
         tied = weights["lm_head"] is weights["embed"]
         self.w["lm_head"] = self.w["embed"] if tied else weights["lm_head"].to(self.device, self.dtype).contiguous()
         self._graphs.clear()
+        self._layer_stack = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
@@ -425,6 +524,7 @@ class CudaBackend(Backend):
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._graphs.clear()
+        self._layer_stack = None
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -603,6 +703,12 @@ class CudaBackend(Backend):
         GEMV path, where h is already the residual stream."""
         batch = g.batch
         h, residual = F.embedding(batch.input_ids, self.w["embed"]), None
+        if batch.num_seqs <= self.gemv_max_rows and self.fuse_layers:
+            c = self.config
+            h = self.kernels.decode_layers(h, self.layer_stack(), batch.positions, batch.slot_mapping,
+                                           batch.block_tables, batch.context_lens, c.rms_norm_eps, c.rope_theta,
+                                           self.scale)
+            return h, None
         if batch.num_seqs <= self.gemv_max_rows:
             for i in range(self.config.num_layers):
                 h = self._layer_gemv(i, h, batch)
@@ -639,6 +745,17 @@ class CudaBackend(Backend):
         page = b.block_tables.gather(1, (b.positions.long() // self.block_size)[:, None])[:, 0]
         b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
         return logits
+
+    def layer_stack(self) -> LayerStack:
+        """pa_decode_layers_cuda's table of this backend's layers and caches (built once per weights x caches)."""
+        if self._layer_stack is None:
+            w = self.w
+            layers = [{"input_norm": w[f"layers.{i}.input_norm"], "qkv": w[f"layers.{i}.qkv"], "o": w[f"layers.{i}.o"],
+                       "post_norm": w[f"layers.{i}.post_norm"], "gate_up": w[f"layers.{i}.gate_up"],
+                       "down": w[f"layers.{i}.down"], "key_cache": self.key_caches[i],
+                       "value_cache": self.value_caches[i]} for i in range(self.config.num_layers)]
+            self._layer_stack = self.kernels.layer_stack(layers, self.config.num_heads, self.gemv_max_rows)
+        return self._layer_stack
 
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""

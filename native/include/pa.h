@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 5
+#define PA_ABI_VERSION 6
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -265,6 +265,30 @@ pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const 
                             void *value_cache, int32_t num_rows, int32_t k, int32_t num_heads,
                             int32_t num_kv_heads, int32_t head_dim, int32_t block_size, float eps, float theta,
                             int32_t pdl, int32_t dtype, void *stream);
+/* Every layer of a decode step of num_rows <= 8 one-token sequences in one persistent (cooperative)
+ * launch: per layer the pa_gemv_rope_cuda qkv projection, paged decode attention, o + residual, gate_up
+ * with SiLU-mul (PA_CUDA_GEMV_NORM_SILU) and down + residual, as phases separated by grid barriers; each
+ * block puts its first weight rows of the next phase in flight before every barrier. x [num_rows, hidden]
+ * is the residual stream, updated in place. layers: a device array of num_layers pa_cuda_decode_layer
+ * (weights as pa_gemv_cuda takes them: qkv [(nh + 2 nkv) hd, hidden], o [hidden, nh hd], gate_up
+ * [2 inter, hidden] = [gate; up], down [hidden, inter]). Workspaces: qkv_ws [num_rows, (nh + 2 nkv) hd],
+ * attn_ws [num_rows, nh hd], act_ws [num_rows, inter] (T); partial_out [num_rows, nh, max_splits, hd] and
+ * partial_ml [num_rows, nh, max_splits, 2] (float); counters [num_rows, nkv] (int32) and barrier [2]
+ * (uint32) zeroed once when allocated (each launch leaves them zero). Row m is sequence m: its position,
+ * slot (< 0: K/V not stored), block table row and context length (0: the row's attention is zeros).
+ * head_dim 64 or 128, GQA group <= 8, block_size a power of two. */
+typedef struct pa_cuda_decode_layer {
+    const void *input_norm, *qkv, *o, *post_norm, *gate_up, *down;
+    void *key_cache, *value_cache;
+} pa_cuda_decode_layer;
+pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_ws, float *partial_out,
+                                float *partial_ml, int32_t *counters, uint32_t *barrier,
+                                const pa_cuda_decode_layer *layers, int32_t num_layers, const int32_t *positions,
+                                const int32_t *slot_mapping, const int32_t *block_tables,
+                                const int32_t *context_lens, int32_t num_rows, int32_t hidden,
+                                int32_t intermediate, int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
+                                int32_t block_size, int32_t max_blocks_per_seq, int32_t max_splits, float eps,
+                                float theta, float scale, int32_t dtype, void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */

@@ -1,0 +1,444 @@
+// decode_layers.cu -- every layer of a decode step of <= 8 rows in one persistent launch.
+//
+// The GEMV path runs five kernels a layer (qkv + RoPE + KV write, attention, o + residual, gate_up +
+// SiLU, down + residual); at batch 1 each pays ~2.5 us of launch, DRAM ramp and tail beside its
+// streaming time, and that fixed cost (~200 us a step for a 16-layer model) is what keeps a 1B model
+// at 1.6x its weight-bandwidth floor. Here one cooperative grid (all blocks resident) runs the same
+// five phases for every layer, separated by grid barriers, and before each barrier every block puts
+// its first rows of the next phase in flight: the whole first row group into L2
+// (cp.async.bulk.prefetch) and the first loads into registers. The weights never depend on the
+// activations, so DRAM keeps streaming while the barrier settles.
+//
+// Phases of layer l (x = the residual stream [rows, hidden], updated in place):
+//   qkv:       gemv_core's NormRope mode: qkv_ws = rope(rms_norm(x) . Wqkv), K and V into their slots
+//   attention: units (split, sequence, kv head); a block's 8 warps stream the unit's tokens, 16 bytes
+//              a lane (a token row is D/8 lanes), online softmax per lane in the log2 domain, merged
+//              across lanes, then warps; split units leave (num, max, den) and the last of a
+//              (sequence, kv head) to arrive merges them (arrival counters reset by that block)
+//   o:         x += attn_ws . Wo                 (plain GEMV, residual epilogue)
+//   gate_up:   act_ws = silu(g) * u of rms_norm(x) . [Wg; Wu]   (NORM_SILU)
+//   down:      x += act_ws . Wd
+// Every phase's arithmetic and rounding is gemv_core's (the GEMV phases equal the standalone
+// kernels bit for bit); the attention sums in another order than the decode kernels (rel. ~1e-3).
+#include "gemv_core.cuh"
+
+// Blocks an SM the register budget is cut for (1: up to 255 registers a thread; 2: 128).
+#ifndef PA_LAYERS_MIN_BLOCKS
+#define PA_LAYERS_MIN_BLOCKS 1
+#endif
+
+namespace {
+
+using namespace gemv;
+
+struct LayersArgs {
+    void *x, *qkv, *attn, *act;                  // residual stream; workspaces
+    float *part_o, *part_ml;                     // [rows][heads][max_splits][D], [..][2]
+    int32_t *counters;                           // [rows][kv heads], zero between launches
+    unsigned *barrier;                           // [2]: arrivals, generation
+    const pa_cuda_decode_layer *layers;
+    const int32_t *positions, *slots, *block_tables, *context_lens;
+    int num_layers, rows, hidden, inter, num_heads, num_kv_heads, head_dim, block_size, bs_log2, max_blocks;
+    int max_splits, qkv_n;
+    float eps, theta, scale_log2e;
+    bool o_rpw2, down_rpw2;
+};
+
+__device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void st_release(unsigned *p, unsigned v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+
+// All blocks of the (cooperative, fully resident) grid meet; writes before it are visible after it.
+// Sense by generation: the last to arrive resets the count, then bumps the generation the others
+// spin on, so the barrier is ready for its next use without a host-side reset.
+__device__ __forceinline__ void grid_barrier(unsigned *bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned gen = ld_acquire(bar + 1);
+        __threadfence();
+        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
+            atomicExch(bar, 0u);
+            st_release(bar + 1, gen + 1);
+        } else {
+            while (ld_acquire(bar + 1) == gen) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
+}
+
+// One GEMV phase: this block's first row group to L2 and its first loads to registers, then (when
+// `wait`) the barrier, the input staged, the rows streamed.
+template <typename T, int MR, int RPW>
+__device__ __forceinline__ void gemv_phase(const GemvArgs &g, const LayersArgs &a, unsigned char *smem, bool wait) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row0 = (blockIdx.x * kWarps + warp) * RPW;
+    if (lane < RPW && row0 < g.n)
+        prefetch_l2((const T *)g.weight + (int64_t)weight_row(g, row0, lane) * g.k, (unsigned)(g.k * sizeof(T)));
+    const uint4 *wrow[RPW];
+    uint4 wv[RPW][kUnroll];
+    first_loads<T, RPW>(g, row0, lane, wrow, wv);
+    if (wait) grid_barrier(a.barrier);
+    T *xs = reinterpret_cast<T *>(smem);
+    float *scratch = reinterpret_cast<float *>(smem + (size_t)MR * g.k * sizeof(T));
+    stage_input<T, MR>(g, xs, scratch);
+    __syncthreads();
+    gemv_groups<T, MR, RPW>(g, xs, blockIdx.x, gridDim.x, wrow, wv);
+}
+
+template <typename T, int MR>
+__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, const LayersArgs &a, unsigned char *smem,
+                                               bool rpw2) {
+    if (rpw2)
+        gemv_phase<T, MR, 2>(g, a, smem, true);
+    else
+        gemv_phase<T, MR, 1>(g, a, smem, true);
+}
+
+// Tokens a block streams in one round: 8 warps x (32 / (D / 8)) token slots x U tokens in flight.
+template <int D, int GP> struct AttnShape {
+    static constexpr int kLpt = D / 8;                         // lanes a token row
+    static constexpr int kTpw = 32 / kLpt;                     // token slots a warp
+    static constexpr int kU = (D == 128 && GP == 8) ? 2 : 4;   // tokens in flight a lane
+    static constexpr int kRound = kWarps * kTpw * kU;
+};
+
+// One attention unit: tokens [start, end) of (seq, kv head), the kv head's G query heads.
+template <typename T, int D, int GP>
+__device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &L, int seq, int kvh, int split,
+                               int nsplit, int ctx, float *sm) {
+    using S = AttnShape<D, GP>;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slot = lane / S::kLpt, dl = lane % S::kLpt;
+    const int G = a.num_heads / a.num_kv_heads, h0 = kvh * G;
+    const int plen = (ctx + nsplit - 1) / nsplit;
+    const int start = split * plen, end = min(ctx, start + plen);
+
+    float q[GP][8], m[GP], l[GP], acc[GP][8];
+    const T *qrow = (const T *)a.qkv + (int64_t)seq * a.qkv_n + (int64_t)h0 * D;
+#pragma unroll
+    for (int g = 0; g < GP; ++g) {
+        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (g < G) Vec<T>::to_float(__ldcg(reinterpret_cast<const uint4 *>(qrow + g * D) + dl), f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            q[g][e] = f[e] * a.scale_log2e;
+            acc[g][e] = 0.f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+    }
+    const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
+    const uint4 *K = reinterpret_cast<const uint4 *>(L.key_cache);
+    const uint4 *V = reinterpret_cast<const uint4 *>(L.value_cache);
+    const int bs = a.block_size, nkv = a.num_kv_heads;
+    for (int tb = start + warp * S::kTpw; tb < end; tb += S::kRound) {   // warp-uniform
+        uint4 kr[S::kU], vr[S::kU];
+#pragma unroll
+        for (int u = 0; u < S::kU; ++u) {
+            const int t = tb + u * kWarps * S::kTpw + slot;
+            kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+            if (t < end) {
+                const int64_t row = ((int64_t)__ldg(table + (t >> a.bs_log2)) * nkv + kvh) * bs + (t & (bs - 1));
+                kr[u] = __ldcg(K + row * (D / 8) + dl);   // the newest token was written in this launch
+                vr[u] = __ldcg(V + row * (D / 8) + dl);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < S::kU; ++u) {
+            const bool valid = tb + u * kWarps * S::kTpw + slot < end;
+            float kf[8], s[GP];
+            Vec<T>::to_float(kr[u], kf);
+#pragma unroll
+            for (int g = 0; g < GP; ++g) {
+                s[g] = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s[g] = fmaf(q[g][e], kf[e], s[g]);
+            }
+#pragma unroll
+            for (int o = S::kLpt / 2; o >= 1; o >>= 1)
+#pragma unroll
+                for (int g = 0; g < GP; ++g) s[g] += __shfl_xor_sync(0xffffffffu, s[g], o);
+            if (valid) {
+                float vf[8];
+                Vec<T>::to_float(vr[u], vf);
+#pragma unroll
+                for (int g = 0; g < GP; ++g) {
+                    const float mn = fmaxf(m[g], s[g]);
+                    const float c = exp2f(m[g] - mn), p = exp2f(s[g] - mn);   // m = -inf: c = 0
+                    l[g] = fmaf(l[g], c, p);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(p, vf[e], acc[g][e] * c);
+                    m[g] = mn;
+                }
+            }
+        }
+    }
+    // merge the warp's token slots (lanes that share a dim slice), then the warps in shared memory
+#pragma unroll
+    for (int o = S::kLpt; o < 32; o <<= 1)
+#pragma unroll
+        for (int g = 0; g < GP; ++g) {
+            const float mo = __shfl_xor_sync(0xffffffffu, m[g], o), lo = __shfl_xor_sync(0xffffffffu, l[g], o);
+            const float mn = fmaxf(m[g], mo);
+            const float c1 = m[g] == -INFINITY ? 0.f : exp2f(m[g] - mn);
+            const float c2 = mo == -INFINITY ? 0.f : exp2f(mo - mn);
+            l[g] = l[g] * c1 + lo * c2;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                const float ao = __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+                acc[g][e] = acc[g][e] * c1 + ao * c2;
+            }
+            m[g] = mn;
+        }
+    float *wacc = sm;                              // [8 warps][GP][D]
+    float *wml = sm + kWarps * GP * D;             // [8 warps][GP][2]
+    int *flag = reinterpret_cast<int *>(wml + kWarps * GP * 2);
+    if (slot == 0) {
+#pragma unroll
+        for (int g = 0; g < GP; ++g) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wacc[(warp * GP + g) * D + dl * 8 + e] = acc[g][e];
+            if (dl == 0) {
+                wml[(warp * GP + g) * 2] = m[g];
+                wml[(warp * GP + g) * 2 + 1] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    T *out = (T *)a.attn + (int64_t)seq * a.num_heads * D + (int64_t)h0 * D;
+    for (int i = threadIdx.x; i < G * D; i += kThreads) {
+        const int g = i / D, d = i % D;
+        float mx = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * GP + g) * 2]);
+        float num = 0.f, den = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float wm = wml[(w * GP + g) * 2];
+            const float f = wm == -INFINITY ? 0.f : exp2f(wm - mx);
+            num = fmaf(f, wacc[(w * GP + g) * D + d], num);
+            den = fmaf(f, wml[(w * GP + g) * 2 + 1], den);
+        }
+        if (nsplit == 1) {
+            out[i] = from_f<T>(den > 0.f ? num / den : 0.f);   // an empty context gives zeros
+        } else {
+            const int64_t idx = ((int64_t)seq * a.num_heads + h0 + g) * a.max_splits + split;
+            a.part_o[idx * D + d] = num;
+            if (d == 0) {
+                a.part_ml[idx * 2] = mx;
+                a.part_ml[idx * 2 + 1] = den;
+            }
+        }
+    }
+    if (nsplit > 1) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            int32_t *cnt = a.counters + seq * nkv + kvh;
+            const bool last = atomicAdd(cnt, 1) == nsplit - 1;
+            if (last) atomicExch(cnt, 0);
+            *flag = last;
+        }
+        __syncthreads();
+        if (*flag) {
+            __threadfence();
+            for (int i = threadIdx.x; i < G * D; i += kThreads) {
+                const int g = i / D, d = i % D;
+                const int64_t base = ((int64_t)seq * a.num_heads + h0 + g) * a.max_splits;
+                float mx = -INFINITY;
+                for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(a.part_ml + (base + s) * 2));
+                float num = 0.f, den = 0.f;
+                for (int s = 0; s < nsplit; ++s) {
+                    const float sm_ = __ldcg(a.part_ml + (base + s) * 2);
+                    const float f = sm_ == -INFINITY ? 0.f : exp2f(sm_ - mx);
+                    num = fmaf(f, __ldcg(a.part_o + (base + s) * D + d), num);
+                    den = fmaf(f, __ldcg(a.part_ml + (base + s) * 2 + 1), den);
+                }
+                out[i] = from_f<T>(den > 0.f ? num / den : 0.f);
+            }
+        }
+    }
+    __syncthreads();   // shared memory is reused by the next unit
+}
+
+// The attention phase: units (split, sequence, kv head), split outermost so that the units of a
+// step's splits are the first blocks' (one each while splits <= blocks / (rows x kv heads)).
+template <typename T, int D, int GP>
+__device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer &L, unsigned char *smem) {
+    using S = AttnShape<D, GP>;
+    const int heads = a.rows * a.num_kv_heads;
+    const int target = max(1, min(a.max_splits, (int)gridDim.x / heads));
+    // the KV pages of this block's first unit (all but the newest token are already there) to L2
+    int u = blockIdx.x;
+    if (u < heads * target) {
+        const int seq = (u % heads) / a.num_kv_heads, kvh = u % a.num_kv_heads, split = u / heads;
+        const int ctx = a.context_lens[seq];
+        const int nsplit = max(1, min(target, (ctx + S::kRound - 1) / S::kRound));
+        if (split < nsplit) {
+            const int plen = (ctx + nsplit - 1) / nsplit, start = split * plen, end = min(ctx, start + plen);
+            const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
+            const unsigned page = (unsigned)(a.block_size * D * sizeof(T));
+            for (int b = (start >> a.bs_log2) + threadIdx.x; b <= ((end - 1) >> a.bs_log2) && start < end;
+                 b += kThreads) {
+                const int64_t off = ((int64_t)__ldg(table + b) * a.num_kv_heads + kvh) * a.block_size * D;
+                prefetch_l2((const T *)L.key_cache + off, page);
+                prefetch_l2((const T *)L.value_cache + off, page);
+            }
+        }
+    }
+    grid_barrier(a.barrier);
+    float *sm = reinterpret_cast<float *>(smem);
+    for (; u < heads * target; u += gridDim.x) {
+        const int seq = (u % heads) / a.num_kv_heads, kvh = u % a.num_kv_heads, split = u / heads;
+        const int ctx = a.context_lens[seq];
+        const int nsplit = max(1, min(target, (ctx + S::kRound - 1) / S::kRound));
+        if (split < nsplit) attention_unit<T, D, GP>(a, L, seq, kvh, split, nsplit, ctx, sm);
+    }
+}
+
+template <typename T, int MR, int D, int GP>
+__global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_kernel(LayersArgs a) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    for (int li = 0; li < a.num_layers; ++li) {
+        const pa_cuda_decode_layer L = a.layers[li];
+        GemvArgs qkv{a.qkv, a.x, L.qkv, L.input_norm, nullptr, a.rows, a.qkv_n, a.hidden, kModeNormRope, a.eps};
+        qkv.positions = a.positions;
+        qkv.slots = a.slots;
+        qkv.key_cache = L.key_cache;
+        qkv.value_cache = L.value_cache;
+        qkv.num_heads = a.num_heads;
+        qkv.num_kv_heads = a.num_kv_heads;
+        qkv.head_dim = D;
+        qkv.block_size = a.block_size;
+        qkv.theta = a.theta;
+        gemv_phase<T, MR, 2>(qkv, a, smem, li > 0);   // layer 0's input is ready at launch
+        attention_phase<T, D, GP>(a, L, smem);
+        const GemvArgs o{a.x, a.attn, L.o, nullptr, a.x, a.rows, a.hidden, a.num_heads * D, PA_CUDA_GEMV_PLAIN, a.eps};
+        gemv_phase_rpw<T, MR>(o, a, smem, a.o_rpw2);
+        const GemvArgs gu{a.act, a.x, L.gate_up, L.post_norm, nullptr, a.rows, 2 * a.inter, a.hidden,
+                          PA_CUDA_GEMV_NORM_SILU, a.eps};
+        gemv_phase<T, MR, 2>(gu, a, smem, true);
+        const GemvArgs dn{a.x, a.act, L.down, nullptr, a.x, a.rows, a.hidden, a.inter, PA_CUDA_GEMV_PLAIN, a.eps};
+        gemv_phase_rpw<T, MR>(dn, a, smem, a.down_rpw2);
+    }
+}
+
+template <typename T, int MR, int D, int GP>
+pa_status launch_layers(LayersArgs a, cudaStream_t stream) {
+    constexpr auto kernel = decode_layers_kernel<T, MR, D, GP>;
+    PA_RETURN_IF_ERR((raise_smem_limit<kernel>("decode_layers_kernel")));
+    const int widest = max(max(a.hidden, a.inter), a.num_heads * D);
+    const size_t gemv_smem = (size_t)MR * widest * sizeof(T) + kWarps * MR * sizeof(float);
+    const size_t attn_smem = (size_t)kWarps * GP * (D + 2) * sizeof(float) + 16;
+    const size_t smem = gemv_smem > attn_smem ? gemv_smem : attn_smem;
+    if (smem > 200 * 1024)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "decode_layers_kernel: %zu bytes of shared memory", smem);
+    int device = 0, num_sms = 0, per_sm = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    if (occ != cudaSuccess || per_sm < 1)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "decode_layers_kernel: no resident block (%s)", cudaGetErrorString(occ));
+    const int blocks = num_sms * (per_sm < 2 ? per_sm : 2);
+    // two rows a warp when there are enough rows for every block to take a group of 16
+    a.o_rpw2 = a.hidden >= 16 * blocks;
+    a.down_rpw2 = a.o_rpw2;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;   // every block resident, or the launch fails
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
+    if (err != cudaSuccess)
+        return cuda_fail(PA_ERR_CUDA, "decode_layers_kernel (cooperative launch of %d blocks): %s", blocks,
+                         cudaGetErrorString(err));
+    return check_launch("decode_layers_kernel");
+}
+
+template <typename T, int MR>
+pa_status launch_layers_d(const LayersArgs &a, cudaStream_t stream) {
+    const int group = a.num_heads / a.num_kv_heads;
+    if (a.head_dim == 64) return group <= 4 ? launch_layers<T, MR, 64, 4>(a, stream) : launch_layers<T, MR, 64, 8>(a, stream);
+    return group <= 4 ? launch_layers<T, MR, 128, 4>(a, stream) : launch_layers<T, MR, 128, 8>(a, stream);
+}
+
+}  // namespace
+
+extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_ws, float *partial_out,
+                                           float *partial_ml, int32_t *counters, uint32_t *barrier,
+                                           const pa_cuda_decode_layer *layers, int32_t num_layers,
+                                           const int32_t *positions, const int32_t *slot_mapping,
+                                           const int32_t *block_tables, const int32_t *context_lens,
+                                           int32_t num_rows, int32_t hidden, int32_t intermediate, int32_t num_heads,
+                                           int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                           int32_t max_blocks_per_seq, int32_t max_splits, float eps, float theta,
+                                           float scale, int32_t dtype, void *stream) {
+    const char *name = "decode_layers_kernel";
+    if (x == nullptr || qkv_ws == nullptr || attn_ws == nullptr || act_ws == nullptr || partial_out == nullptr ||
+        partial_ml == nullptr || counters == nullptr || barrier == nullptr || layers == nullptr ||
+        positions == nullptr || slot_mapping == nullptr || block_tables == nullptr || context_lens == nullptr ||
+        num_layers < 0 || num_rows < 0 || hidden <= 0 || hidden % 8 || intermediate <= 0 || intermediate % 8 ||
+        num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || block_size <= 0 ||
+        max_blocks_per_seq <= 0 || max_splits <= 0 || !(theta > 0.f))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
+    if (num_rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8)", name, (int)num_rows);
+    if (head_dim != 64 && head_dim != 128)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
+    if (num_heads / num_kv_heads > 8)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: GQA group %d (at most 8)", name, (int)(num_heads / num_kv_heads));
+    if (block_size & (block_size - 1))
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
+    if (num_rows == 0 || num_layers == 0) return PA_OK;
+    LayersArgs a{};
+    a.x = x;
+    a.qkv = qkv_ws;
+    a.attn = attn_ws;
+    a.act = act_ws;
+    a.part_o = partial_out;
+    a.part_ml = partial_ml;
+    a.counters = counters;
+    a.barrier = barrier;
+    a.layers = layers;
+    a.positions = positions;
+    a.slots = slot_mapping;
+    a.block_tables = block_tables;
+    a.context_lens = context_lens;
+    a.num_layers = num_layers;
+    a.rows = num_rows;
+    a.hidden = hidden;
+    a.inter = intermediate;
+    a.num_heads = num_heads;
+    a.num_kv_heads = num_kv_heads;
+    a.head_dim = head_dim;
+    a.block_size = block_size;
+    while ((1 << a.bs_log2) < block_size) ++a.bs_log2;
+    a.max_blocks = max_blocks_per_seq;
+    a.max_splits = max_splits;
+    a.qkv_n = (num_heads + 2 * num_kv_heads) * head_dim;
+    a.eps = eps;
+    a.theta = theta;
+    a.scale_log2e = scale * kLog2e;
+    cudaStream_t st = (cudaStream_t)stream;
+    return dispatch_dtype(dtype, name, [&](auto tag) {
+        using T = decltype(tag);
+        if (num_rows == 1) return launch_layers_d<T, 1>(a, st);
+        if (num_rows == 2) return launch_layers_d<T, 2>(a, st);
+        if (num_rows <= 4) return launch_layers_d<T, 4>(a, st);
+        return launch_layers_d<T, 8>(a, st);
+    });
+}
