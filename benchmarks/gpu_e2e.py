@@ -228,6 +228,45 @@ def profile_steps(runner: Runner, steps: int = 5) -> None:
     print(f"graph replay alone: {start.elapsed_time(end) / 20 * 1e3:.1f} us per step (all layers)")
 
 
+PHASES = ("qkv", "attention", "o", "gate_up", "down")
+
+
+def layers_profile(runner: Runner, calls: int = 20) -> list[str]:
+    """Where the persistent decode-layers launch spends a batch-1 step: per phase, the time from the previous
+    barrier's release to the last block's arrival (work) and from that arrival to the release (barrier),
+    from the kernel's %globaltimer stamps, averaged over layers and launches."""
+    be = runner.model.backend
+    cfg = runner.model.config
+    tokens = runner.prefill()
+    batch = be.prepare(runner.decode_batch(tokens))
+    stack = be.layer_stack()
+    nb = 5 * cfg.num_layers - 1
+    timing = torch.empty(nb, 3, dtype=torch.int64, device="cuda")
+    work = {p: [] for p in PHASES}
+    wait = {p: [] for p in PHASES}
+    x0 = torch.nn.functional.embedding(batch.input_ids, be.w["embed"])
+    for _ in range(calls):
+        x = x0.clone()
+        be.kernels.decode_layers(x, stack, batch.positions, batch.slot_mapping, batch.block_tables,
+                                 batch.context_lens, cfg.rms_norm_eps, cfg.rope_theta, be.scale, timing=timing)
+        t = timing.cpu().tolist()
+        for i in range(1, nb):
+            phase = PHASES[i % 5]            # barrier i ends phase i % 5 of its layer (barrier 0 ends qkv)
+            work[phase].append((t[i][1] - t[i - 1][2]) / 1e3)
+            wait[phase].append((t[i][2] - t[i][1]) / 1e3)
+        work["qkv"].append(float("nan"))
+    lines = [f"decode_layers phases ({cfg.num_layers} layers, batch {runner.B}, ctx {runner.ctx}; us, median):",
+             "| phase | work (release -> last arrival) | barrier (last arrival -> release) |", "|---|---|---|"]
+    tot = 0.0
+    for p in PHASES:
+        w = statistics.median([v for v in work[p] if v == v] or [float("nan")])
+        b = statistics.median(wait[p] or [float("nan")])
+        lines.append(f"| {p} | {w:.2f} | {b:.2f} |")
+        tot += (w if w == w else 0) + (b if b == b else 0)
+    lines.append(f"(a layer: {tot:.1f} us; the first qkv phase has no barrier before it)")
+    return lines
+
+
 def hf_tok_s(model, batch: int, prompt_len: int, steps: int, **gen) -> float:
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=g).cuda()
@@ -269,6 +308,8 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["default", "kernels"],
                     help="GEMV-path variants, run at batches <= 8 (larger batches run the backend's default)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
+    ap.add_argument("--layers-profile", action="store_true",
+                    help="phase times of the persistent decode-layers launch at batch 1 (kernel timestamps)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
@@ -302,6 +343,10 @@ def main() -> None:
         if args.gemv and name == "llama1b":
             extra += [f"GEMVs of {name}, batch 1:", ""] + gemv_bandwidth(cfg, backend) + [""]
             print("\n".join(extra[-10:]), flush=True)
+        if args.layers_profile and backend.fuse_layers:
+            with torch.inference_mode():
+                extra += layers_profile(Runner(model, 1, args.prompt_len, args.steps)) + [""]
+            print("\n".join(extra[-9:]), flush=True)
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)

@@ -156,13 +156,13 @@ def test_decode_layers_match_the_kernel_chain_and_float32(kernels, shape, ctx_le
     err_chain_ref = rel_err(want, run_reference(case, case["layers"]))
     print(f"{shape} {ctx_lens} {dtype}: vs chain {err_chain:.2e}, vs float32 {err_ref:.2e} "
           f"(chain vs float32 {err_chain_ref:.2e})")
-    assert err_chain <= 5e-3
+    assert err_chain <= 1e-2
     assert err_ref <= max(2e-2, 1.5 * err_chain_ref)
     for a, b in zip(fused_layers, chain_layers):           # the new tokens' K/V in their slots
         for name in ("key_cache", "value_cache"):
             for m, s in enumerate(case["slots"].tolist()):
                 if s >= 0:
-                    assert rel_err(a[name][s // BS, :, s % BS], b[name][s // BS, :, s % BS]) <= 5e-3
+                    assert rel_err(a[name][s // BS, :, s % BS], b[name][s // BS, :, s % BS]) <= 1e-2
             mask = torch.ones(a[name].shape[0] * BS, dtype=torch.bool, device="cuda")
             mask[case["slots"][case["slots"] >= 0].long()] = False
             flat_a = a[name].permute(0, 2, 1, 3).reshape(-1, *a[name].shape[1:2], a[name].shape[3])

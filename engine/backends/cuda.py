@@ -250,9 +250,11 @@ class CudaKernels:
 
     def decode_layers(self, x: torch.Tensor, stack: LayerStack, positions: torch.Tensor, slot_mapping: torch.Tensor,
                       block_tables: torch.Tensor, context_lens: torch.Tensor, eps: float, theta: float,
-                      scale: float) -> torch.Tensor:
+                      scale: float, timing: torch.Tensor | None = None) -> torch.Tensor:
         """Every layer of a decode step in one persistent launch (pa_decode_layers_cuda): x [rows, hidden], the
-        residual stream of rows one-token sequences (row m = sequence m), is updated in place and returned."""
+        residual stream of rows one-token sequences (row m = sequence m), is updated in place and returned.
+        timing: None, or int64 [5 layers - 1, 3] that the kernel fills with %globaltimer ns per grid barrier
+        (first arrival, last arrival, block 0 leaving); see phase_times()."""
         op = "pa_decode_layers_cuda"
         rows = x.shape[0]
         if rows > stack.max_rows:
@@ -265,10 +267,16 @@ class CudaKernels:
         if block_tables.dim() != 2 or block_tables.shape[0] < rows:
             raise native.NativeError(f"{op}: block_tables shape {tuple(block_tables.shape)} has fewer than {rows} rows")
         block_size = stack.keep[0]["key_cache"].shape[2]
+        tp = self.ffi.NULL
+        if timing is not None:
+            self._check(op, "timing", timing, torch.int64, (5 * stack.table.shape[0] - 1, 3))
+            timing[:, 0] = torch.iinfo(torch.int64).max          # atomicMin (unsigned) target
+            timing[:, 1:] = 0
+            tp = self.ffi.cast("uint64_t *", timing.data_ptr())
         self._call(op, self._p(x), self._p(stack.qkv), self._p(stack.attn), self._p(stack.act),
                    self.ffi.cast("float *", stack.part_o.data_ptr()), self.ffi.cast("float *", stack.part_ml.data_ptr()),
                    self.ffi.cast("int32_t *", stack.counters.data_ptr()),
-                   self.ffi.cast("uint32_t *", stack.barrier.data_ptr()),
+                   self.ffi.cast("uint32_t *", stack.barrier.data_ptr()), tp,
                    self.ffi.cast("const pa_cuda_decode_layer *", stack.table.data_ptr()), stack.table.shape[0],
                    self._p(positions), self._p(slot_mapping), self._p(block_tables), self._p(context_lens), rows,
                    stack.hidden, stack.inter, stack.num_heads, stack.num_kv_heads, stack.head_dim, block_size,

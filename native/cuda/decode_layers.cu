@@ -24,7 +24,7 @@
 
 // Blocks an SM the register budget is cut for (1: up to 255 registers a thread; 2: 128).
 #ifndef PA_LAYERS_MIN_BLOCKS
-#define PA_LAYERS_MIN_BLOCKS 1
+#define PA_LAYERS_MIN_BLOCKS 2
 #endif
 
 namespace {
@@ -35,7 +35,8 @@ struct LayersArgs {
     void *x, *qkv, *attn, *act;                  // residual stream; workspaces
     float *part_o, *part_ml;                     // [rows][heads][max_splits][D], [..][2]
     int32_t *counters;                           // [rows][kv heads], zero between launches
-    unsigned *barrier;                           // [2]: arrivals, generation
+    unsigned *barrier;                           // [2]: arrivals, exits (zero between launches)
+    unsigned long long *timing;                  // NULL, or [barriers][3] (Barrier::sync)
     const pa_cuda_decode_layer *layers;
     const int32_t *positions, *slots, *block_tables, *context_lens;
     int num_layers, rows, hidden, inter, num_heads, num_kv_heads, head_dim, block_size, bs_log2, max_blocks;
@@ -49,29 +50,49 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned *p) {
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
     return v;
 }
-__device__ __forceinline__ void st_release(unsigned *p, unsigned v) {
-    asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+
+__device__ __forceinline__ unsigned long long globaltimer() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;\n" : "=l"(t));
+    return t;
 }
 
 // All blocks of the (cooperative, fully resident) grid meet; writes before it are visible after it.
-// Sense by generation: the last to arrive resets the count, then bumps the generation the others
-// spin on, so the barrier is ready for its next use without a host-side reset.
-__device__ __forceinline__ void grid_barrier(unsigned *bar) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const unsigned gen = ld_acquire(bar + 1);
-        __threadfence();
-        if (atomicAdd(bar, 1u) == gridDim.x - 1) {
-            atomicExch(bar, 0u);
-            st_release(bar + 1, gen + 1);
-        } else {
-            while (ld_acquire(bar + 1) == gen) {
+// Arrivals count up through the launch (barrier i completes at (i + 1) x blocks), each a fire-and-forget
+// release add; the last block to finish the launch resets the count (finish_launch). With a.timing,
+// barrier i records the first and last arrival (atomicMin / atomicMax of %globaltimer) and block 0's
+// departure: [i][0] first arrival, [i][1] last arrival, [i][2] block 0 leaves.
+struct Barrier {
+    unsigned *count;
+    unsigned long long *timing;
+    unsigned next = 0;   // barriers passed so far
+    __device__ __forceinline__ void sync() {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const unsigned target = (next + 1) * gridDim.x;
+            if (timing != nullptr) {
+                const unsigned long long t = globaltimer();
+                atomicMin(timing + next * 3, t);
+                atomicMax(timing + next * 3 + 1, t);
             }
+            __threadfence();
+            asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(count) : "memory");
+            while (ld_acquire(count) < target) {
+            }
+            if (timing != nullptr && blockIdx.x == 0) timing[next * 3 + 2] = globaltimer();
         }
-        __threadfence();
+        ++next;
+        __syncthreads();
     }
-    __syncthreads();
-}
+    // After the last barrier: the last block out zeroes the count for the next launch ([1]: exits).
+    __device__ __forceinline__ void finish_launch() {
+        if (threadIdx.x == 0 && atomicAdd(count + 1, 1u) == gridDim.x - 1) {
+            count[0] = 0;
+            count[1] = 0;
+            __threadfence();
+        }
+    }
+};
 
 __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
@@ -80,7 +101,7 @@ __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
 // One GEMV phase: this block's first row group to L2 and its first loads to registers, then (when
 // `wait`) the barrier, the input staged, the rows streamed.
 template <typename T, int MR, int RPW>
-__device__ __forceinline__ void gemv_phase(const GemvArgs &g, const LayersArgs &a, unsigned char *smem, bool wait) {
+__device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool wait) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * kWarps + warp) * RPW;
     if (lane < RPW && row0 < g.n)
@@ -88,7 +109,7 @@ __device__ __forceinline__ void gemv_phase(const GemvArgs &g, const LayersArgs &
     const uint4 *wrow[RPW];
     uint4 wv[RPW][kUnroll];
     first_loads<T, RPW>(g, row0, lane, wrow, wv);
-    if (wait) grid_barrier(a.barrier);
+    if (wait) bar.sync();
     T *xs = reinterpret_cast<T *>(smem);
     float *scratch = reinterpret_cast<float *>(smem + (size_t)MR * g.k * sizeof(T));
     stage_input<T, MR>(g, xs, scratch);
@@ -97,12 +118,11 @@ __device__ __forceinline__ void gemv_phase(const GemvArgs &g, const LayersArgs &
 }
 
 template <typename T, int MR>
-__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, const LayersArgs &a, unsigned char *smem,
-                                               bool rpw2) {
+__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool rpw2) {
     if (rpw2)
-        gemv_phase<T, MR, 2>(g, a, smem, true);
+        gemv_phase<T, MR, 2>(g, bar, smem, true);
     else
-        gemv_phase<T, MR, 1>(g, a, smem, true);
+        gemv_phase<T, MR, 1>(g, bar, smem, true);
 }
 
 // Tokens a block streams in one round: 8 warps x (32 / (D / 8)) token slots x U tokens in flight.
@@ -274,7 +294,8 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
 // The attention phase: units (split, sequence, kv head), split outermost so that the units of a
 // step's splits are the first blocks' (one each while splits <= blocks / (rows x kv heads)).
 template <typename T, int D, int GP>
-__device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer &L, unsigned char *smem) {
+__device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer &L, Barrier &bar,
+                                unsigned char *smem) {
     using S = AttnShape<D, GP>;
     const int heads = a.rows * a.num_kv_heads;
     const int target = max(1, min(a.max_splits, (int)gridDim.x / heads));
@@ -296,7 +317,7 @@ __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer 
             }
         }
     }
-    grid_barrier(a.barrier);
+    bar.sync();
     float *sm = reinterpret_cast<float *>(smem);
     for (; u < heads * target; u += gridDim.x) {
         const int seq = (u % heads) / a.num_kv_heads, kvh = u % a.num_kv_heads, split = u / heads;
@@ -309,6 +330,7 @@ __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer 
 template <typename T, int MR, int D, int GP>
 __global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_kernel(LayersArgs a) {
     extern __shared__ __align__(16) unsigned char smem[];
+    Barrier bar{a.barrier, a.timing};
     for (int li = 0; li < a.num_layers; ++li) {
         const pa_cuda_decode_layer L = a.layers[li];
         GemvArgs qkv{a.qkv, a.x, L.qkv, L.input_norm, nullptr, a.rows, a.qkv_n, a.hidden, kModeNormRope, a.eps};
@@ -321,16 +343,17 @@ __global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_
         qkv.head_dim = D;
         qkv.block_size = a.block_size;
         qkv.theta = a.theta;
-        gemv_phase<T, MR, 2>(qkv, a, smem, li > 0);   // layer 0's input is ready at launch
-        attention_phase<T, D, GP>(a, L, smem);
+        gemv_phase<T, MR, 2>(qkv, bar, smem, li > 0);   // layer 0's input is ready at launch
+        attention_phase<T, D, GP>(a, L, bar, smem);
         const GemvArgs o{a.x, a.attn, L.o, nullptr, a.x, a.rows, a.hidden, a.num_heads * D, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(o, a, smem, a.o_rpw2);
+        gemv_phase_rpw<T, MR>(o, bar, smem, a.o_rpw2);
         const GemvArgs gu{a.act, a.x, L.gate_up, L.post_norm, nullptr, a.rows, 2 * a.inter, a.hidden,
                           PA_CUDA_GEMV_NORM_SILU, a.eps};
-        gemv_phase<T, MR, 2>(gu, a, smem, true);
+        gemv_phase<T, MR, 2>(gu, bar, smem, true);
         const GemvArgs dn{a.x, a.act, L.down, nullptr, a.x, a.rows, a.hidden, a.inter, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(dn, a, smem, a.down_rpw2);
+        gemv_phase_rpw<T, MR>(dn, bar, smem, a.down_rpw2);
     }
+    bar.finish_launch();
 }
 
 template <typename T, int MR, int D, int GP>
@@ -381,7 +404,8 @@ pa_status launch_layers_d(const LayersArgs &a, cudaStream_t stream) {
 
 extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_ws, float *partial_out,
                                            float *partial_ml, int32_t *counters, uint32_t *barrier,
-                                           const pa_cuda_decode_layer *layers, int32_t num_layers,
+                                           uint64_t *timing, const pa_cuda_decode_layer *layers,
+                                           int32_t num_layers,
                                            const int32_t *positions, const int32_t *slot_mapping,
                                            const int32_t *block_tables, const int32_t *context_lens,
                                            int32_t num_rows, int32_t hidden, int32_t intermediate, int32_t num_heads,
@@ -413,6 +437,7 @@ extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws,
     a.part_ml = partial_ml;
     a.counters = counters;
     a.barrier = barrier;
+    a.timing = reinterpret_cast<unsigned long long *>(timing);
     a.layers = layers;
     a.positions = positions;
     a.slots = slot_mapping;

@@ -274,7 +274,9 @@ pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const 
  * [2 inter, hidden] = [gate; up], down [hidden, inter]). Workspaces: qkv_ws [num_rows, (nh + 2 nkv) hd],
  * attn_ws [num_rows, nh hd], act_ws [num_rows, inter] (T); partial_out [num_rows, nh, max_splits, hd] and
  * partial_ml [num_rows, nh, max_splits, 2] (float); counters [num_rows, nkv] (int32) and barrier [2]
- * (uint32) zeroed once when allocated (each launch leaves them zero). Row m is sequence m: its position,
+ * (uint32) zeroed once when allocated (each launch leaves them zero). timing: NULL, or [5 num_layers - 1][3]
+ * uint64 filled before the launch with (UINT64_MAX, 0, 0): per grid barrier the %globaltimer ns of the
+ * first and last block to arrive and of block 0 leaving (a profile of the phases). Row m is sequence m: its position,
  * slot (< 0: K/V not stored), block table row and context length (0: the row's attention is zeros).
  * head_dim 64 or 128, GQA group <= 8, block_size a power of two. */
 typedef struct pa_cuda_decode_layer {
@@ -282,7 +284,7 @@ typedef struct pa_cuda_decode_layer {
     void *key_cache, *value_cache;
 } pa_cuda_decode_layer;
 pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_ws, float *partial_out,
-                                float *partial_ml, int32_t *counters, uint32_t *barrier,
+                                float *partial_ml, int32_t *counters, uint32_t *barrier, uint64_t *timing,
                                 const pa_cuda_decode_layer *layers, int32_t num_layers, const int32_t *positions,
                                 const int32_t *slot_mapping, const int32_t *block_tables,
                                 const int32_t *context_lens, int32_t num_rows, int32_t hidden,
