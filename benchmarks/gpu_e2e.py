@@ -10,10 +10,9 @@ Three ways of counting our steps, all greedy:
                  does), batches built vectorised (the Batch dataclass directly);
   gpu-multistep: CudaBackend.greedy_steps: N graph replays that feed their argmax to the next step on
                  the GPU, no host round trip per token (the GPU-bound step time).
-Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the backend's choice: every layer
-in one persistent launch, pa_decode_layers_cuda); kernels (the default's fusions as five launches a layer);
-base; pdl (GEMVs as programmatic dependent launches); fuse (SiLU-mul in gate_up's epilogue, down a plain
-GEMV); pdl+fuse (these four per-kernel).
+Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the backend's choice); layers
+(every layer in one persistent launch, pa_decode_layers_cuda); base; pdl (GEMVs as programmatic dependent
+launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); pdl+fuse.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -305,7 +304,7 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
-    ap.add_argument("--variants", nargs="+", default=["default", "kernels"],
+    ap.add_argument("--variants", nargs="+", default=["default", "layers"],
                     help="GEMV-path variants, run at batches <= 8 (larger batches run the backend's default)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--layers-profile", action="store_true",
@@ -343,18 +342,20 @@ def main() -> None:
         if args.gemv and name == "llama1b":
             extra += [f"GEMVs of {name}, batch 1:", ""] + gemv_bandwidth(cfg, backend) + [""]
             print("\n".join(extra[-10:]), flush=True)
-        if args.layers_profile and backend.fuse_layers:
+        if args.layers_profile:
+            backend.fuse_layers, backend._graphs = True, {}
             with torch.inference_mode():
                 extra += layers_profile(Runner(model, 1, args.prompt_len, args.steps)) + [""]
+            backend.fuse_layers, backend._graphs = defaults[2], {}
             print("\n".join(extra[-9:]), flush=True)
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
             variants = args.variants if b <= backend.gemv_max_rows else ["default"]
             for variant in variants:
-                if variant in ("default", "kernels"):
+                if variant in ("default", "layers"):
                     backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults
-                    backend.fuse_layers = backend.fuse_layers and variant == "default"
+                    backend.fuse_layers = variant == "layers"
                 else:
                     backend.use_pdl, backend.fuse_silu, backend.fuse_layers = "pdl" in variant, "fuse" in variant, False
                 backend._graphs.clear()

@@ -474,7 +474,7 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True, fuse_layers: bool | None = None):
+                 fuse_rope: bool = True, fuse_layers: bool = False):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -492,12 +492,12 @@ class CudaBackend(Backend):
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
-        # in). None: wherever the kernel takes the shape and neither fusion was turned off.
+        # in). Off unless asked: slower than the five launches a layer on the H200 (decode_layers.cu).
         supported = (config.head_dim in (64, 128) and config.num_heads // config.num_kv_heads <= 8
                      and config.hidden_size % 8 == 0 and config.intermediate_size % 8 == 0)
         if fuse_layers and not supported:
             raise ValueError("fuse_layers: pa_decode_layers_cuda takes head_dim 64 or 128 and GQA groups <= 8")
-        self.fuse_layers = (supported and fuse_silu and fuse_rope) if fuse_layers is None else fuse_layers
+        self.fuse_layers = bool(fuse_layers)
         self._layer_stack: LayerStack | None = None       # built on first use; reset with weights or caches
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)

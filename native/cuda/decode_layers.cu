@@ -1,13 +1,20 @@
-// decode_layers.cu -- every layer of a decode step of <= 8 rows in one persistent launch.
+// decode_layers.cu -- every layer of a decode step of <= 8 rows in one persistent launch (opt-in:
+// CudaBackend(fuse_layers=True); measured slower than the five-kernel GEMV layer, see below).
 //
 // The GEMV path runs five kernels a layer (qkv + RoPE + KV write, attention, o + residual, gate_up +
 // SiLU, down + residual); at batch 1 each pays ~2.5 us of launch, DRAM ramp and tail beside its
-// streaming time, and that fixed cost (~200 us a step for a 16-layer model) is what keeps a 1B model
-// at 1.6x its weight-bandwidth floor. Here one cooperative grid (all blocks resident) runs the same
-// five phases for every layer, separated by grid barriers, and before each barrier every block puts
-// its first rows of the next phase in flight: the whole first row group into L2
-// (cp.async.bulk.prefetch) and the first loads into registers. The weights never depend on the
-// activations, so DRAM keeps streaming while the barrier settles.
+// streaming time. Here one cooperative grid (all blocks resident, 2 an SM) runs the same five phases for
+// every layer, separated by grid barriers; before each barrier every block puts its first weight loads
+// of the next phase in registers (and, for attention, its first round of old K/V), since the weights
+// never depend on the activations.
+//
+// Outcome on the H200 (results_cuda.md, session 3): correct (parity below), but a 1B-like batch-1 step
+// takes 1.10-1.27 ms against 0.96 ms for the kernel chain. Phase times from the kernel's own %globaltimer
+// stamps: a barrier costs ~1-1.6 us, about what a kernel boundary costs; the GEMV phases run at 16 warps
+// an SM (the attention phase needs ~128 registers a thread) and stream slower than the standalone GEMVs
+// at 32 (qkv 8.4 vs 6.6 us, o 6.8 vs 4.6, down 14 vs 12); L2 prefetch of each block's next rows made the
+// large phases slower still (gate_up 17.8 -> 21.5 us). Kept as the base for a dataflow version (per-head
+// flags instead of full barriers).
 //
 // Phases of layer l (x = the residual stream [rows, hidden], updated in place):
 //   qkv:       gemv_core's NormRope mode: qkv_ws = rope(rms_norm(x) . Wqkv), K and V into their slots
@@ -31,12 +38,20 @@ namespace {
 
 using namespace gemv;
 
+// What goes to L2 ahead of a barrier (cp.async.bulk.prefetch): a GEMV phase's first row group of each
+// block (off: measured slower, session 3 call 3 of results_cuda.md), an attention unit's KV pages.
+constexpr int kPrefetchRows = 1, kPrefetchPages = 2, kDefaultFlags = kPrefetchPages;
+// Contexts split across blocks only past this many rounds a unit: a split's merge (partials, arrival
+// counter, re-read) cost ~2 us at ctx 129, more than streaming 128 more tokens.
+constexpr int kRoundsBeforeSplit = 4;
+
 struct LayersArgs {
     void *x, *qkv, *attn, *act;                  // residual stream; workspaces
     float *part_o, *part_ml;                     // [rows][heads][max_splits][D], [..][2]
     int32_t *counters;                           // [rows][kv heads], zero between launches
     unsigned *barrier;                           // [2]: arrivals, exits (zero between launches)
     unsigned long long *timing;                  // NULL, or [barriers][3] (Barrier::sync)
+    int flags;                                   // kPrefetchRows | kPrefetchPages
     const pa_cuda_decode_layer *layers;
     const int32_t *positions, *slots, *block_tables, *context_lens;
     int num_layers, rows, hidden, inter, num_heads, num_kv_heads, head_dim, block_size, bs_log2, max_blocks;
@@ -101,10 +116,11 @@ __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
 // One GEMV phase: this block's first row group to L2 and its first loads to registers, then (when
 // `wait`) the barrier, the input staged, the rows streamed.
 template <typename T, int MR, int RPW>
-__device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool wait) {
+__device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool wait,
+                                           int flags) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int row0 = (blockIdx.x * kWarps + warp) * RPW;
-    if (lane < RPW && row0 < g.n)
+    if ((flags & kPrefetchRows) && lane < RPW && row0 < g.n)
         prefetch_l2((const T *)g.weight + (int64_t)weight_row(g, row0, lane) * g.k, (unsigned)(g.k * sizeof(T)));
     const uint4 *wrow[RPW];
     uint4 wv[RPW][kUnroll];
@@ -118,11 +134,12 @@ __device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsi
 }
 
 template <typename T, int MR>
-__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool rpw2) {
+__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool rpw2,
+                                               int flags) {
     if (rpw2)
-        gemv_phase<T, MR, 2>(g, bar, smem, true);
+        gemv_phase<T, MR, 2>(g, bar, smem, true, flags);
     else
-        gemv_phase<T, MR, 1>(g, bar, smem, true);
+        gemv_phase<T, MR, 1>(g, bar, smem, true, flags);
 }
 
 // Tokens a block streams in one round: 8 warps x (32 / (D / 8)) token slots x U tokens in flight.
@@ -133,15 +150,58 @@ template <int D, int GP> struct AttnShape {
     static constexpr int kRound = kWarps * kTpw * kU;
 };
 
-// One attention unit: tokens [start, end) of (seq, kv head), the kv head's G query heads.
+// One attention unit: (seq, kv head, split of nsplit) of a context of ctx tokens -> tokens [start, end).
+struct Unit {
+    int seq, kvh, split, nsplit, ctx, start, end;
+};
+template <int D, int GP>
+__device__ __forceinline__ Unit make_unit(const LayersArgs &a, int u, int heads, int target) {
+    using S = AttnShape<D, GP>;
+    Unit n;
+    n.seq = (u % heads) / a.num_kv_heads;
+    n.kvh = u % a.num_kv_heads;
+    n.split = u / heads;
+    n.ctx = a.context_lens[n.seq];
+    n.nsplit = max(1, min(target, (n.ctx + kRoundsBeforeSplit * S::kRound - 1) / (kRoundsBeforeSplit * S::kRound)));
+    const int plen = (n.ctx + n.nsplit - 1) / n.nsplit;
+    n.start = n.split * plen;
+    n.end = min(n.ctx, n.start + plen);
+    return n;
+}
+
+// K and V of one round of a lane's tokens (tb + u x 8 warps x token slots + slot), zeros past the end.
 template <typename T, int D, int GP>
-__device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &L, int seq, int kvh, int split,
-                               int nsplit, int ctx, float *sm) {
+__device__ __forceinline__ void load_round(const LayersArgs &a, const pa_cuda_decode_layer &L, const Unit &n, int tb,
+                                           uint4 (&kr)[AttnShape<D, GP>::kU], uint4 (&vr)[AttnShape<D, GP>::kU]) {
+    using S = AttnShape<D, GP>;
+    const int lane = threadIdx.x % 32, slot = lane / S::kLpt, dl = lane % S::kLpt;
+    const int32_t *table = a.block_tables + (int64_t)n.seq * a.max_blocks;
+    const uint4 *K = reinterpret_cast<const uint4 *>(L.key_cache);
+    const uint4 *V = reinterpret_cast<const uint4 *>(L.value_cache);
+#pragma unroll
+    for (int u = 0; u < S::kU; ++u) {
+        const int t = tb + u * kWarps * S::kTpw + slot;
+        kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        if (t < n.end) {
+            const int64_t row =
+                ((int64_t)__ldg(table + (t >> a.bs_log2)) * a.num_kv_heads + n.kvh) * a.block_size + (t & (a.block_size - 1));
+            kr[u] = __ldcg(K + row * (D / 8) + dl);   // the newest token was written in this launch
+            vr[u] = __ldcg(V + row * (D / 8) + dl);
+        }
+    }
+}
+
+// One attention unit, the kv head's G query heads. pre: this warp's first round of K/V, loaded before the
+// barrier that released the phase (every token but the newest, ctx - 1, which the qkv phase just wrote
+// and is reloaded here), or nullptr.
+template <typename T, int D, int GP>
+__device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &L, const Unit &n,
+                               const uint4 (*pre_k)[AttnShape<D, GP>::kU], const uint4 (*pre_v)[AttnShape<D, GP>::kU],
+                               float *sm) {
     using S = AttnShape<D, GP>;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, slot = lane / S::kLpt, dl = lane % S::kLpt;
-    const int G = a.num_heads / a.num_kv_heads, h0 = kvh * G;
-    const int plen = (ctx + nsplit - 1) / nsplit;
-    const int start = split * plen, end = min(ctx, start + plen);
+    const int G = a.num_heads / a.num_kv_heads, h0 = n.kvh * G;
+    const int seq = n.seq, kvh = n.kvh, split = n.split, nsplit = n.nsplit, start = n.start, end = n.end;
 
     float q[GP][8], m[GP], l[GP], acc[GP][8];
     const T *qrow = (const T *)a.qkv + (int64_t)seq * a.qkv_n + (int64_t)h0 * D;
@@ -157,23 +217,25 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
         m[g] = -INFINITY;
         l[g] = 0.f;
     }
-    const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
-    const uint4 *K = reinterpret_cast<const uint4 *>(L.key_cache);
-    const uint4 *V = reinterpret_cast<const uint4 *>(L.value_cache);
-    const int bs = a.block_size, nkv = a.num_kv_heads;
     for (int tb = start + warp * S::kTpw; tb < end; tb += S::kRound) {   // warp-uniform
         uint4 kr[S::kU], vr[S::kU];
+        if (pre_k != nullptr && tb == start + warp * S::kTpw) {
 #pragma unroll
-        for (int u = 0; u < S::kU; ++u) {
-            const int t = tb + u * kWarps * S::kTpw + slot;
-            kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-            if (t < end) {
-                const int64_t row = ((int64_t)__ldg(table + (t >> a.bs_log2)) * nkv + kvh) * bs + (t & (bs - 1));
-                kr[u] = __ldcg(K + row * (D / 8) + dl);   // the newest token was written in this launch
-                vr[u] = __ldcg(V + row * (D / 8) + dl);
+            for (int u = 0; u < S::kU; ++u) {
+                kr[u] = (*pre_k)[u];
+                vr[u] = (*pre_v)[u];
+                const int t = tb + u * kWarps * S::kTpw + slot;
+                if (t == n.ctx - 1) {   // the new token: written by this step's qkv phase
+                    const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
+                    const int64_t row = ((int64_t)__ldg(table + (t >> a.bs_log2)) * a.num_kv_heads + kvh) * a.block_size +
+                                        (t & (a.block_size - 1));
+                    kr[u] = __ldcg(reinterpret_cast<const uint4 *>(L.key_cache) + row * (D / 8) + dl);
+                    vr[u] = __ldcg(reinterpret_cast<const uint4 *>(L.value_cache) + row * (D / 8) + dl);
+                }
             }
+        } else {
+            load_round<T, D, GP>(a, L, n, tb, kr, vr);
         }
-#pragma unroll
         for (int u = 0; u < S::kU; ++u) {
             const bool valid = tb + u * kWarps * S::kTpw + slot < end;
             float kf[8], s[GP];
@@ -264,7 +326,7 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
-            int32_t *cnt = a.counters + seq * nkv + kvh;
+            int32_t *cnt = a.counters + seq * a.num_kv_heads + kvh;
             const bool last = atomicAdd(cnt, 1) == nsplit - 1;
             if (last) atomicExch(cnt, 0);
             *flag = last;
@@ -292,38 +354,41 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
 }
 
 // The attention phase: units (split, sequence, kv head), split outermost so that the units of a
-// step's splits are the first blocks' (one each while splits <= blocks / (rows x kv heads)).
+// step's splits are the first blocks' (one each while splits <= blocks / (rows x kv heads)). Before the
+// barrier, a block with a unit loads its first round of K/V into registers (and with PA_LAYERS_PREFETCH
+// the unit's pages into L2): the old tokens' K/V do not depend on the qkv phase.
 template <typename T, int D, int GP>
 __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer &L, Barrier &bar,
                                 unsigned char *smem) {
     using S = AttnShape<D, GP>;
     const int heads = a.rows * a.num_kv_heads;
     const int target = max(1, min(a.max_splits, (int)gridDim.x / heads));
-    // the KV pages of this block's first unit (all but the newest token are already there) to L2
+    const int warp = threadIdx.x / 32;
     int u = blockIdx.x;
+    Unit first{};
+    bool have = false;
+    uint4 kr[S::kU], vr[S::kU];
     if (u < heads * target) {
-        const int seq = (u % heads) / a.num_kv_heads, kvh = u % a.num_kv_heads, split = u / heads;
-        const int ctx = a.context_lens[seq];
-        const int nsplit = max(1, min(target, (ctx + S::kRound - 1) / S::kRound));
-        if (split < nsplit) {
-            const int plen = (ctx + nsplit - 1) / nsplit, start = split * plen, end = min(ctx, start + plen);
-            const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
+        first = make_unit<D, GP>(a, u, heads, target);
+        have = first.split < first.nsplit;
+        if (have && (a.flags & kPrefetchPages) && first.end - first.start > S::kRound) {
+            const int32_t *table = a.block_tables + (int64_t)first.seq * a.max_blocks;
             const unsigned page = (unsigned)(a.block_size * D * sizeof(T));
-            for (int b = (start >> a.bs_log2) + threadIdx.x; b <= ((end - 1) >> a.bs_log2) && start < end;
+            for (int b = (first.start >> a.bs_log2) + threadIdx.x; b <= ((first.end - 1) >> a.bs_log2);
                  b += kThreads) {
-                const int64_t off = ((int64_t)__ldg(table + b) * a.num_kv_heads + kvh) * a.block_size * D;
+                const int64_t off = ((int64_t)__ldg(table + b) * a.num_kv_heads + first.kvh) * a.block_size * D;
                 prefetch_l2((const T *)L.key_cache + off, page);
                 prefetch_l2((const T *)L.value_cache + off, page);
             }
         }
+        if (have) load_round<T, D, GP>(a, L, first, first.start + warp * S::kTpw, kr, vr);
     }
     bar.sync();
     float *sm = reinterpret_cast<float *>(smem);
-    for (; u < heads * target; u += gridDim.x) {
-        const int seq = (u % heads) / a.num_kv_heads, kvh = u % a.num_kv_heads, split = u / heads;
-        const int ctx = a.context_lens[seq];
-        const int nsplit = max(1, min(target, (ctx + S::kRound - 1) / S::kRound));
-        if (split < nsplit) attention_unit<T, D, GP>(a, L, seq, kvh, split, nsplit, ctx, sm);
+    if (have) attention_unit<T, D, GP>(a, L, first, &kr, &vr, sm);
+    for (u += gridDim.x; u < heads * target; u += gridDim.x) {
+        const Unit n = make_unit<D, GP>(a, u, heads, target);
+        if (n.split < n.nsplit) attention_unit<T, D, GP>(a, L, n, nullptr, nullptr, sm);
     }
 }
 
@@ -343,15 +408,15 @@ __global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_
         qkv.head_dim = D;
         qkv.block_size = a.block_size;
         qkv.theta = a.theta;
-        gemv_phase<T, MR, 2>(qkv, bar, smem, li > 0);   // layer 0's input is ready at launch
+        gemv_phase<T, MR, 2>(qkv, bar, smem, li > 0, a.flags);   // layer 0's input is ready at launch
         attention_phase<T, D, GP>(a, L, bar, smem);
         const GemvArgs o{a.x, a.attn, L.o, nullptr, a.x, a.rows, a.hidden, a.num_heads * D, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(o, bar, smem, a.o_rpw2);
+        gemv_phase_rpw<T, MR>(o, bar, smem, a.o_rpw2, a.flags);
         const GemvArgs gu{a.act, a.x, L.gate_up, L.post_norm, nullptr, a.rows, 2 * a.inter, a.hidden,
                           PA_CUDA_GEMV_NORM_SILU, a.eps};
-        gemv_phase<T, MR, 2>(gu, bar, smem, true);
+        gemv_phase<T, MR, 2>(gu, bar, smem, true, a.flags);
         const GemvArgs dn{a.x, a.act, L.down, nullptr, a.x, a.rows, a.hidden, a.inter, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(dn, bar, smem, a.down_rpw2);
+        gemv_phase_rpw<T, MR>(dn, bar, smem, a.down_rpw2, a.flags);
     }
     bar.finish_launch();
 }
@@ -438,6 +503,7 @@ extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws,
     a.counters = counters;
     a.barrier = barrier;
     a.timing = reinterpret_cast<unsigned long long *>(timing);
+    a.flags = kDefaultFlags;
     a.layers = layers;
     a.positions = positions;
     a.slots = slot_mapping;
