@@ -265,6 +265,14 @@ def main() -> None:
                     del calls, conts
                 except Exception as exc:  # noqa: BLE001
                     print(f"  SDPA {be.name} at B={b} ctx={ctx}: {type(exc).__name__}: {str(exc)[:160]}")
+            # SDPA as a user calls it: torch's own backend choice for these inputs
+            try:
+                conts = [case.contiguous(s) for s in case.sets]
+                r["sdpa_default"], _ = timed([lambda s=s, k=k, v=v: sdpa(s["q"], k, v)
+                                              for s, (k, v) in zip(case.sets, conts)])
+                del conts
+            except Exception as exc:  # noqa: BLE001
+                print(f"  SDPA default at B={b} ctx={ctx}: {type(exc).__name__}: {str(exc)[:160]}")
             if ref is not None:
                 r["err"] = rel_err(out, ref)
                 r["err_simt"] = rel_err(outs["simt"], ref)
@@ -302,8 +310,9 @@ def main() -> None:
              f"the first. Times in us (median of graph replays).", "",
              "| batch | ctx | K+V MB | tc best us (P) | TB/s | % copy | tc auto-P us (P) | simt auto-P us |"
              " SDPA us (backend) | SDPA/tc | SDPA/simt | gather+SDPA us | gather/tc | flex us | flex/tc |"
-             " err tc / simt vs SDPA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " err tc / simt vs SDPA | cuDNN us | flash us | SDPA default us | default / tc auto-P |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for r in rows:
         bw = r["mb"] * 2**20 / r["ours"]
         g = r.get("gather", float("nan"))
@@ -312,7 +321,9 @@ def main() -> None:
                      f"{r['simt_auto'] * 1e6:.1f} | {r['sdpa'] * 1e6:.1f} ({r['sdpa_be']}) | "
                      f"{r['sdpa'] / r['ours']:.2f}x | {r['sdpa'] / r['simt_auto']:.2f}x | {g * 1e6:.1f} | "
                      f"{g / r['ours']:.2f}x | {r['flex'] * 1e6:.1f} | {r['flex'] / r['ours']:.2f}x | "
-                     f"{r.get('err', float('nan')):.1e} / {r.get('err_simt', float('nan')):.1e} |")
+                     f"{r.get('err', float('nan')):.1e} / {r.get('err_simt', float('nan')):.1e} | "
+                     f"{r.get('sdpa_CUDNN_ATTENTION', nan) * 1e6:.1f} | {r.get('sdpa_FLASH_ATTENTION', nan) * 1e6:.1f} | "
+                     f"{r.get('sdpa_default', nan) * 1e6:.1f} | {r.get('sdpa_default', nan) / r['ours_auto']:.2f}x |")
     lines.append("")
     lines.append("tc partition sweep (us): " + "; ".join(
         f"B={r['batch']} ctx={r['ctx']}: " + ", ".join(f"{p}:{t * 1e6:.1f}" for p, t in r["sweep"].items())

@@ -440,4 +440,3 @@ def test_unsupported_shape_raises_naming_the_kernel(kernels):
     with pytest.raises(native.NativeError, match="gemv_kernel"):
         kernels.gemv(torch.ones(9, 64, device="cuda", dtype=torch.bfloat16),
                      torch.ones(32, 64, device="cuda", dtype=torch.bfloat16))
-
