@@ -38,6 +38,22 @@ pa_status raise_smem_limit(const char *kernel) {
     return PA_OK;
 }
 
+// cudaLaunchKernelEx with one launch attribute (PDL, cooperative); a failure is PA_ERR_CUDA naming the kernel.
+template <typename Kernel, typename Args>
+pa_status launch_with_attribute(Kernel kernel, const char *name, dim3 grid, size_t smem, int threads,
+                                cudaStream_t stream, cudaLaunchAttribute attr, const Args &args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
+    if (err != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "%s (launch): %s", name, cudaGetErrorString(err));
+    return check_launch(name);
+}
+
 // ---- paged attention arguments ----------------------------------------------------------------
 static constexpr float kLog2e = 1.4426950408889634f;   // the kernels take exp2 of log2(e)-scaled scores
 

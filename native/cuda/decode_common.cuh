@@ -64,7 +64,7 @@ __device__ __forceinline__ void finish_block(const DecodeArgs &a, const float *r
             den = fmaf(f, wml[(w * GP + h) * 2 + 1], den);
         }
         if (direct) {
-            out[i] = from_f<T>(num / den);
+            out[i] = from_f<T>(den > 0.f ? num / den : 0.f);   // an empty context (a padding row): zeros
         } else {
             const int64_t idx = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits + split;
             a.partial_out[idx * D + d] = num;

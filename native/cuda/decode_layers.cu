@@ -27,6 +27,7 @@
 //   down:      x += act_ws . Wd
 // Every phase's arithmetic and rounding is gemv_core's (the GEMV phases equal the standalone
 // kernels bit for bit); the attention sums in another order than the decode kernels (rel. ~1e-3).
+#include "decode_common.cuh"
 #include "gemv_core.cuh"
 
 // Blocks an SM the register budget is cut for (1: up to 255 registers a thread; 2: 128).
@@ -298,30 +299,12 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
     }
     __syncthreads();
     T *out = (T *)a.attn + (int64_t)seq * a.num_heads * D + (int64_t)h0 * D;
-    for (int i = threadIdx.x; i < G * D; i += kThreads) {
-        const int g = i / D, d = i % D;
-        float mx = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, wml[(w * GP + g) * 2]);
-        float num = 0.f, den = 0.f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float wm = wml[(w * GP + g) * 2];
-            const float f = wm == -INFINITY ? 0.f : exp2f(wm - mx);
-            num = fmaf(f, wacc[(w * GP + g) * D + d], num);
-            den = fmaf(f, wml[(w * GP + g) * 2 + 1], den);
-        }
-        if (nsplit == 1) {
-            out[i] = from_f<T>(den > 0.f ? num / den : 0.f);   // an empty context gives zeros
-        } else {
-            const int64_t idx = ((int64_t)seq * a.num_heads + h0 + g) * a.max_splits + split;
-            a.part_o[idx * D + d] = num;
-            if (d == 0) {
-                a.part_ml[idx * 2] = mx;
-                a.part_ml[idx * 2 + 1] = den;
-            }
-        }
-    }
+    decode::DecodeArgs da{};                       // finish_block's partials layout is ours
+    da.num_heads = a.num_heads;
+    da.partial_out = a.part_o;
+    da.partial_ml = a.part_ml;
+    da.max_splits = a.max_splits;
+    decode::finish_block<T, D, GP, kWarps, kThreads>(da, wacc, wml, out, seq, h0, G, split, nsplit == 1);
     if (nsplit > 1) {
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -441,21 +424,11 @@ pa_status launch_layers(LayersArgs a, cudaStream_t stream) {
     // two rows a warp when there are enough rows for every block to take a group of 16
     a.o_rpw2 = a.hidden >= 16 * blocks;
     a.down_rpw2 = a.o_rpw2;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeCooperative;   // every block resident, or the launch fails
-    attr[0].val.cooperative = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a);
-    if (err != cudaSuccess)
-        return cuda_fail(PA_ERR_CUDA, "decode_layers_kernel (cooperative launch of %d blocks): %s", blocks,
-                         cudaGetErrorString(err));
-    return check_launch("decode_layers_kernel");
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeCooperative;   // every block resident, or the launch fails
+    attr.val.cooperative = 1;
+    return launch_with_attribute(kernel, "decode_layers_kernel (cooperative)", dim3(blocks), smem, kThreads, stream,
+                                 attr, a);
 }
 
 template <typename T, int MR>

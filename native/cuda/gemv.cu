@@ -43,20 +43,11 @@ pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl,
         gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
         return check_launch("gemv_kernel");
     }
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(kThreads);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    cudaLaunchAttribute attr_pdl[1];
-    attr_pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr_pdl[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr_pdl;
-    cfg.numAttrs = 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, gemv_kernel<T, MR, RPW>, a);
-    if (err != cudaSuccess)
-        return cuda_fail(PA_ERR_CUDA, "gemv_kernel (PDL launch): %s", cudaGetErrorString(err));
-    return check_launch("gemv_kernel");
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    return launch_with_attribute(gemv_kernel<T, MR, RPW>, "gemv_kernel (PDL)", dim3(blocks), smem, kThreads, stream,
+                                 attr, a);
 }
 
 template <typename T, int MR>

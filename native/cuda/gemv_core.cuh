@@ -122,20 +122,25 @@ __device__ __forceinline__ int weight_row(const GemvArgs &a, int row0, int r) {
 }
 
 // The weight rows of a warp's group starting at row0 (wrow) and their first kUnroll 16-byte loads (wv).
-template <typename T, int RPW>
-__device__ __forceinline__ void first_loads(const GemvArgs &a, int row0, int lane, const uint4 *(&wrow)[RPW],
-                                            uint4 (&wv)[RPW][kUnroll]) {
-    const int nv = a.k / 8;
-#pragma unroll
-    for (int r = 0; r < RPW; ++r)
-        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
+// One batch: kUnroll 16-byte loads a row from vector v0 on (32 apart), zeros past the row's nv vectors.
+template <int RPW>
+__device__ __forceinline__ void load_batch(const uint4 *const (&wrow)[RPW], int v0, int nv, uint4 (&dst)[RPW][kUnroll]) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
-            const int v = lane + u * 32;
-            wv[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
+            const int v = v0 + u * 32;
+            dst[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
         }
+}
+
+template <typename T, int RPW>
+__device__ __forceinline__ void first_loads(const GemvArgs &a, int row0, int lane, const uint4 *(&wrow)[RPW],
+                                            uint4 (&wv)[RPW][kUnroll]) {
+#pragma unroll
+    for (int r = 0; r < RPW; ++r)
+        wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
+    load_batch<RPW>(wrow, lane, a.k / 8, wv);
 }
 
 // The rows of groups group, group + stride, ... (8 * RPW rows each) against the staged input xs: wrow
@@ -159,14 +164,7 @@ __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int 
             for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
         for (int v0 = lane; v0 < nv; v0 += 32 * kUnroll) {
             uint4 nxt[RPW][kUnroll];
-            const int vn = v0 + 32 * kUnroll;
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                for (int r = 0; r < RPW; ++r) {
-                    const int v = vn + u * 32;
-                    nxt[r][u] = v < nv ? __ldg(wrow[r] + v) : make_uint4(0, 0, 0, 0);
-                }
+            load_batch<RPW>(wrow, v0 + 32 * kUnroll, nv, nxt);
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int v = v0 + u * 32;
