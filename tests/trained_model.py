@@ -1,7 +1,7 @@
 """A confident model from random init: brief training on a synthetic language that needs attention.
 
-The language lives on a random subset of `num_states` token ids. After `lag + 1` uniform tokens, the next
-token is perms[cls(x[t - lag])][x[t]]: the token `lag` back picks which of `num_classes` fixed random
+The language lives on a random subset of `num_states` token ids. After `lag + 1` uniform tokens,
+x[t + 1] = perms[classes[x[t - lag]]][x[t]]: the token `lag` back picks which of `num_classes` fixed random
 permutations maps the current token to the next, so a bigram model is left guessing among `num_classes`
 candidates and only attention reaches the rule. With probability `noise` the next token is uniform
 instead, which keeps the data diverse and puts the loss floor above zero; a model that has learned the
@@ -84,7 +84,7 @@ def train_synthetic(model, steps: int, device: str | torch.device, seed: int, ba
     for i in range(steps):
         ids = data[i]                                                           # [B, L]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids).logits                                 # [B, L, vocab]
+            logits = model(input_ids=ids, use_cache=False).logits                # [B, L, vocab]
         loss = F.cross_entropy(logits[:, lang.lag:-1].flatten(0, 1).float(), ids[:, lang.lag + 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
