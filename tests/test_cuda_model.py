@@ -42,7 +42,7 @@ PROMPT_LENS = [5, 16, 17, 31, 64, 100, 129, 250]   # partial blocks, block bound
 NEW_TOKENS = 32
 BLOCK = 16
 CHUNK = 48                                          # prefill chunk: later chunks sit on a cached prefix
-TRAIN_STEPS = 600                                   # 16 x 320 tokens each: ~4.4 TFLOP, ~30 s on an H200
+TRAIN_STEPS = 600                                   # 16 x 320 tokens each; H200: 73 s, loss 0.885 (floor 0.876)
 TRAIN_SEED = 7
 
 
