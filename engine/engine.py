@@ -26,7 +26,6 @@ from engine.sequence import FinishReason, SamplingParams, Sequence
 log = logging.getLogger("pagedecode.engine")
 
 
-
 class Engine(PipelinedDecode):
     """One model, one KV cache, one thread that owns the scheduler; callers talk through queues."""
 

@@ -67,6 +67,17 @@ struct PagedArgs {
     float scale_log2e;
 };
 
+// The head_dim and block_size every paged kernel takes; on success bs_log2 = log2(block_size).
+static inline pa_status check_paged_shape(const char *name, int32_t head_dim, int32_t block_size, int &bs_log2) {
+    if (head_dim != 64 && head_dim != 128)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
+    if (block_size <= 0 || (block_size & (block_size - 1)))
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
+    bs_log2 = 0;
+    while ((1 << bs_log2) < block_size) ++bs_log2;
+    return PA_OK;
+}
+
 // The checks the paged attention exports share, then a's common fields (scale in natural-log units).
 static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *out, const void *q,
                                         const void *key_cache, const void *value_cache,
@@ -78,10 +89,7 @@ static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *ou
         context_lens == nullptr || query_start_loc == nullptr || num_seqs < 0 || num_heads <= 0 ||
         num_kv_heads <= 0 || num_heads % num_kv_heads || max_blocks_per_seq <= 0)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (head_dim != 64 && head_dim != 128)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
-    if (block_size <= 0 || (block_size & (block_size - 1)))
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
+    PA_RETURN_IF_ERR(check_paged_shape(name, head_dim, block_size, a.bs_log2));
     if (num_seqs > 65535)
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d sequences exceed the grid (65535)", name, (int)num_seqs);
     a.out = out;
@@ -94,9 +102,6 @@ static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *ou
     a.num_heads = num_heads;
     a.num_kv_heads = num_kv_heads;
     a.group = num_heads / num_kv_heads;
-    int bs_log2 = 0;
-    while ((1 << bs_log2) < block_size) ++bs_log2;
-    a.bs_log2 = bs_log2;
     a.max_blocks = max_blocks_per_seq;
     a.q_stride = q_stride;
     a.scale_log2e = scale * kLog2e;

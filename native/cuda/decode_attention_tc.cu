@@ -293,28 +293,14 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
     __threadfence();
     __syncthreads();
     const int n = (ctx + a.partition - 1) / a.partition;
-    if (tid == 0) {
-        int *cnt = a.counters + (int64_t)seq * gridDim.y + blockIdx.y;
-        is_last = atomicAdd(cnt, 1) == n - 1;
-        if (is_last) *cnt = 0;   // every block of this launch has counted: ready for the next launch
-    }
+    if (tid == 0) is_last = last_arrival(a.counters + (int64_t)seq * gridDim.y + blockIdx.y, n);
     __syncthreads();
     if (!is_last) return;
     __threadfence();
     for (int i = tid; i < nheads * D; i += kThreads) {
         const int h = i / D, d = i % D;
         const int64_t base = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits;
-        const float *ml = a.partial_ml + base * 2;
-        const float *po = a.partial_out + base * D + d;
-        float m = -INFINITY;
-        for (int k = 0; k < n; ++k) m = fmaxf(m, __ldcg(ml + 2 * k));   // L2: other blocks wrote them
-        float num = 0.f, den = 0.f;
-        for (int k = 0; k < n; ++k) {
-            const float w = exp2f(__ldcg(ml + 2 * k) - m);
-            num = fmaf(w, __ldcg(po + (int64_t)k * D), num);
-            den = fmaf(w, __ldcg(ml + 2 * k + 1), den);
-        }
-        out[i] = from_f<T>(num / den);
+        out[i] = from_f<T>(merge_partitions<D>(a.partial_ml + base * 2, a.partial_out + base * D + d, n));
     }
 }
 

@@ -76,8 +76,32 @@ __device__ __forceinline__ void finish_block(const DecodeArgs &a, const float *r
     }
 }
 
-// One block per (query head, sequence), one thread per dim: out = sum_i w_i o_i / sum_i w_i l_i,
-// w_i = 2^(m_i - max m).
+// Dim d of a (sequence, head)'s n partitions, ml [n][2] (max, sum; log2 domain) and po [n][D] (unnormalised):
+// sum_i w_i o_i / sum_i w_i l_i, w_i = 2^(m_i - max m); a partition that saw no token weighs 0, and no token
+// at all gives 0. Loads go through L2: other blocks of the same launch may have written the partials.
+template <int D>
+__device__ __forceinline__ float merge_partitions(const float *ml, const float *po, int n) {
+    float m = -INFINITY;
+    for (int i = 0; i < n; ++i) m = fmaxf(m, __ldcg(ml + 2 * i));
+    float num = 0.f, den = 0.f;
+    for (int i = 0; i < n; ++i) {
+        const float mi = __ldcg(ml + 2 * i);
+        const float w = mi == -INFINITY ? 0.f : exp2f(mi - m);
+        num = fmaf(w, __ldcg(po + (int64_t)i * D), num);
+        den = fmaf(w, __ldcg(ml + 2 * i + 1), den);
+    }
+    return den > 0.f ? num / den : 0.f;
+}
+
+// Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the
+// n-th, which also zeroes the count for the next launch.
+__device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
+    const bool last = atomicAdd(cnt, 1) == n - 1;
+    if (last) atomicExch(cnt, 0);
+    return last;
+}
+
+// One block per (query head, sequence), one thread per dim: merge_partitions into the output row.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
@@ -87,17 +111,8 @@ __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
     const int n = (ctx + a.partition - 1) / a.partition;
     if (n <= 1) return;   // written directly by the decode kernel
     const int64_t base = ((int64_t)seq * a.num_heads + head) * a.max_splits;
-    const float *ml = a.partial_ml + base * 2;
-    const float *po = a.partial_out + base * D + d;
-    float m = -INFINITY;
-    for (int i = 0; i < n; ++i) m = fmaxf(m, ml[2 * i]);
-    float num = 0.f, den = 0.f;
-    for (int i = 0; i < n; ++i) {
-        const float w = exp2f(ml[2 * i] - m);
-        num = fmaf(w, po[(int64_t)i * D], num);
-        den = fmaf(w, ml[2 * i + 1], den);
-    }
-    ((T *)a.out)[((int64_t)q_row * a.num_heads + head) * D + d] = from_f<T>(num / den);
+    ((T *)a.out)[((int64_t)q_row * a.num_heads + head) * D + d] =
+        from_f<T>(merge_partitions<D>(a.partial_ml + base * 2, a.partial_out + base * D + d, n));
 }
 
 template <typename T, int D>

@@ -30,18 +30,10 @@
 #include "decode_common.cuh"
 #include "gemv_core.cuh"
 
-// Blocks an SM the register budget is cut for (1: up to 255 registers a thread; 2: 128).
-#ifndef PA_LAYERS_MIN_BLOCKS
-#define PA_LAYERS_MIN_BLOCKS 2
-#endif
-
 namespace {
 
 using namespace gemv;
 
-// What goes to L2 ahead of a barrier (cp.async.bulk.prefetch): a GEMV phase's first row group of each
-// block (off: measured slower, session 3 call 3 of results_cuda.md), an attention unit's KV pages.
-constexpr int kPrefetchRows = 1, kPrefetchPages = 2, kDefaultFlags = kPrefetchPages;
 // Contexts split across blocks only past this many rounds a unit: a split's merge (partials, arrival
 // counter, re-read) cost ~2 us at ctx 129, more than streaming 128 more tokens.
 constexpr int kRoundsBeforeSplit = 4;
@@ -52,7 +44,6 @@ struct LayersArgs {
     int32_t *counters;                           // [rows][kv heads], zero between launches
     unsigned *barrier;                           // [2]: arrivals, exits (zero between launches)
     unsigned long long *timing;                  // NULL, or [barriers][3] (Barrier::sync)
-    int flags;                                   // kPrefetchRows | kPrefetchPages
     const pa_cuda_decode_layer *layers;
     const int32_t *positions, *slots, *block_tables, *context_lens;
     int num_layers, rows, hidden, inter, num_heads, num_kv_heads, head_dim, block_size, bs_log2, max_blocks;
@@ -114,18 +105,15 @@ __device__ __forceinline__ void prefetch_l2(const void *p, unsigned bytes) {
     asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(bytes) : "memory");
 }
 
-// One GEMV phase: this block's first row group to L2 and its first loads to registers, then (when
-// `wait`) the barrier, the input staged, the rows streamed.
+// One GEMV phase: this block's first loads to registers, then (when `wait`) the barrier, the input
+// staged, the rows streamed. (Pulling the block's whole first row group into L2 before the barrier as
+// well made the large phases slower: gate_up 17.8 -> 21.5 us, results_cuda.md session 3.)
 template <typename T, int MR, int RPW>
-__device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool wait,
-                                           int flags) {
+__device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool wait) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int row0 = (blockIdx.x * kWarps + warp) * RPW;
-    if ((flags & kPrefetchRows) && lane < RPW && row0 < g.n)
-        prefetch_l2((const T *)g.weight + (int64_t)weight_row(g, row0, lane) * g.k, (unsigned)(g.k * sizeof(T)));
     const uint4 *wrow[RPW];
     uint4 wv[RPW][kUnroll];
-    first_loads<T, RPW>(g, row0, lane, wrow, wv);
+    first_loads<T, RPW>(g, (blockIdx.x * kWarps + warp) * RPW, lane, wrow, wv);
     if (wait) bar.sync();
     T *xs = reinterpret_cast<T *>(smem);
     float *scratch = reinterpret_cast<float *>(smem + (size_t)MR * g.k * sizeof(T));
@@ -135,12 +123,11 @@ __device__ __forceinline__ void gemv_phase(const GemvArgs &g, Barrier &bar, unsi
 }
 
 template <typename T, int MR>
-__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool rpw2,
-                                               int flags) {
+__device__ __forceinline__ void gemv_phase_rpw(const GemvArgs &g, Barrier &bar, unsigned char *smem, bool rpw2) {
     if (rpw2)
-        gemv_phase<T, MR, 2>(g, bar, smem, true, flags);
+        gemv_phase<T, MR, 2>(g, bar, smem, true);
     else
-        gemv_phase<T, MR, 1>(g, bar, smem, true, flags);
+        gemv_phase<T, MR, 1>(g, bar, smem, true);
 }
 
 // Tokens a block streams in one round: 8 warps x (32 / (D / 8)) token slots x U tokens in flight.
@@ -170,13 +157,18 @@ __device__ __forceinline__ Unit make_unit(const LayersArgs &a, int u, int heads,
     return n;
 }
 
+// The cache row (in D-wide rows of [num_blocks, nkv, block_size, D]) of the unit's kv head at token t.
+__device__ __forceinline__ int64_t kv_row(const LayersArgs &a, const Unit &n, int t) {
+    const int32_t block = __ldg(a.block_tables + (int64_t)n.seq * a.max_blocks + (t >> a.bs_log2));
+    return ((int64_t)block * a.num_kv_heads + n.kvh) * a.block_size + (t & (a.block_size - 1));
+}
+
 // K and V of one round of a lane's tokens (tb + u x 8 warps x token slots + slot), zeros past the end.
 template <typename T, int D, int GP>
 __device__ __forceinline__ void load_round(const LayersArgs &a, const pa_cuda_decode_layer &L, const Unit &n, int tb,
                                            uint4 (&kr)[AttnShape<D, GP>::kU], uint4 (&vr)[AttnShape<D, GP>::kU]) {
     using S = AttnShape<D, GP>;
     const int lane = threadIdx.x % 32, slot = lane / S::kLpt, dl = lane % S::kLpt;
-    const int32_t *table = a.block_tables + (int64_t)n.seq * a.max_blocks;
     const uint4 *K = reinterpret_cast<const uint4 *>(L.key_cache);
     const uint4 *V = reinterpret_cast<const uint4 *>(L.value_cache);
 #pragma unroll
@@ -184,8 +176,7 @@ __device__ __forceinline__ void load_round(const LayersArgs &a, const pa_cuda_de
         const int t = tb + u * kWarps * S::kTpw + slot;
         kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
         if (t < n.end) {
-            const int64_t row =
-                ((int64_t)__ldg(table + (t >> a.bs_log2)) * a.num_kv_heads + n.kvh) * a.block_size + (t & (a.block_size - 1));
+            const int64_t row = kv_row(a, n, t);
             kr[u] = __ldcg(K + row * (D / 8) + dl);   // the newest token was written in this launch
             vr[u] = __ldcg(V + row * (D / 8) + dl);
         }
@@ -227,9 +218,7 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
                 vr[u] = (*pre_v)[u];
                 const int t = tb + u * kWarps * S::kTpw + slot;
                 if (t == n.ctx - 1) {   // the new token: written by this step's qkv phase
-                    const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
-                    const int64_t row = ((int64_t)__ldg(table + (t >> a.bs_log2)) * a.num_kv_heads + kvh) * a.block_size +
-                                        (t & (a.block_size - 1));
+                    const int64_t row = kv_row(a, n, t);
                     kr[u] = __ldcg(reinterpret_cast<const uint4 *>(L.key_cache) + row * (D / 8) + dl);
                     vr[u] = __ldcg(reinterpret_cast<const uint4 *>(L.value_cache) + row * (D / 8) + dl);
                 }
@@ -309,27 +298,15 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
-            int32_t *cnt = a.counters + seq * a.num_kv_heads + kvh;
-            const bool last = atomicAdd(cnt, 1) == nsplit - 1;
-            if (last) atomicExch(cnt, 0);
-            *flag = last;
+            *flag = decode::last_arrival(a.counters + seq * a.num_kv_heads + kvh, nsplit);
         }
         __syncthreads();
         if (*flag) {
             __threadfence();
             for (int i = threadIdx.x; i < G * D; i += kThreads) {
-                const int g = i / D, d = i % D;
-                const int64_t base = ((int64_t)seq * a.num_heads + h0 + g) * a.max_splits;
-                float mx = -INFINITY;
-                for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(a.part_ml + (base + s) * 2));
-                float num = 0.f, den = 0.f;
-                for (int s = 0; s < nsplit; ++s) {
-                    const float sm_ = __ldcg(a.part_ml + (base + s) * 2);
-                    const float f = sm_ == -INFINITY ? 0.f : exp2f(sm_ - mx);
-                    num = fmaf(f, __ldcg(a.part_o + (base + s) * D + d), num);
-                    den = fmaf(f, __ldcg(a.part_ml + (base + s) * 2 + 1), den);
-                }
-                out[i] = from_f<T>(den > 0.f ? num / den : 0.f);
+                const int64_t base = ((int64_t)seq * a.num_heads + h0 + i / D) * a.max_splits;
+                out[i] = from_f<T>(decode::merge_partitions<D>(a.part_ml + base * 2, a.part_o + base * D + i % D,
+                                                               nsplit));
             }
         }
     }
@@ -338,8 +315,8 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
 
 // The attention phase: units (split, sequence, kv head), split outermost so that the units of a
 // step's splits are the first blocks' (one each while splits <= blocks / (rows x kv heads)). Before the
-// barrier, a block with a unit loads its first round of K/V into registers (and with PA_LAYERS_PREFETCH
-// the unit's pages into L2): the old tokens' K/V do not depend on the qkv phase.
+// barrier, a block with a unit loads its first round of K/V into registers and pulls the unit's other
+// pages into L2: the old tokens' K/V do not depend on the qkv phase.
 template <typename T, int D, int GP>
 __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer &L, Barrier &bar,
                                 unsigned char *smem) {
@@ -354,12 +331,11 @@ __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer 
     if (u < heads * target) {
         first = make_unit<D, GP>(a, u, heads, target);
         have = first.split < first.nsplit;
-        if (have && (a.flags & kPrefetchPages) && first.end - first.start > S::kRound) {
-            const int32_t *table = a.block_tables + (int64_t)first.seq * a.max_blocks;
+        if (have && first.end - first.start > S::kRound) {   // more than the first round: pages to L2
             const unsigned page = (unsigned)(a.block_size * D * sizeof(T));
             for (int b = (first.start >> a.bs_log2) + threadIdx.x; b <= ((first.end - 1) >> a.bs_log2);
                  b += kThreads) {
-                const int64_t off = ((int64_t)__ldg(table + b) * a.num_kv_heads + first.kvh) * a.block_size * D;
+                const int64_t off = kv_row(a, first, b << a.bs_log2) * D;
                 prefetch_l2((const T *)L.key_cache + off, page);
                 prefetch_l2((const T *)L.value_cache + off, page);
             }
@@ -376,7 +352,7 @@ __device__ void attention_phase(const LayersArgs &a, const pa_cuda_decode_layer 
 }
 
 template <typename T, int MR, int D, int GP>
-__global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_kernel(LayersArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) decode_layers_kernel(LayersArgs a) {
     extern __shared__ __align__(16) unsigned char smem[];
     Barrier bar{a.barrier, a.timing};
     for (int li = 0; li < a.num_layers; ++li) {
@@ -391,15 +367,15 @@ __global__ void __launch_bounds__(kThreads, PA_LAYERS_MIN_BLOCKS) decode_layers_
         qkv.head_dim = D;
         qkv.block_size = a.block_size;
         qkv.theta = a.theta;
-        gemv_phase<T, MR, 2>(qkv, bar, smem, li > 0, a.flags);   // layer 0's input is ready at launch
+        gemv_phase<T, MR, 2>(qkv, bar, smem, li > 0);   // layer 0's input is ready at launch
         attention_phase<T, D, GP>(a, L, bar, smem);
         const GemvArgs o{a.x, a.attn, L.o, nullptr, a.x, a.rows, a.hidden, a.num_heads * D, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(o, bar, smem, a.o_rpw2, a.flags);
+        gemv_phase_rpw<T, MR>(o, bar, smem, a.o_rpw2);
         const GemvArgs gu{a.act, a.x, L.gate_up, L.post_norm, nullptr, a.rows, 2 * a.inter, a.hidden,
                           PA_CUDA_GEMV_NORM_SILU, a.eps};
-        gemv_phase<T, MR, 2>(gu, bar, smem, true, a.flags);
+        gemv_phase<T, MR, 2>(gu, bar, smem, true);
         const GemvArgs dn{a.x, a.act, L.down, nullptr, a.x, a.rows, a.hidden, a.inter, PA_CUDA_GEMV_PLAIN, a.eps};
-        gemv_phase_rpw<T, MR>(dn, bar, smem, a.down_rpw2, a.flags);
+        gemv_phase_rpw<T, MR>(dn, bar, smem, a.down_rpw2);
     }
     bar.finish_launch();
 }
@@ -459,14 +435,11 @@ extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws,
         max_blocks_per_seq <= 0 || max_splits <= 0 || !(theta > 0.f))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
     if (num_rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8)", name, (int)num_rows);
-    if (head_dim != 64 && head_dim != 128)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: head_dim %d (supported: 64, 128)", name, (int)head_dim);
+    LayersArgs a{};
+    PA_RETURN_IF_ERR(check_paged_shape(name, head_dim, block_size, a.bs_log2));
     if (num_heads / num_kv_heads > 8)
         return cuda_fail(PA_ERR_UNSUPPORTED, "%s: GQA group %d (at most 8)", name, (int)(num_heads / num_kv_heads));
-    if (block_size & (block_size - 1))
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: block_size %d is not a power of two", name, (int)block_size);
     if (num_rows == 0 || num_layers == 0) return PA_OK;
-    LayersArgs a{};
     a.x = x;
     a.qkv = qkv_ws;
     a.attn = attn_ws;
@@ -476,7 +449,6 @@ extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws,
     a.counters = counters;
     a.barrier = barrier;
     a.timing = reinterpret_cast<unsigned long long *>(timing);
-    a.flags = kDefaultFlags;
     a.layers = layers;
     a.positions = positions;
     a.slots = slot_mapping;
@@ -490,7 +462,6 @@ extern "C" pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws,
     a.num_kv_heads = num_kv_heads;
     a.head_dim = head_dim;
     a.block_size = block_size;
-    while ((1 << a.bs_log2) < block_size) ++a.bs_log2;
     a.max_blocks = max_blocks_per_seq;
     a.max_splits = max_splits;
     a.qkv_n = (num_heads + 2 * num_kv_heads) * head_dim;
