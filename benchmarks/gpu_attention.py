@@ -120,12 +120,12 @@ def sdpa(q, k, v):  # noqa: D103
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
 
 
-def run_ours(case: Case, kernels, partition=None, impl=None):
+def run_ours(case: Case, kernels, partition=None, impl=None, fused_merge=None):
     calls = []
     for s in case.sets:
         def call(s=s):
             return kernels.paged_attention_decode(s["q"], s["kc"], s["vc"], s["tables"], case.ctx_lens, case.qsl,
-                                                  HD ** -0.5, case.ctx, partition, impl=impl)
+                                                  HD ** -0.5, case.ctx, partition, impl=impl, fused_merge=fused_merge)
         calls.append(call)
     return calls
 
@@ -242,6 +242,8 @@ def main() -> None:
                 r[f"{impl}_auto"], _ = timed(calls)
             out = outs["tc"]
             r["ours_auto"] = r["tc_auto"]
+            # the tc kernel with a merge kernel after it instead of the last block's in-kernel merge
+            r["tc_merge_kernel"], _ = timed(run_ours(case, kernels, impl="tc", fused_merge=False))
             best = (r["tc_auto"], r["p_auto"])
             sweep = {}
             for p in args.partitions:
@@ -310,8 +312,9 @@ def main() -> None:
              f"the first. Times in us (median of graph replays).", "",
              "| batch | ctx | K+V MB | tc best us (P) | TB/s | % copy | tc auto-P us (P) | simt auto-P us |"
              " SDPA us (backend) | SDPA/tc | SDPA/simt | gather+SDPA us | gather/tc | flex us | flex/tc |"
-             " err tc / simt vs SDPA | cuDNN us | flash us | SDPA default us | default / tc auto-P |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " err tc / simt vs SDPA | cuDNN us | flash us | SDPA default us | default / tc auto-P |"
+             " tc auto-P + merge kernel us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for r in rows:
         bw = r["mb"] * 2**20 / r["ours"]
@@ -323,7 +326,8 @@ def main() -> None:
                      f"{g / r['ours']:.2f}x | {r['flex'] * 1e6:.1f} | {r['flex'] / r['ours']:.2f}x | "
                      f"{r.get('err', float('nan')):.1e} / {r.get('err_simt', float('nan')):.1e} | "
                      f"{r.get('sdpa_CUDNN_ATTENTION', nan) * 1e6:.1f} | {r.get('sdpa_FLASH_ATTENTION', nan) * 1e6:.1f} | "
-                     f"{r.get('sdpa_default', nan) * 1e6:.1f} | {r.get('sdpa_default', nan) / r['ours_auto']:.2f}x |")
+                     f"{r.get('sdpa_default', nan) * 1e6:.1f} | {r.get('sdpa_default', nan) / r['ours_auto']:.2f}x | "
+                     f"{r['tc_merge_kernel'] * 1e6:.1f} |")
     lines.append("")
     lines.append("tc partition sweep (us): " + "; ".join(
         f"B={r['batch']} ctx={r['ctx']}: " + ", ".join(f"{p}:{t * 1e6:.1f}" for p, t in r["sweep"].items())

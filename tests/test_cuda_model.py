@@ -277,6 +277,27 @@ def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     assert rel < 0.1
 
 
+@pytest.mark.parametrize("n_prompts", [1, 2])
+def test_bulk_gemv_and_fused_merge_graphs_equal_the_baseline(fused, prompts, n_prompts):
+    """1-2 rows: the bulk-copy GEMVs (with and without PDL, the o GEMV started under attention) and the
+    in-kernel partition merge give the register GEMVs' and the merge kernel's logits bit for bit, through
+    graph steps whose contexts pass the partition (the longest prompts)."""
+    from engine.backends.cuda import CudaBackend
+    chosen = sorted(prompts, key=len)[-n_prompts:]
+    results = []
+    for opts, fused_merge in (({"bulk_gemv": False, "use_pdl": False}, False), ({"bulk_gemv": True, "use_pdl": False}, True),
+                              ({"bulk_gemv": True, "use_pdl": True}, True)):
+        cuda = CudaBackend(SMOL, **opts)
+        cuda.kernels.fused_merge = fused_merge
+        cuda.load_weights(fused)
+        outs, logits = greedy(cuda, chosen)
+        assert (n_prompts, True, False) in cuda._graphs, sorted(cuda._graphs)
+        results.append((outs, [t.cpu() for seq in logits for t in seq]))
+    for outs, logits in results[1:]:
+        assert outs == results[0][0]
+        assert all(torch.equal(a, b) for a, b in zip(logits, results[0][1]))
+
+
 def test_logits_stay_on_the_gpu(fused, runs):
     """Backend.logits and a graph step's forward_step return float32 logits on the GPU."""
     from engine.backends.cuda import CudaBackend

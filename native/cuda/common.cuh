@@ -38,10 +38,18 @@ pa_status raise_smem_limit(const char *kernel) {
     return PA_OK;
 }
 
+// The attribute of a programmatic dependent launch (PDL, sm_90).
+static inline cudaLaunchAttribute pdl_attribute() {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    return attr;
+}
+
 // cudaLaunchKernelEx with one launch attribute (PDL, cooperative); a failure is PA_ERR_CUDA naming the kernel.
-template <typename Kernel, typename Args>
+template <typename Kernel, typename... Args>
 pa_status launch_with_attribute(Kernel kernel, const char *name, dim3 grid, size_t smem, int threads,
-                                cudaStream_t stream, cudaLaunchAttribute attr, const Args &args) {
+                                cudaStream_t stream, cudaLaunchAttribute attr, const Args &...args) {
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = dim3(threads);
@@ -49,7 +57,7 @@ pa_status launch_with_attribute(Kernel kernel, const char *name, dim3 grid, size
     cfg.stream = stream;
     cfg.attrs = &attr;
     cfg.numAttrs = 1;
-    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args);
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
     if (err != cudaSuccess) return cuda_fail(PA_ERR_CUDA, "%s (launch): %s", name, cudaGetErrorString(err));
     return check_launch(name);
 }

@@ -72,6 +72,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token chunk
     extern __shared__ __align__(16) float smem[];
 
+    // a GEMV launched as a programmatic dependent (the o projection) may start now and fill its
+    // weight rings; it waits for this grid's completion before it reads the output
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
     if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;

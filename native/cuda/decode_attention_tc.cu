@@ -85,6 +85,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
     constexpr int NT = D / 8;                      // n-tiles of O
     extern __shared__ __align__(128) unsigned char tc_smem[];
 
+    // a GEMV launched as a programmatic dependent (the o projection) may start now and fill its
+    // weight rings; it waits for this grid's completion before it reads the output
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
     if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
@@ -100,12 +103,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
         return;
     }
 
-    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages>());
-    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
-    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
-    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];
-
     // Q as A fragments: row r = lane / 4 (and r + 8), columns c2, c2 + 1 (and + 8) of each k-step.
+    // Loaded before the block table is staged, so the two round trips overlap.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
     uint32_t qf[KS][4];
     {
@@ -119,6 +118,10 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
             qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + 8 + c2) : 0u;
         }
     }
+    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages>());
+    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
+    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
+    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];
     __syncthreads();
 
     const int bs_mask = (1 << a.bs_log2) - 1;

@@ -79,16 +79,36 @@ __device__ __forceinline__ void finish_block(const DecodeArgs &a, const float *r
 // Dim d of a (sequence, head)'s n partitions, ml [n][2] (max, sum; log2 domain) and po [n][D] (unnormalised):
 // sum_i w_i o_i / sum_i w_i l_i, w_i = 2^(m_i - max m); a partition that saw no token weighs 0, and no token
 // at all gives 0. Loads go through L2: other blocks of the same launch may have written the partials.
+// The loads of kBatch partitions go out together (one L2 round trip per batch, not per partition: at 16
+// partitions a one-at-a-time loop was ~32 dependent round trips); the sums still run in partition order.
 template <int D>
 __device__ __forceinline__ float merge_partitions(const float *ml, const float *po, int n) {
+    constexpr int kBatch = 8;
     float m = -INFINITY;
-    for (int i = 0; i < n; ++i) m = fmaxf(m, __ldcg(ml + 2 * i));
+    for (int i0 = 0; i0 < n; i0 += kBatch) {
+        float v[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) v[u] = i0 + u < n ? __ldcg(ml + 2 * (i0 + u)) : -INFINITY;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) m = fmaxf(m, v[u]);
+    }
     float num = 0.f, den = 0.f;
-    for (int i = 0; i < n; ++i) {
-        const float mi = __ldcg(ml + 2 * i);
-        const float w = mi == -INFINITY ? 0.f : exp2f(mi - m);
-        num = fmaf(w, __ldcg(po + (int64_t)i * D), num);
-        den = fmaf(w, __ldcg(ml + 2 * i + 1), den);
+    for (int i0 = 0; i0 < n; i0 += kBatch) {
+        float mi[kBatch], li[kBatch], oi[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            const bool ok = i0 + u < n;
+            mi[u] = ok ? __ldcg(ml + 2 * (i0 + u)) : -INFINITY;
+            li[u] = ok ? __ldcg(ml + 2 * (i0 + u) + 1) : 0.f;
+            oi[u] = ok ? __ldcg(po + (int64_t)(i0 + u) * D) : 0.f;
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+            if (i0 + u >= n) break;
+            const float w = mi[u] == -INFINITY ? 0.f : exp2f(mi[u] - m);
+            num = fmaf(w, oi[u], num);
+            den = fmaf(w, li[u], den);
+        }
     }
     return den > 0.f ? num / den : 0.f;
 }

@@ -143,6 +143,72 @@ __device__ __forceinline__ void first_loads(const GemvArgs &a, int row0, int lan
     load_batch<RPW>(wrow, lane, a.k / 8, wv);
 }
 
+// The end of a warp's row group starting at row0: reduce acc over the warp; lane m writes row m's value
+// (+ residual), or with NORM_SILU the (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda
+// rounds it, or with kModeNormRope the rotated pair and its KV-cache slots.
+template <typename T, int MR, int RPW>
+__device__ __forceinline__ void store_group(const GemvArgs &a, int row0, int lane, const float (&acc)[RPW][MR]) {
+    if (RPW == 2 && a.mode == kModeNormRope) {
+        // x1, x2 rounded as the GEMV stores them; q and k rotated as rope_kernel rotates; k and v
+        // stored in their slots as rope_kernel stores them
+        const int half = a.head_dim / 2, p = row0 / 2, head = p / half, j = p % half;
+        const bool valid = p < a.n / 2, is_v = head >= a.num_heads + a.num_kv_heads;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            const float x1 = round_to<T>(warp_sum(acc[0][m]));
+            const float x2 = round_to<T>(warp_sum(acc[RPW - 1][m]));
+            if (lane != m || m >= a.rows || !valid) continue;
+            float y1 = x1, y2 = x2;
+            if (!is_v) {
+                const float inv_freq = 1.f / powf(a.theta, (float)(2 * j) / (float)a.head_dim);
+                float sn, cn;
+                sincosf((float)a.positions[m] * inv_freq, &sn, &cn);
+                const float c = round_to<T>(cn), s = round_to<T>(sn);
+                y1 = round_to<T>(x1 * c) + round_to<T>(-x2 * s);
+                y2 = round_to<T>(x2 * c) + round_to<T>(x1 * s);
+            }
+            T *o = (T *)a.out + (int64_t)m * a.n + (int64_t)head * a.head_dim;
+            o[j] = from_f<T>(y1);
+            o[j + half] = from_f<T>(y2);
+            const int64_t slot = a.slots[m];
+            if (head >= a.num_heads && slot >= 0) {
+                const int kv_head = is_v ? head - a.num_heads - a.num_kv_heads : head - a.num_heads;
+                T *dst = (T *)(is_v ? a.value_cache : a.key_cache) +
+                         (((slot / a.block_size) * a.num_kv_heads + kv_head) * a.block_size + slot % a.block_size) *
+                             a.head_dim;
+                dst[j] = from_f<T>(y1);
+                dst[j + half] = from_f<T>(y2);
+            }
+        }
+        return;
+    }
+    if (RPW == 2 && a.mode == PA_CUDA_GEMV_NORM_SILU) {
+        const int half = a.n / 2, j = row0 / 2;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            const float g = round_to<T>(warp_sum(acc[0][m]));
+            const float u = round_to<T>(warp_sum(acc[RPW - 1][m]));
+            if (lane == m && m < a.rows && j < half)
+                ((T *)a.out)[(int64_t)m * half + j] = from_f<T>(round_to<T>(g / (1.f + expf(-g))) * u);
+        }
+        return;
+    }
+#pragma unroll
+    for (int r = 0; r < RPW; ++r) {
+        const int n = row0 + r;
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            const float sum = warp_sum(acc[r][m]);
+            if (lane == m && m < a.rows && n < a.n) {
+                const int64_t idx = (int64_t)m * a.n + n;
+                float y = round_to<T>(sum);
+                if (a.residual != nullptr) y += to_f(__ldcg((const T *)a.residual + idx));
+                ((T *)a.out)[idx] = from_f<T>(y);
+            }
+        }
+    }
+}
+
 // The rows of groups group, group + stride, ... (8 * RPW rows each) against the staged input xs: wrow
 // and wv hold the first group's row pointers and first loads (first_loads), issued by the caller.
 template <typename T, int MR, int RPW>
@@ -193,67 +259,8 @@ __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int 
             next_row0 = ((group + stride) * kWarps + warp) * RPW;
             first_loads<T, RPW>(a, next_row0, lane, wrow, wv);
         }
-        // 4. reduce over the warp; lane m writes row m's value (+ residual), or with NORM_SILU the
-        //    warp's (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda rounds it
-        if (RPW == 2 && a.mode == kModeNormRope) {
-            // x1, x2 rounded as the GEMV stores them; q and k rotated as rope_kernel rotates; k and v
-            // stored in their slots as rope_kernel stores them
-            const int half = a.head_dim / 2, p = row0 / 2, head = p / half, j = p % half;
-            const bool valid = p < a.n / 2, is_v = head >= a.num_heads + a.num_kv_heads;
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                const float x1 = round_to<T>(warp_sum(acc[0][m]));
-                const float x2 = round_to<T>(warp_sum(acc[RPW - 1][m]));
-                if (lane != m || m >= a.rows || !valid) continue;
-                float y1 = x1, y2 = x2;
-                if (!is_v) {
-                    const float inv_freq = 1.f / powf(a.theta, (float)(2 * j) / (float)a.head_dim);
-                    float sn, cn;
-                    sincosf((float)a.positions[m] * inv_freq, &sn, &cn);
-                    const float c = round_to<T>(cn), s = round_to<T>(sn);
-                    y1 = round_to<T>(x1 * c) + round_to<T>(-x2 * s);
-                    y2 = round_to<T>(x2 * c) + round_to<T>(x1 * s);
-                }
-                T *o = (T *)a.out + (int64_t)m * a.n + (int64_t)head * a.head_dim;
-                o[j] = from_f<T>(y1);
-                o[j + half] = from_f<T>(y2);
-                const int64_t slot = a.slots[m];
-                if (head >= a.num_heads && slot >= 0) {
-                    const int kv_head = is_v ? head - a.num_heads - a.num_kv_heads : head - a.num_heads;
-                    T *dst = (T *)(is_v ? a.value_cache : a.key_cache) +
-                             (((slot / a.block_size) * a.num_kv_heads + kv_head) * a.block_size + slot % a.block_size) *
-                                 a.head_dim;
-                    dst[j] = from_f<T>(y1);
-                    dst[j + half] = from_f<T>(y2);
-                }
-            }
-            continue;
-        }
-        if (RPW == 2 && a.mode == PA_CUDA_GEMV_NORM_SILU) {
-            const int half = a.n / 2, j = row0 / 2;
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                const float g = round_to<T>(warp_sum(acc[0][m]));
-                const float u = round_to<T>(warp_sum(acc[RPW - 1][m]));
-                if (lane == m && m < a.rows && j < half)
-                    ((T *)a.out)[(int64_t)m * half + j] = from_f<T>(round_to<T>(g / (1.f + expf(-g))) * u);
-            }
-            continue;
-        }
-#pragma unroll
-        for (int r = 0; r < RPW; ++r) {
-            const int n = row0 + r;
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                const float sum = warp_sum(acc[r][m]);
-                if (lane == m && m < a.rows && n < a.n) {
-                    const int64_t idx = (int64_t)m * a.n + n;
-                    float y = round_to<T>(sum);
-                    if (a.residual != nullptr) y += to_f(__ldcg((const T *)a.residual + idx));
-                    ((T *)a.out)[idx] = from_f<T>(y);
-                }
-            }
-        }
+        // 4. reduce over the warp and write the group's outputs
+        store_group<T, MR, RPW>(a, row0, lane, acc);
     }
 }
 

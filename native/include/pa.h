@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 6
+#define PA_ABI_VERSION 7
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -245,8 +245,13 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
  * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
  * pa_silu_mul_cuda does (PA_CUDA_GEMV_SILU; x = [gate | up] [num_rows, 2k]). weight [n, k] (HF [out, in]).
  * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out).
- * pdl != 0: a programmatic dependent launch (sm_90): the kernel starts before the previous kernel of the
- * stream has finished, prefetches weight rows (which nothing may write meanwhile), then waits for it. */
+ * flags: PA_CUDA_GEMV_PDL, a programmatic dependent launch (sm_90): the kernel starts before the previous
+ * kernel of the stream has finished, prefetches weight rows (which nothing may write meanwhile), then
+ * waits for it; PA_CUDA_GEMV_BULK (1-2 rows; ignored for more): weights streamed by bulk asynchronous
+ * copies into per-warp shared-memory rings (few registers: the next GEMV's blocks fit beside this one's),
+ * same results bit for bit. */
+#define PA_CUDA_GEMV_PDL 1
+#define PA_CUDA_GEMV_BULK 2
 #define PA_CUDA_GEMV_PLAIN 0
 #define PA_CUDA_GEMV_NORM 1
 #define PA_CUDA_GEMV_SILU 2
@@ -255,16 +260,17 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
 #define PA_CUDA_GEMV_NORM_SILU 3
 pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                        const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
-                       int32_t pdl, int32_t dtype, void *stream);
+                       int32_t flags, int32_t dtype, void *stream);
 /* The qkv projection of a decode layer with RoPE and the KV write in its epilogue (one launch where
  * pa_gemv_cuda(NORM) + pa_rope_write_kv_cuda took two): out [num_rows, (nh + 2 nkv) hd] = T(rms_norm(x) *
  * norm_weight @ weight.T), then q and k heads rotated and k, v stored in their slots (slot_mapping[m] < 0:
- * not stored), every value rounded exactly as the two kernels round it. weight [(nh + 2 nkv) hd, k]. */
+ * not stored), every value rounded exactly as the two kernels round it. weight [(nh + 2 nkv) hd, k].
+ * flags as for pa_gemv_cuda. */
 pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                             const int32_t *positions, const int32_t *slot_mapping, void *key_cache,
                             void *value_cache, int32_t num_rows, int32_t k, int32_t num_heads,
                             int32_t num_kv_heads, int32_t head_dim, int32_t block_size, float eps, float theta,
-                            int32_t pdl, int32_t dtype, void *stream);
+                            int32_t flags, int32_t dtype, void *stream);
 /* Every layer of a decode step of num_rows <= 8 one-token sequences in one persistent (cooperative)
  * launch: per layer the pa_gemv_rope_cuda qkv projection, paged decode attention, o + residual, gate_up
  * with SiLU-mul (PA_CUDA_GEMV_NORM_SILU) and down + residual, as phases separated by grid barriers; each
