@@ -13,8 +13,8 @@ Three ways of counting our steps, all greedy:
 Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the backend's choice); layers
 (every layer in one persistent launch, pa_decode_layers_cuda); base; pdl (GEMVs as programmatic dependent
 launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); tokens joined by "+" change one
-setting of the first: pdl / nopdl, bulk / nobulk (the bulk-copy GEMV at 1-2 rows), fuse, kmerge (split
-attention merged by a merge kernel, not by the last partition's block), e.g. default+bulk+pdl.
+setting of the first: pdl / nopdl, fuse, kmerge (split attention merged by a merge kernel in the decode
+graphs too, not by the last partition's block), e.g. default+pdl.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -167,15 +167,14 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
 
 def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
     """Each GEMV of a batch-1 decode step alone: a graph of 20 calls cycling weight copies (so the L2
-    holds none of them), register and bulk-copy kernels, plain and PDL launches; GB/s = weight bytes / time."""
+    holds none of them), plain and PDL launches; GB/s = weight bytes / time."""
     from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU, GEMV_PLAIN, GEMV_SILU
     kn, w = backend.kernels, backend.w
     shapes = [("qkv", "layers.0.qkv", GEMV_NORM), ("o", "layers.0.o", GEMV_PLAIN),
               ("gate_up", "layers.0.gate_up", GEMV_NORM), ("down (SiLU prologue)", "layers.0.down", GEMV_SILU),
               ("gate_up + SiLU epilogue", "layers.0.gate_up", GEMV_NORM_SILU),
               ("down (plain)", "layers.0.down", GEMV_PLAIN), ("lm_head", "lm_head", GEMV_NORM)]
-    lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s | bulk us | bulk GB/s | bulk+PDL us |"
-             " bulk+PDL GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s |", "|---|---|---|---|---|---|---|"]
     for label, name, mode in shapes:
         weight = w[name]
         n, k = weight.shape
@@ -184,11 +183,11 @@ def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
         nw = torch.ones(k, device="cuda", dtype=weight.dtype)
         out = torch.empty(1, n // 2 if mode == GEMV_NORM_SILU else n, device="cuda", dtype=weight.dtype)
         row = [f"| {label} | {n} x {k} | {weight.nbytes / 1e6:.1f} |"]
-        for bulk, pdl in ((False, False), (False, True), (True, False), (True, True)):
+        for pdl in (False, True):
             def calls():
                 for i in range(20):
                     kn.gemv(x, copies[i % len(copies)], mode, nw if mode in (GEMV_NORM, GEMV_NORM_SILU) else None,
-                            out=out, pdl=pdl, bulk=bulk)
+                            out=out, pdl=pdl)
             calls()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -329,7 +328,7 @@ def main() -> None:
         weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)
-        defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers, backend.bulk_gemv   # constructor
+        defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers   # the constructor's choice
 
         del weights
         hf = hf.to(torch.bfloat16)
@@ -358,17 +357,15 @@ def main() -> None:
             variants = args.variants if b <= backend.gemv_max_rows else ["default"]
             for variant in variants:
                 tokens = variant.split("+")
-                backend.use_pdl, backend.fuse_silu, backend.fuse_layers, backend.bulk_gemv = defaults
-                backend.kernels.fused_merge = "kmerge" not in tokens
+                backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults
+                backend.kernels.fused_merge = False if "kmerge" in tokens else None
                 if tokens[0] == "layers":
                     backend.fuse_layers = True
                 elif tokens[0] != "default":           # base: the plain register GEMVs, no PDL, no fusion
-                    backend.use_pdl = backend.fuse_silu = backend.bulk_gemv = False
+                    backend.use_pdl = backend.fuse_silu = False
                 for t in tokens:
                     if t in ("pdl", "nopdl"):
                         backend.use_pdl = t == "pdl"
-                    elif t in ("bulk", "nobulk"):
-                        backend.bulk_gemv = t == "bulk"
                     elif t == "fuse":
                         backend.fuse_silu = True
                 backend._graphs.clear()

@@ -2,7 +2,8 @@
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
 #   stages: info tests kernels layers model attention e2e ncu   (each stage under its own time limit, so a
-#   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>)
+#   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
+#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
@@ -41,7 +42,7 @@ for stage in "$@"; do
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     model)
-        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests_model.log" \
+        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py -s ${MODEL_ARGS:-} 2>&1 | tee "$OUT/tests_model.log" \
             | grep -E "passed|failed|FAILED|Error|rel err|identical|graphs" | tail -40
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
@@ -60,7 +61,7 @@ for stage in "$@"; do
     ncu)
         timeout "${STAGE_LIMIT_ncu:-90}" ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
             --section MemoryWorkloadAnalysis -k 'regex:decode_|cudnn|sdpa|fmha|flash' --launch-count 6 \
-            python3 benchmarks/gpu_attention.py --probe --batches 64 --contexts 4096 2>&1 | tee "$OUT/ncu.txt" \
+            python3 benchmarks/gpu_attention.py --probe ${NCU_ARGS:---batches 64 --contexts 4096} 2>&1 | tee "$OUT/ncu.txt" \
             | grep -E "^  [a-z_]|decode_|cudnn|Duration|Throughput|Occupancy|Issue|Eligible|Stall|Warp Cycles|probe" \
             | head -60
         ;;

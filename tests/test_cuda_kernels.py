@@ -295,8 +295,7 @@ GEMV_CASES = [  # (rows, n, k, mode)
 @pytest.mark.parametrize("rows,n,k,mode,with_residual",   # GEMV_NORM_SILU takes no residual
                          [c + (r,) for c in GEMV_CASES for r in (False, True) if not (r and c[3] == "norm_silu")])
 @pytest.mark.parametrize("pdl", [False, True])
-@pytest.mark.parametrize("bulk", [False, True])        # the bulk-copy kernel takes 1-2 rows (ignored above)
-def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl, bulk):
+def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl):
     from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU, GEMV_PLAIN, GEMV_SILU
     g = gen(rows * n + k + with_residual)
     x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
@@ -305,7 +304,7 @@ def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl, bulk):
     res = randn(rows, n, g=g, dtype=dtype) if with_residual else None
     out = torch.full((rows, n // 2 if mode == "norm_silu" else n), float("nan"), dtype=dtype, device="cuda")
     code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU, "norm_silu": GEMV_NORM_SILU}[mode]
-    kernels.gemv(x, w, code, nw, res, 1e-5, out=out, pdl=pdl, bulk=bulk)
+    kernels.gemv(x, w, code, nw, res, 1e-5, out=out, pdl=pdl)
     xd = x.double()
     if mode == "norm_silu":
         xd = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
@@ -323,11 +322,10 @@ def test_gemv(kernels, dtype, rows, n, k, mode, with_residual, pdl, bulk):
 
 @pytest.mark.cuda
 @needs_gpu
-@pytest.mark.parametrize("rows,bulk", [(3, False), (1, True), (2, True)])
-def test_gemv_pdl_chain_in_a_graph(kernels, rows, bulk):
+@pytest.mark.parametrize("rows", [1, 3])
+def test_gemv_pdl_chain_in_a_graph(kernels, rows):
     """Dependent GEMVs launched with PDL inside a captured graph: each reads the previous one's output,
-    which it may only touch after its griddepcontrol.wait; fresh inputs on every replay. With bulk, every
-    kernel's weight rings fill before its wait, two kernels' blocks side by side on an SM."""
+    which it may only touch after its griddepcontrol.wait; fresh inputs on every replay."""
     g = gen(11 + rows)
     dt = torch.bfloat16
     ws = [randn(n, k, g=g, dtype=dt, scale=k ** -0.5) for n, k in ((2048, 576), (576, 2048), (49152, 576))]
@@ -335,9 +333,9 @@ def test_gemv_pdl_chain_in_a_graph(kernels, rows, bulk):
     outs = [torch.full((rows, w.shape[0]), float("nan"), dtype=dt, device="cuda") for w in ws]
 
     def chain():
-        kernels.gemv(x, ws[0], out=outs[0], pdl=True, bulk=bulk)
-        kernels.gemv(outs[0], ws[1], residual=x, out=outs[1], pdl=True, bulk=bulk)
-        kernels.gemv(outs[1], ws[2], out=outs[2], pdl=True, bulk=bulk)
+        kernels.gemv(x, ws[0], out=outs[0], pdl=True)
+        kernels.gemv(outs[0], ws[1], residual=x, out=outs[1], pdl=True)
+        kernels.gemv(outs[1], ws[2], out=outs[2], pdl=True)
 
     x.copy_(randn(rows, 576, g=g, dtype=dt))
     chain()                                       # warm-up (and the attribute set-up) outside capture
@@ -353,35 +351,6 @@ def test_gemv_pdl_chain_in_a_graph(kernels, rows, bulk):
         assert rel_err(outs[0], x.double() @ ws[0].double().T) <= TOL
         assert rel_err(outs[1], outs[0].double() @ ws[1].double().T + x.double()) <= TOL
         assert rel_err(outs[2], outs[1].double() @ ws[2].double().T) <= TOL
-
-
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,n,k,mode", [
-    (1, 8192, 8192, "plain"), (2, 2048, 8192, "plain"),    # 4 k-chunks a row
-    (1, 16384, 2048, "norm_silu"), (2, 3072, 1536, "norm_silu"),   # chunks of 1024 + 512 (a partial one)
-    (1, 40, 1536, "norm"), (2, 7, 576, "silu"),            # fewer row sets than warps; one block
-    (1, 128256, 2048, "norm"), (2, 960, 576, "plain"),     # lm_head (two rows a warp); SmolLM2 qkv
-])
-def test_gemv_bulk_equals_gemv(kernels, dtype, rows, n, k, mode):
-    """The bulk-copy kernel sums each output in the register kernel's order: the same bits, for the
-    shapes and modes a decode step runs (with a residual where the mode takes one)."""
-    from engine.backends.cuda import GEMV_NORM, GEMV_NORM_SILU, GEMV_PLAIN, GEMV_SILU
-    g = gen(rows * 7 + n + k)
-    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU, "norm_silu": GEMV_NORM_SILU}[mode]
-    x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
-    w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
-    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode.startswith("norm") else None
-    res = randn(rows, n, g=g, dtype=dtype) if mode in ("plain", "silu") else None
-    n_out = n // 2 if mode == "norm_silu" else n
-    outs = []
-    for bulk, pdl in ((False, False), (True, False), (True, True)):
-        out = torch.full((rows, n_out), float("nan"), dtype=dtype, device="cuda")
-        kernels.gemv(x, w, code, nw, res, 1e-5, out=out, pdl=pdl, bulk=bulk)
-        outs.append(out)
-    assert not outs[0].isnan().any()
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
 
 
 @pytest.mark.cuda
@@ -415,7 +384,7 @@ def test_gemv_norm_silu_equals_norm_then_silu_gemv(kernels):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,nh,nkv,hd,k,bs,theta", [
     (1, 9, 3, 64, 576, 16, 1e5),          # SmolLM2, one row
-    (2, 32, 8, 64, 2048, 16, 5e5),        # Llama-3.2-1B-like, two rows (the bulk kernel too)
+    (2, 32, 8, 64, 2048, 16, 5e5),        # Llama-3.2-1B-like, two rows
     (3, 32, 8, 128, 2048, 16, 5e5),       # Llama-3.2-1B-like, GQA 4
     (8, 4, 4, 32, 64, 8, 1e4),            # GQA 1, eight rows, small blocks
     (5, 16, 2, 64, 256, 32, 1e4),         # GQA 8
@@ -437,13 +406,6 @@ def test_gemv_rope_equals_gemv_then_rope_write_kv(kernels, dtype, rows, nh, nkv,
     two = [c.clone() for c in caches]
     out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
     kernels.gemv_rope(x, w, nw, positions, slots, caches[0], caches[1], nh, 1e-5, theta, out=out)
-    if rows <= 2:   # the bulk-copy kernel's epilogue: the same bits, in out and in the caches
-        bulk_caches = [c.clone() for c in two]
-        bulk_out = torch.full_like(out, float("nan"))
-        kernels.gemv_rope(x, w, nw, positions, slots, bulk_caches[0], bulk_caches[1], nh, 1e-5, theta,
-                          out=bulk_out, bulk=True)
-        assert torch.equal(bulk_out, out)
-        assert torch.equal(bulk_caches[0], caches[0]) and torch.equal(bulk_caches[1], caches[1])
     ref = kernels.gemv(x, w, GEMV_NORM, nw, eps=1e-5)
     q = ref[:, :nh * hd].view(rows, nh, hd)
     kk = ref[:, nh * hd:(nh + nkv) * hd].view(rows, nkv, hd)

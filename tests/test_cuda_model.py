@@ -278,16 +278,15 @@ def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
 
 
 @pytest.mark.parametrize("n_prompts", [1, 2])
-def test_bulk_gemv_and_fused_merge_graphs_equal_the_baseline(fused, prompts, n_prompts):
-    """1-2 rows: the bulk-copy GEMVs (with and without PDL, the o GEMV started under attention) and the
-    in-kernel partition merge give the register GEMVs' and the merge kernel's logits bit for bit, through
-    graph steps whose contexts pass the partition (the longest prompts)."""
+def test_in_kernel_merge_graphs_equal_the_merge_kernel(fused, prompts, n_prompts):
+    """The last partition block's merge gives the merge kernel's logits bit for bit (the same arithmetic),
+    with and without PDL-launched GEMVs (the o GEMV then starts under the attention kernel), through graph
+    steps whose contexts pass the partition (the longest prompts)."""
     from engine.backends.cuda import CudaBackend
     chosen = sorted(prompts, key=len)[-n_prompts:]
     results = []
-    for opts, fused_merge in (({"bulk_gemv": False, "use_pdl": False}, False), ({"bulk_gemv": True, "use_pdl": False}, True),
-                              ({"bulk_gemv": True, "use_pdl": True}, True)):
-        cuda = CudaBackend(SMOL, **opts)
+    for use_pdl, fused_merge in ((False, False), (False, True), (True, None)):
+        cuda = CudaBackend(SMOL, use_pdl=use_pdl)
         cuda.kernels.fused_merge = fused_merge
         cuda.load_weights(fused)
         outs, logits = greedy(cuda, chosen)

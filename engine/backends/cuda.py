@@ -70,7 +70,11 @@ class CudaKernels:
         self._partitions: dict[tuple[int, int], int] = {}     # decode_partition's answers
         self._counters: torch.Tensor | None = None            # tc decode: per (seq, head group) arrivals, zero
         # tc decode with split contexts: the last partition block merges (True) or a merge kernel does
-        self.fused_merge = True
+        # (False). None: in-kernel while a CUDA graph is being captured (a decode graph's replays mostly
+        # fit one partition, where a merge kernel is an empty launch: 1B-like batch 1 +2.6 % tok/s), a
+        # merge kernel otherwise (1-1.5 us faster than the last block's merge when the context is split,
+        # H200, benchmarks/results_cuda.md session 4).
+        self.fused_merge: bool | None = None
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _p(self, t: torch.Tensor | None):
@@ -163,17 +167,12 @@ class CudaKernels:
         self._call(op, self._p(key_cache), self._p(value_cache), self._p(k), self._p(v), self._p(slot_mapping),
                    T, nkv, hd, key_cache.shape[2], k.stride(0), v.stride(0), self._code(k))
 
-    @staticmethod
-    def _gemv_flags(pdl: bool, bulk: bool) -> int:
-        return (1 if pdl else 0) | (2 if bulk else 0)        # PA_CUDA_GEMV_PDL | PA_CUDA_GEMV_BULK
-
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, mode: int = GEMV_PLAIN,
              norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None, eps: float = 1e-5,
-             out: torch.Tensor | None = None, pdl: bool = False, bulk: bool = False) -> torch.Tensor:
+             out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
         """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up.
         GEMV_NORM_SILU: weight = [gate; up], out = silu(x' @ gate.T) * (x' @ up.T) [rows, n / 2].
-        pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h).
-        bulk: (1-2 rows) the bulk-copy kernel, weights streamed through shared-memory rings; same results."""
+        pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h)."""
         op = "pa_gemv_cuda"
         n, k = weight.shape
         rows = x.shape[0]
@@ -188,13 +187,12 @@ class CudaKernels:
             out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)           # [rows, n_out]
         self._check(op, "out", out, x.dtype, (rows, n_out))
         self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(residual), rows, n,
-                   k, mode, float(eps), self._gemv_flags(pdl, bulk), self._code(x))
+                   k, mode, float(eps), int(bool(pdl)), self._code(x))
         return out
 
     def gemv_rope(self, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, positions: torch.Tensor,
                   slot_mapping: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int,
-                  eps: float, theta: float, out: torch.Tensor | None = None, pdl: bool = False,
-                  bulk: bool = False) -> torch.Tensor:
+                  eps: float, theta: float, out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
         """The decode qkv projection with RoPE and the KV write fused (pa_gemv_rope_cuda): out [rows, n] holds
         q and k rotated and v; k and v also land in their slots of the caches."""
         op = "pa_gemv_rope_cuda"
@@ -216,7 +214,7 @@ class CudaKernels:
         self._check(op, "out", out, x.dtype, (rows, n))
         self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(positions),
                    self._p(slot_mapping), self._p(key_cache), self._p(value_cache), rows, k, num_heads, nkv, hd,
-                   key_cache.shape[2], float(eps), float(theta), self._gemv_flags(pdl, bulk), self._code(x))
+                   key_cache.shape[2], float(eps), float(theta), int(bool(pdl)), self._code(x))
         return out
 
     def layer_stack(self, layers: list[dict[str, torch.Tensor]], num_heads: int,
@@ -339,8 +337,7 @@ class CudaKernels:
         """One query row per sequence -> out [T, nh, hd]; partition/max_splits chosen if not given.
         impl: 'simt' (CUDA cores) or 'tc' (tensor cores); None picks by the GQA group (decode_impl).
         fused_merge (tc): the last partition block of a sequence merges the partitions in place of a
-        second kernel (None: self.fused_merge). With split graphs this also drops the merge launch of
-        every step whose context fits one partition."""
+        second kernel (None: self.fused_merge's rule)."""
         impl = impl or self.decode_impl(q.shape[1], key_cache.shape[1])
         if impl not in ("simt", "tc"):
             raise ValueError(f"paged_attention_decode: impl must be 'simt' or 'tc', got {impl!r}")
@@ -362,6 +359,8 @@ class CudaKernels:
                      self.ffi.cast("float *", pml.data_ptr()) if pml is not None else self.ffi.NULL]
         if fused_merge is None:
             fused_merge = self.fused_merge
+        if fused_merge is None:
+            fused_merge = torch.cuda.is_current_stream_capturing()
         if impl == "tc":        # the last partition block merges (no merge launch) unless fused_merge=False
             n = S * nh          # >= S x kv heads x head groups
             workspace.append(self.ffi.cast("int32_t *", self.counters(n, q.device).data_ptr())
@@ -484,7 +483,7 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True, fuse_layers: bool = False, bulk_gemv: bool = False):
+                 fuse_rope: bool = True, fuse_layers: bool = False):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -499,8 +498,6 @@ class CudaBackend(Backend):
         # (call 3 of results_cuda.md) SmolLM2's batch-1 step 7-8 % faster with them, and off above
         # (the 1B-like step is 1.5-3.5 % slower: PDL slows its k = 8192 down projection).
         self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
-        # GEMV path, 1-2 rows: the bulk-copy GEMV (weights through shared-memory rings; pa.h)
-        self.bulk_gemv = bulk_gemv
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
@@ -643,7 +640,7 @@ class CudaBackend(Backend):
     def logits_device(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU (for callers that sample there)."""
         if 0 < h.shape[0] <= self.gemv_max_rows:
-            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], **self._gemv_opts()).float()
+            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self.use_pdl).float()
         return F.linear(h, self.w["lm_head"]).float()
 
     @torch.inference_mode()
@@ -747,7 +744,7 @@ class CudaBackend(Backend):
             residual = residual.index_select(0, rows) if residual is not None else None
         if residual is None:                         # GEMV path: h is the residual stream; norm fused
             return self.kernels.gemv(h, self.w["lm_head"], GEMV_NORM, self.w["norm"], eps=self.config.rms_norm_eps,
-                                     **self._gemv_opts()).float()
+                                     pdl=self.use_pdl).float()
         h, _ = self.rms_norm(h, "norm", residual)
         return self.logits_device(h)
 
@@ -766,9 +763,6 @@ class CudaBackend(Backend):
         b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
         return logits
 
-    def _gemv_opts(self) -> dict:
-        return {"pdl": self.use_pdl, "bulk": self.bulk_gemv}
-
     def layer_stack(self) -> LayerStack:
         """pa_decode_layers_cuda's table of this backend's layers and caches (built once per weights x caches)."""
         if self._layer_stack is None:
@@ -782,13 +776,13 @@ class CudaBackend(Backend):
 
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
-        c, kn, w, eps, opts = self.config, self.kernels, self.w, self.config.rms_norm_eps, self._gemv_opts()
+        c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self.use_pdl
         if self.fuse_rope:
             qkv = kn.gemv_rope(r, w[f"layers.{i}.qkv"], w[f"layers.{i}.input_norm"], batch.positions,
                                batch.slot_mapping, self.key_caches[i], self.value_caches[i], c.num_heads, eps,
-                               c.rope_theta, **opts)
+                               c.rope_theta, pdl=pdl)
         else:
-            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, **opts)
+            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl)
         T = qkv.shape[0]
         q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
         if not self.fuse_rope:
@@ -797,9 +791,9 @@ class CudaBackend(Backend):
             kn.rope(q, k, batch.positions, c.rope_theta,
                     cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
-        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, **opts)
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl)
         if self.fuse_silu:
-            act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps, **opts)
-            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, **opts)
-        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps, **opts)
-        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, **opts)
+            act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
+            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl)
+        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
+        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl)

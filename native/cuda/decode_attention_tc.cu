@@ -1,7 +1,8 @@
 // decode_attention_tc.cu -- paged decode attention on the tensor cores (mma.sync m16n8k16), for GQA.
 //
-// Same grid and outputs as decode_attention.cu (one 4-warp block per (partition, kv head [x group of
-// query heads], sequence); partitions merged by merge_kernel), but the arithmetic is two small matrix
+// Same grid and outputs as decode_attention.cu (one block -- 4 warps, 8 when the grid is smaller than
+// the chip -- per (partition, kv head [x group of query heads], sequence); partitions merged by
+// merge_kernel or by the last of them to finish), but the arithmetic is two small matrix
 // products per 16-token chunk: the kv head's query heads are the M = 16 rows (padded with zero rows),
 //   S [16 heads x 16 tokens] = Q [16 x D] . K^T      (D/16 k-steps x 2 n-tiles of 8 tokens)
 //   O [16 heads x D]        += P [16 x 16 tokens] . V (D/8 n-tiles, one k-step)
@@ -16,8 +17,6 @@ using namespace decode;
 
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreads = kWarps * 32;
 constexpr int kChunk = 16;
 constexpr unsigned kFull = 0xffffffffu;
 
@@ -64,19 +63,20 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], unsigned addr) {
 
 // Shared memory, bytes: per warp kStages x (K chunk | V chunk) of 16 rows x D 16-bit values, reused
 // at the end for the warp merge ([warp][GP][D] + [warp][GP][2] floats); then the block-table slice.
-template <int D, int kStages> __host__ __device__ constexpr int tc_stage_bytes() {
-    return kWarps * kStages * 2 * kChunk * D * 2;
+template <int D, int kStages, int NW> __host__ __device__ constexpr int tc_stage_bytes() {
+    return NW * kStages * 2 * kChunk * D * 2;
 }
-template <int D, int GP> __host__ __device__ constexpr int tc_merge_bytes() { return kWarps * GP * (D + 2) * 4; }
-template <int D, int GP, int kStages> __host__ __device__ constexpr int tc_front_bytes() {
-    return tc_stage_bytes<D, kStages>() > tc_merge_bytes<D, GP>() ? tc_stage_bytes<D, kStages>()
-                                                                  : tc_merge_bytes<D, GP>();
+template <int D, int GP, int NW> __host__ __device__ constexpr int tc_merge_bytes() { return NW * GP * (D + 2) * 4; }
+template <int D, int GP, int kStages, int NW> __host__ __device__ constexpr int tc_front_bytes() {
+    return tc_stage_bytes<D, kStages, NW>() > tc_merge_bytes<D, GP, NW>() ? tc_stage_bytes<D, kStages, NW>()
+                                                                          : tc_merge_bytes<D, GP, NW>();
 }
 
 // GP: query-head rows a block serves, 8 (the group fits the upper-left half of the m16 tile: only
-// accumulator rows 0..7 are real) or 16.
-template <typename T, int D, int GP, int kStages>
-__global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
+// accumulator rows 0..7 are real) or 16. NW: warps a block (4: two blocks an SM; 8: one).
+template <typename T, int D, int GP, int kStages, int NW>
+__global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a) {
+    constexpr int kWarps = NW, kThreads = NW * 32;
     constexpr int ROW = D * 2;                     // bytes of one token's K (or V) row
     constexpr int CPR = D / 8;                     // 16-byte pieces per row
     constexpr int CHUNK_BYTES = kChunk * ROW;
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
             qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + 8 + c2) : 0u;
         }
     }
-    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages>());
+    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages, NW>());
     const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
     const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
     for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];
@@ -300,6 +300,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
     __syncthreads();
     if (!is_last) return;
     __threadfence();
+    if (merge_block<T, D, GP, kThreads>(a, reinterpret_cast<float *>(tc_smem), tc_front_bytes<D, GP, kStages, NW>() / 4,
+                                        out, seq, h0, nheads, n))
+        return;
     for (int i = tid; i < nheads * D; i += kThreads) {
         const int h = i / D, d = i % D;
         const int64_t base = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits;
@@ -307,30 +310,31 @@ __global__ void __launch_bounds__(kThreads, 2) decode_tc_kernel(DecodeArgs a) {
     }
 }
 
-template <typename T, int D, int GP, int STAGES>
+template <typename T, int D, int GP, int STAGES, int NW>
 pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
-    const size_t smem = tc_front_bytes<D, GP, STAGES>() + sizeof(int) * ((a.partition >> a.bs_log2) + 2);
+    const size_t smem = tc_front_bytes<D, GP, STAGES, NW>() + sizeof(int) * ((a.partition >> a.bs_log2) + 2);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_tc_kernel: partition_size %d with block_size %d needs %zu "
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
-    PA_RETURN_IF_ERR((raise_smem_limit<decode_tc_kernel<T, D, GP, STAGES>>("decode_tc_kernel")));
+    PA_RETURN_IF_ERR((raise_smem_limit<decode_tc_kernel<T, D, GP, STAGES, NW>>("decode_tc_kernel")));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
-    decode_tc_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
+    decode_tc_kernel<T, D, GP, STAGES, NW><<<grid, NW * 32, smem, stream>>>(a);
     PA_RETURN_IF_ERR(check_launch("decode_tc_kernel"));
     return a.counters != nullptr ? PA_OK : launch_merge<T, D>(a, num_seqs, stream);
 }
 
-// Four stages (128 KB at D = 128: one block an SM) when the grid is smaller than the chip (each warp
-// then has few chunks and needs more of them in flight); three otherwise (96 KB at D = 128: two blocks
-// an SM, which is also the register limit; two chunks of 8 KB in flight per warp).
+// A grid smaller than the chip: 8-warp blocks with three stages (192 KB at D = 128: one block an SM;
+// on the H200 1-4 % faster than 4 warps with four stages, benchmarks/results_cuda.md session 4), so each
+// SM has twice the warps to hide the per-chunk latency and 16 chunks in flight. Otherwise 4-warp blocks
+// with three stages (96 KB at D = 128: two blocks an SM, which is also the register limit).
 template <typename T, int D, int GP>
 pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
     int device = 0, num_sms = 132;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
     const long blocks = (long)a.max_splits * a.num_kv_heads * a.head_groups * num_seqs;
-    return blocks < num_sms ? launch_tc_stages<T, D, GP, 4>(a, num_seqs, stream)
-                            : launch_tc_stages<T, D, GP, 3>(a, num_seqs, stream);
+    return blocks < num_sms ? launch_tc_stages<T, D, GP, 3, 8>(a, num_seqs, stream)
+                            : launch_tc_stages<T, D, GP, 3, 4>(a, num_seqs, stream);
 }
 
 }  // namespace

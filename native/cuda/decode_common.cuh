@@ -113,6 +113,73 @@ __device__ __forceinline__ float merge_partitions(const float *ml, const float *
     return den > 0.f ? num / den : 0.f;
 }
 
+// merge_partitions for a block's nheads (<= GP) heads at once, by NT threads, with the same arithmetic (so
+// the same bits): the (max, sum) pairs of every (head, partition) come in one round trip into shared
+// memory (scratch, >= 2 x nheads x n + nheads floats), each head's weights are computed there, and each
+// thread's outputs take their partitions' rows kPB at a time, every output's loads in flight together.
+// Returns false (nothing written) when scratch is too small; the caller then uses merge_partitions.
+template <typename T, int D, int GP, int NT>
+__device__ bool merge_block(const DecodeArgs &a, float *scratch, int scratch_floats, T *out, int seq, int h0,
+                            int nheads, int n) {
+    if (2 * nheads * n + nheads > scratch_floats) return false;
+    float *wts = scratch, *ls = scratch + nheads * n, *dens = scratch + 2 * nheads * n;
+    const int tid = threadIdx.x;
+    const int64_t base = ((int64_t)seq * a.num_heads + h0) * a.max_splits;   // (head 0, partition 0)
+    for (int i = tid; i < nheads * n; i += NT) {
+        const int h = i / n, p = i % n;
+        const float *ml = a.partial_ml + (base + (int64_t)h * a.max_splits + p) * 2;
+        wts[i] = __ldcg(ml);
+        ls[i] = __ldcg(ml + 1);
+    }
+    __syncthreads();
+    if (tid < nheads) {
+        float m = -INFINITY, den = 0.f;
+        for (int p = 0; p < n; ++p) m = fmaxf(m, wts[tid * n + p]);
+        for (int p = 0; p < n; ++p) {
+            const float mi = wts[tid * n + p];
+            const float w = mi == -INFINITY ? 0.f : exp2f(mi - m);
+            wts[tid * n + p] = w;
+            den = fmaf(w, ls[tid * n + p], den);
+        }
+        dens[tid] = den;
+    }
+    __syncthreads();
+    constexpr int U = (GP * D + NT - 1) / NT, kPB = 4;
+    float num[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) num[u] = 0.f;
+    for (int p0 = 0; p0 < n; p0 += kPB) {
+        float po[kPB][U];
+#pragma unroll
+        for (int q = 0; q < kPB; ++q)
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int idx = tid + u * NT, h = idx / D, d = idx % D;
+                po[q][u] = idx < nheads * D && p0 + q < n
+                               ? __ldcg(a.partial_out + (base + (int64_t)h * a.max_splits + p0 + q) * D + d)
+                               : 0.f;
+            }
+#pragma unroll
+        for (int q = 0; q < kPB; ++q) {
+            if (p0 + q >= n) break;
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int idx = tid + u * NT, h = idx < nheads * D ? idx / D : 0;
+                num[u] = fmaf(wts[h * n + p0 + q], po[q][u], num[u]);
+            }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int idx = tid + u * NT;
+        if (idx < nheads * D) {
+            const float den = dens[idx / D];
+            out[idx] = from_f<T>(den > 0.f ? num[u] / den : 0.f);
+        }
+    }
+    return true;
+}
+
 // Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the
 // n-th, which also zeroes the count for the next launch.
 __device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
@@ -122,8 +189,11 @@ __device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
 }
 
 // One block per (query head, sequence), one thread per dim: merge_partitions into the output row.
+// Launched as a programmatic dependent of the decode kernel (which lets it start at once): its blocks
+// are resident before the decode grid ends and read the partials as soon as its memory is flushed.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const int q_row = a.query_start_loc[seq];
     if (a.query_start_loc[seq + 1] - q_row != 1) return;
@@ -138,8 +208,8 @@ __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
 template <typename T, int D>
 pa_status launch_merge(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
     if (a.max_splits <= 1) return PA_OK;
-    merge_kernel<T, D><<<dim3(a.num_heads, num_seqs), D, 0, stream>>>(a);
-    return check_launch("decode_merge_kernel");
+    return launch_with_attribute(merge_kernel<T, D>, "decode_merge_kernel", dim3(a.num_heads, num_seqs), 0, D, stream,
+                                 pdl_attribute(), a);
 }
 
 // Argument checks and DecodeArgs of the pa_paged_attention_decode*_cuda exports; gp_max bounds the

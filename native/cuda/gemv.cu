@@ -5,7 +5,6 @@
 // One block (8 warps) per 8 * RPW output rows. The block first stages its input rows (after the
 // prologue transform) in shared memory as T, rounded exactly as pa_rms_norm_cuda / pa_silu_mul_cuda
 // round them; then each warp streams RPW weight rows and accumulates MR dot products in float.
-#include "bulk.cuh"
 #include "gemv_core.cuh"
 
 namespace {
@@ -32,125 +31,6 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     gemv_groups<T, MR, RPW>(a, xs, blockIdx.x, gridDim.x, wrow, wv);
 }
 
-// ---- the bulk-copy GEMV (PA_CUDA_GEMV_BULK, 1-2 rows) ------------------------------------------------
-// Each warp streams its row sets (RPW rows: one output row, a (gate, up) pair or a RoPE pair) k-chunk by
-// k-chunk through its own ring of shared-memory stages, filled by cp.async.bulk from lane 0 and counted
-// on one mbarrier a stage. A block therefore keeps ~12 KB a warp in flight with ~40 registers a thread,
-// and a block of the next GEMV fits beside it: under PDL the next kernel's blocks fill their rings with
-// weights (which nothing writes) while this one drains, and wait for it only before staging the input.
-// Per accumulator the sums run in the same order as gemv_kernel's, so the outputs are identical.
-constexpr int kBulkStageBytes = 4096;        // a stage: RPW rows x kc elements
-constexpr int kBulkRingBytes = 12 * 1024;    // a warp's ring
-constexpr int kBulkMaxStages = 8;
-
-struct BulkShape {
-    int kc, stages, stage_stride;
-    size_t ring_offset, smem;
-};
-template <typename T, int MR, int RPW>
-BulkShape bulk_shape(int k) {
-    BulkShape b;
-    b.kc = k < kBulkStageBytes / (int)sizeof(T) / RPW ? k : kBulkStageBytes / (int)sizeof(T) / RPW;
-    const int stage_bytes = RPW * b.kc * (int)sizeof(T);
-    b.stage_stride = (stage_bytes + 127) / 128 * 128;
-    b.stages = kBulkRingBytes / b.stage_stride;
-    b.stages = b.stages < 2 ? 2 : b.stages > kBulkMaxStages ? kBulkMaxStages : b.stages;
-    b.ring_offset = ((size_t)MR * k * sizeof(T) + kWarps * MR * sizeof(float) + 127) / 128 * 128;
-    b.smem = b.ring_offset + (size_t)kWarps * b.stages * b.stage_stride + kWarps * b.stages * sizeof(uint64_t);
-    return b;
-}
-
-template <typename T, int MR, int RPW>
-__global__ void __launch_bounds__(kThreads) gemv_bulk_kernel(GemvArgs a, int kc, int stages, int stage_stride,
-                                                             int ring_offset) {
-    extern __shared__ __align__(128) unsigned char bulk_smem[];
-    T *xs = reinterpret_cast<T *>(bulk_smem);                              // [MR][k]
-    float *scratch = reinterpret_cast<float *>(bulk_smem + (size_t)MR * a.k * sizeof(T));  // [8][MR]
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    unsigned char *ring = bulk_smem + ring_offset + (size_t)warp * stages * stage_stride;
-    uint64_t *bars = reinterpret_cast<uint64_t *>(bulk_smem + ring_offset + (size_t)kWarps * stages * stage_stride) +
-                     warp * stages;
-    pdl_trigger();
-    const int nchunks = (a.k + kc - 1) / kc, kcv = kc / 8, nv_row = a.k / 8;
-    const int nsets = (a.n + RPW - 1) / RPW;
-    const int gw = blockIdx.x * kWarps + warp, num_gw = gridDim.x * kWarps;
-    const int units = gw < nsets ? (nsets - gw + num_gw - 1) / num_gw * nchunks : 0;
-    const T *weight = (const T *)a.weight;
-    auto issue = [&](int j) {                    // lane 0: unit j (row set j / nchunks, chunk j % nchunks)
-        const int set = gw + (j / nchunks) * num_gw, k0 = (j % nchunks) * kc;
-        const int len = a.k - k0 < kc ? a.k - k0 : kc;
-        unsigned char *dst = ring + (size_t)(j % stages) * stage_stride;
-        uint64_t *bar = bars + j % stages;
-        bulk::mbar_expect_tx(bar, RPW * len * (unsigned)sizeof(T));
-#pragma unroll
-        for (int r = 0; r < RPW; ++r)
-            bulk::copy(dst + (size_t)r * kc * sizeof(T), weight + (int64_t)weight_row(a, set * RPW, r) * a.k + k0,
-                       len * (unsigned)sizeof(T), bar);
-    };
-    // the weights go out before the wait for the previous kernel (PDL) and before the input is staged
-    if (lane == 0) {
-        for (int s = 0; s < stages; ++s) bulk::mbar_init(bars + s);
-        bulk::mbar_init_fence();
-        for (int j = 0; j < stages && j < units; ++j) issue(j);
-    }
-    __syncwarp();
-    pdl_wait();
-    stage_input<T, MR>(a, xs, scratch);
-    __syncthreads();
-    const uint4 *xv = reinterpret_cast<const uint4 *>(xs);
-    float acc[RPW][MR];
-    for (int j = 0; j < units; ++j) {
-        const int c = j % nchunks;
-        if (c == 0) {
-#pragma unroll
-            for (int r = 0; r < RPW; ++r)
-#pragma unroll
-                for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
-        }
-        bulk::mbar_wait(bars + j % stages, (unsigned)(j / stages) & 1u);
-        const uint4 *w = reinterpret_cast<const uint4 *>(ring + (size_t)(j % stages) * stage_stride);
-        const int v0 = c * kcv, nv = (a.k - c * kc < kc ? a.k - c * kc : kc) / 8;
-#pragma unroll 4
-        for (int v = lane; v < nv; v += 32) {
-#pragma unroll
-            for (int m = 0; m < MR; ++m) {
-                float xf[8];
-                Vec<T>::to_float(xv[m * nv_row + v0 + v], xf);
-#pragma unroll
-                for (int r = 0; r < RPW; ++r) {
-                    float wf[8];
-                    Vec<T>::to_float(w[r * kcv + v], wf);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[r][m] = fmaf(wf[e], xf[e], acc[r][m]);
-                }
-            }
-        }
-        __syncwarp();                            // every lane is done with the stage: refill it
-        if (lane == 0 && j + stages < units) issue(j + stages);
-        if (c == nchunks - 1) store_group<T, MR, RPW>(a, (gw + (j / nchunks) * num_gw) * RPW, lane, acc);
-    }
-}
-
-template <typename T, int MR, int RPW>
-pa_status launch_gemv_bulk(const GemvArgs &a, int num_sms, bool pdl, cudaStream_t stream) {
-    PA_RETURN_IF_ERR((raise_smem_limit<gemv_bulk_kernel<T, MR, RPW>>("gemv_bulk_kernel")));
-    const BulkShape b = bulk_shape<T, MR, RPW>(a.k);
-    if (b.smem > 200 * 1024)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_bulk_kernel: %d rows of k=%d need %zu bytes of shared memory",
-                         a.rows, a.k, b.smem);
-    const int sets = (a.n + RPW - 1) / RPW;
-    const int wanted = (sets + kWarps - 1) / kWarps;
-    const int blocks = wanted < num_sms ? wanted : num_sms;   // one block an SM: the next GEMV's fits beside it
-    if (!pdl) {
-        gemv_bulk_kernel<T, MR, RPW><<<blocks, kThreads, b.smem, stream>>>(a, b.kc, b.stages, b.stage_stride,
-                                                                          (int)b.ring_offset);
-        return check_launch("gemv_bulk_kernel");
-    }
-    return launch_with_attribute(gemv_bulk_kernel<T, MR, RPW>, "gemv_bulk_kernel (PDL)", dim3(blocks), b.smem,
-                                 kThreads, stream, pdl_attribute(), a, b.kc, b.stages, b.stage_stride,
-                                 (int)b.ring_offset);
-}
-
 template <typename T, int MR, int RPW>
 pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl, cudaStream_t stream) {
     PA_RETURN_IF_ERR((raise_smem_limit<gemv_kernel<T, MR, RPW>>("gemv_kernel")));
@@ -171,11 +51,6 @@ template <typename T, int MR>
 pa_status launch_gemv(const GemvArgs &a, int num_sms, int32_t flags, cudaStream_t stream) {
     const bool pdl = flags & PA_CUDA_GEMV_PDL;
     const bool two = a.mode == PA_CUDA_GEMV_NORM_SILU || a.mode == kModeNormRope || a.n >= 32 * num_sms;
-    if constexpr (MR <= 2) {
-        if (flags & PA_CUDA_GEMV_BULK)
-            return two ? launch_gemv_bulk<T, MR, 2>(a, num_sms, pdl, stream)
-                       : launch_gemv_bulk<T, MR, 1>(a, num_sms, pdl, stream);
-    }
     const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
@@ -218,7 +93,7 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
     if (mode == PA_CUDA_GEMV_NORM_SILU && (n % 2 || residual != nullptr))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM_SILU needs an even n and no residual", name);
-    if (flags & ~(PA_CUDA_GEMV_PDL | PA_CUDA_GEMV_BULK))
+    if (flags & ~PA_CUDA_GEMV_PDL)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
     return run_gemv(name, GemvArgs{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps}, flags, dtype,
                     stream);
@@ -235,7 +110,7 @@ extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *wei
         k % 8 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
         head_dim % 2 || block_size <= 0 || !(theta > 0.f))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (flags & ~(PA_CUDA_GEMV_PDL | PA_CUDA_GEMV_BULK))
+    if (flags & ~PA_CUDA_GEMV_PDL)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
     GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, (num_heads + 2 * num_kv_heads) * head_dim, k,
                kModeNormRope, eps};

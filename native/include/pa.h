@@ -247,11 +247,8 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
  * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out).
  * flags: PA_CUDA_GEMV_PDL, a programmatic dependent launch (sm_90): the kernel starts before the previous
  * kernel of the stream has finished, prefetches weight rows (which nothing may write meanwhile), then
- * waits for it; PA_CUDA_GEMV_BULK (1-2 rows; ignored for more): weights streamed by bulk asynchronous
- * copies into per-warp shared-memory rings (few registers: the next GEMV's blocks fit beside this one's),
- * same results bit for bit. */
+ * waits for it; no other bit is defined. */
 #define PA_CUDA_GEMV_PDL 1
-#define PA_CUDA_GEMV_BULK 2
 #define PA_CUDA_GEMV_PLAIN 0
 #define PA_CUDA_GEMV_NORM 1
 #define PA_CUDA_GEMV_SILU 2
