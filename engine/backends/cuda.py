@@ -497,6 +497,7 @@ class CudaBackend(Backend):
         # GEMVs as programmatic dependent launches (pa.h). None: on for hidden <= 1024, where the H200 runs
         # (call 3 of results_cuda.md) SmolLM2's batch-1 step 7-8 % faster with them, and off above
         # (the 1B-like step is 1.5-3.5 % slower: PDL slows its k = 8192 down projection).
+        # use_pdl may also name the GEMVs that take it: a collection of "qkv", "o", "gate_up", "down", "lm_head".
         self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
@@ -640,7 +641,7 @@ class CudaBackend(Backend):
     def logits_device(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU (for callers that sample there)."""
         if 0 < h.shape[0] <= self.gemv_max_rows:
-            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self.use_pdl).float()
+            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self._pdl("lm_head")).float()
         return F.linear(h, self.w["lm_head"]).float()
 
     @torch.inference_mode()
@@ -744,7 +745,7 @@ class CudaBackend(Backend):
             residual = residual.index_select(0, rows) if residual is not None else None
         if residual is None:                         # GEMV path: h is the residual stream; norm fused
             return self.kernels.gemv(h, self.w["lm_head"], GEMV_NORM, self.w["norm"], eps=self.config.rms_norm_eps,
-                                     pdl=self.use_pdl).float()
+                                     pdl=self._pdl("lm_head")).float()
         h, _ = self.rms_norm(h, "norm", residual)
         return self.logits_device(h)
 
@@ -763,6 +764,17 @@ class CudaBackend(Backend):
         b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
         return logits
 
+    PDL_GEMVS = ("qkv", "o", "gate_up", "down", "lm_head")
+
+    def _pdl(self, name: str) -> bool:
+        """Whether the decode path launches this GEMV as a programmatic dependent (use_pdl: bool or names)."""
+        if isinstance(self.use_pdl, bool):
+            return self.use_pdl
+        unknown = set(self.use_pdl) - set(self.PDL_GEMVS)
+        if unknown:
+            raise ValueError(f"use_pdl: unknown GEMV names {sorted(unknown)}")
+        return name in self.use_pdl
+
     def layer_stack(self) -> LayerStack:
         """pa_decode_layers_cuda's table of this backend's layers and caches (built once per weights x caches)."""
         if self._layer_stack is None:
@@ -776,13 +788,13 @@ class CudaBackend(Backend):
 
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
-        c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self.use_pdl
+        c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self._pdl
         if self.fuse_rope:
             qkv = kn.gemv_rope(r, w[f"layers.{i}.qkv"], w[f"layers.{i}.input_norm"], batch.positions,
                                batch.slot_mapping, self.key_caches[i], self.value_caches[i], c.num_heads, eps,
-                               c.rope_theta, pdl=pdl)
+                               c.rope_theta, pdl=pdl("qkv"))
         else:
-            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl)
+            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl("qkv"))
         T = qkv.shape[0]
         q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
         if not self.fuse_rope:
@@ -791,9 +803,11 @@ class CudaBackend(Backend):
             kn.rope(q, k, batch.positions, c.rope_theta,
                     cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
-        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl)
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl("o"))
         if self.fuse_silu:
-            act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
-            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl)
-        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps, pdl=pdl)
-        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl)
+            act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps,
+                          pdl=pdl("gate_up"))
+            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl("down"))
+        gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps,
+                          pdl=pdl("gate_up"))
+        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl("down"))
