@@ -482,7 +482,7 @@ class CudaBackend(Backend):
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
-                 use_pdl: bool | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
+                 use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
                  fuse_rope: bool = True, fuse_layers: bool = False):
         super().__init__(config)
         if not torch.cuda.is_available():
@@ -494,11 +494,13 @@ class CudaBackend(Backend):
         self.kernels = CudaKernels()
         self.use_cuda_graphs = use_cuda_graphs
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
-        # GEMVs as programmatic dependent launches (pa.h). None: on for hidden <= 1024, where the H200 runs
-        # (call 3 of results_cuda.md) SmolLM2's batch-1 step 7-8 % faster with them, and off above
-        # (the 1B-like step is 1.5-3.5 % slower: PDL slows its k = 8192 down projection).
-        # use_pdl may also name the GEMVs that take it: a collection of "qkv", "o", "gate_up", "down", "lm_head".
-        self.use_pdl = config.hidden_size <= 1024 if use_pdl is None else use_pdl
+        # GEMVs as programmatic dependent launches (pa.h): True, False, or the names of those that are
+        # ("qkv", "o", "gate_up", "down", "lm_head"). None: all for hidden <= 1024, where the H200 runs
+        # SmolLM2's batch-1 step 7-8 % faster with them; above, qkv, o and gate_up (1B-like: 1,101 tok/s
+        # against 1,070 with none and 1,056 with all: PDL slows the k = 8192 down projection; session 4
+        # of benchmarks/results_cuda.md).
+        self.use_pdl = (True if config.hidden_size <= 1024 else ("qkv", "o", "gate_up")) if use_pdl is None \
+            else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built

@@ -72,8 +72,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token chunk
     extern __shared__ __align__(16) float smem[];
 
-    // a GEMV launched as a programmatic dependent (the o projection) may start now and fill its
-    // weight rings; it waits for this grid's completion before it reads the output
+    // A programmatic dependent launch, as decode_tc_kernel (decode_attention_tc.cu): the block table
+    // before griddepcontrol.wait, q, K/V and every write after it; a PDL kernel after it may start now.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
     if (!blk.live) return;
@@ -85,11 +85,6 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     T *out = (T *)a.out + ((int64_t)q_row * a.num_heads + h0) * D;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
-    if (ctx <= 0) {   // nothing to attend to: zeros
-        for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
-        return;
-    }
-
     uint4 *stages = reinterpret_cast<uint4 *>(smem);                         // [warp][stage][2][ITERS][32]
     float *xchg = smem + (front_floats<GP, D, kStages>() - exchange_floats<GP>());   // [warp][16 + 1][GP]
     int *table = reinterpret_cast<int *>(smem + front_floats<GP, D, kStages>());
@@ -97,7 +92,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
 
     // 1. this partition's slice of the block table; this lane's 8 dims of every query head
     const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
-    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];
+    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];   // none for an empty context
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    if (ctx <= 0) {   // nothing to attend to: zeros
+        for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
+        return;
+    }
     const int dim0 = (lane % LPT) * 8;
     float qr[GP][8];
 #pragma unroll
@@ -261,8 +261,8 @@ pa_status launch_decode_stages(const DecodeArgs &a, int num_seqs, cudaStream_t s
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
     PA_RETURN_IF_ERR((raise_smem_limit<decode_kernel<T, D, GP, STAGES>>("decode_kernel")));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
-    decode_kernel<T, D, GP, STAGES><<<grid, kThreads, smem, stream>>>(a);
-    return check_launch("decode_kernel");
+    return launch_with_attribute(decode_kernel<T, D, GP, STAGES>, "decode_kernel", grid, smem, kThreads, stream,
+                                 pdl_attribute(), a);
 }
 
 template <typename T, int D, int GP>

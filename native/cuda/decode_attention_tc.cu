@@ -85,8 +85,10 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     constexpr int NT = D / 8;                      // n-tiles of O
     extern __shared__ __align__(128) unsigned char tc_smem[];
 
-    // a GEMV launched as a programmatic dependent (the o projection) may start now and fill its
-    // weight rings; it waits for this grid's completion before it reads the output
+    // Launched as a programmatic dependent of the kernel before it (the qkv GEMV): the block table
+    // (which no kernel writes) is staged while that kernel drains; everything it produces (q, the new
+    // token's K/V) and every write of this one come after griddepcontrol.wait. A PDL-launched kernel
+    // after this one (the o GEMV) may start at once and prefetch its weights.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
     if (!blk.live) return;
@@ -98,13 +100,18 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     T *out = (T *)a.out + ((int64_t)q_row * a.num_heads + h0) * D;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
+    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages, NW>());
+    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
+    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
+    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];   // none for an empty context
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+
     if (ctx <= 0) {
         for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
         return;
     }
 
     // Q as A fragments: row r = lane / 4 (and r + 8), columns c2, c2 + 1 (and + 8) of each k-step.
-    // Loaded before the block table is staged, so the two round trips overlap.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
     uint32_t qf[KS][4];
     {
@@ -118,10 +125,6 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
             qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + 8 + c2) : 0u;
         }
     }
-    int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages, NW>());
-    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
-    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
-    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];
     __syncthreads();
 
     const int bs_mask = (1 << a.bs_log2) - 1;
@@ -318,8 +321,8 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
                          "bytes of shared memory", a.partition, 1 << a.bs_log2, smem);
     PA_RETURN_IF_ERR((raise_smem_limit<decode_tc_kernel<T, D, GP, STAGES, NW>>("decode_tc_kernel")));
     dim3 grid(a.max_splits, a.num_kv_heads * a.head_groups, num_seqs);
-    decode_tc_kernel<T, D, GP, STAGES, NW><<<grid, NW * 32, smem, stream>>>(a);
-    PA_RETURN_IF_ERR(check_launch("decode_tc_kernel"));
+    PA_RETURN_IF_ERR(launch_with_attribute(decode_tc_kernel<T, D, GP, STAGES, NW>, "decode_tc_kernel", grid, smem,
+                                           NW * 32, stream, pdl_attribute(), a));
     return a.counters != nullptr ? PA_OK : launch_merge<T, D>(a, num_seqs, stream);
 }
 
