@@ -307,8 +307,8 @@ def main() -> None:
     ap.add_argument("--hf-steps", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--profile", action="store_true", help="kernel time table of a few batch-1 decode steps")
-    ap.add_argument("--variants", nargs="+", default=["default", "layers"],
-                    help="GEMV-path variants, run at batches <= 8 (larger batches run the backend's default)")
+    ap.add_argument("--variants", nargs="+", default=["default"],
+                    help="backend variants (see above; the GEMV-path settings matter at batches <= 8 only)")
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--layers-profile", action="store_true",
                     help="phase times of the persistent decode-layers launch at batch 1 (kernel timestamps)")
@@ -355,7 +355,7 @@ def main() -> None:
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
-            variants = args.variants if b <= backend.gemv_max_rows else ["default"]
+            variants = args.variants
             for variant in variants:
                 tokens = variant.split("+")
                 backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults

@@ -47,7 +47,7 @@ class PipelinedDecode:
 
     def _device_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         """(tokens on the device, their host copy in flight, an event that marks it landed)."""
-        tokens = logits.argmax(-1)
+        tokens = self.backend.argmax(logits)
         if not tokens.is_cuda:
             return tokens, tokens, None
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)

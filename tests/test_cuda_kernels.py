@@ -242,7 +242,10 @@ def test_decode_attention_block_sizes(kernels, bs, impl):
 @pytest.mark.cuda
 @needs_gpu
 def test_decode_attention_tc_is_the_default_for_groups_of_4(kernels):
+    """Groups >= 4 always; groups of 2-3 only with fewer (sequence, kv head) units than SMs; MHA never."""
     assert kernels.decode_impl(32, 8) == "tc" and kernels.decode_impl(9, 3) == "simt"
+    assert kernels.decode_impl(9, 3, num_seqs=1) == "tc" and kernels.decode_impl(9, 3, num_seqs=64) == "simt"
+    assert kernels.decode_impl(8, 8, num_seqs=1) == "simt"
     with pytest.raises(ValueError, match="impl"):
         g = gen(3)
         q, kc, vc, tables, ctx, qsl = paged_setup([20], [1], 4, 1, 64, 16, torch.bfloat16, g)

@@ -56,6 +56,11 @@ class Backend(ABC):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write, asked for by the block manager)."""
 
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy tokens of logits [n, vocab] (first maximum, as torch.argmax), on the logits' device; the
+        pipelined engine takes the next step's inputs from it without a host round trip."""
+        return logits.argmax(-1)
+
     def prepare(self, batch: Batch) -> Batch:
         """Move/convert the batch's index tensors to what this backend's ops read."""
         return batch

@@ -326,7 +326,7 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
     return a.counters != nullptr ? PA_OK : launch_merge<T, D>(a, num_seqs, stream);
 }
 
-// A grid smaller than the chip: 8-warp blocks with three stages (192 KB at D = 128: one block an SM;
+// Fewer (sequence, kv head) units than SMs: 8-warp blocks with three stages (192 KB at D = 128: one block an SM;
 // on the H200 1-4 % faster than 4 warps with four stages, benchmarks/results_cuda.md session 4), so each
 // SM has twice the warps to hide the per-chunk latency and 16 chunks in flight. Otherwise 4-warp blocks
 // with three stages (96 KB at D = 128: two blocks an SM, which is also the register limit).
@@ -335,9 +335,11 @@ pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
     int device = 0, num_sms = 132;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-    const long blocks = (long)a.max_splits * a.num_kv_heads * a.head_groups * num_seqs;
-    return blocks < num_sms ? launch_tc_stages<T, D, GP, 3, 8>(a, num_seqs, stream)
-                            : launch_tc_stages<T, D, GP, 3, 4>(a, num_seqs, stream);
+    // Units, not blocks: a decode graph sizes its grid for its longest context (max_splits), while the
+    // live blocks of a step are the units times the partitions its contexts fill.
+    const long units = (long)a.num_kv_heads * a.head_groups * num_seqs;
+    return units < num_sms ? launch_tc_stages<T, D, GP, 3, 8>(a, num_seqs, stream)
+                           : launch_tc_stages<T, D, GP, 3, 4>(a, num_seqs, stream);
 }
 
 }  // namespace
