@@ -438,8 +438,9 @@ def test_gemv_rope_equals_gemv_then_rope_write_kv(kernels, dtype, rows, nh, nkv,
 def test_unsupported_shape_raises_naming_the_kernel(kernels):
     g = gen(5)
     q, kc, vc, tables, ctx, qsl = paged_setup([20], [1], 4, 2, 128, 16, torch.bfloat16, g)
-    with pytest.raises(native.NativeError, match="decode_kernel"):
-        kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, 0.1, 20, partition=24)
+    for impl, kernel in (("simt", "decode_kernel"), ("tc", "decode_tc_kernel")):
+        with pytest.raises(native.NativeError, match=kernel):
+            kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, 0.1, 20, partition=24, impl=impl)
     with pytest.raises(native.NativeError, match="float32"):
         kernels.rms_norm(torch.ones(2, 64, device="cuda"), torch.ones(64, device="cuda"), 1e-5)
     with pytest.raises(native.NativeError, match="gemv_kernel"):
