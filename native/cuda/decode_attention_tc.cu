@@ -1,8 +1,8 @@
 // decode_attention_tc.cu -- paged decode attention on the tensor cores (mma.sync m16n8k16), for GQA.
 //
-// Same grid and outputs as decode_attention.cu (one block -- 4 warps, 8 when the grid is smaller than
-// the chip -- per (partition, kv head [x group of query heads], sequence); partitions merged by
-// merge_kernel or by the last of them to finish), but the arithmetic is two small matrix
+// Same grid and outputs as decode_attention.cu (one block -- 4 warps; 8 when there are fewer (sequence,
+// kv head) units than SMs -- per (partition, kv head [x group of query heads], sequence); partitions
+// merged by merge_kernel or by the last of them to finish), but the arithmetic is two small matrix
 // products per 16-token chunk: the kv head's query heads are the M = 16 rows (padded with zero rows),
 //   S [16 heads x 16 tokens] = Q [16 x D] . K^T      (D/16 k-steps x 2 n-tiles of 8 tokens)
 //   O [16 heads x D]        += P [16 x 16 tokens] . V (D/8 n-tiles, one k-step)
@@ -326,10 +326,11 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
     return a.counters != nullptr ? PA_OK : launch_merge<T, D>(a, num_seqs, stream);
 }
 
-// Fewer (sequence, kv head) units than SMs: 8-warp blocks with three stages (192 KB at D = 128: one block an SM;
-// on the H200 1-4 % faster than 4 warps with four stages, benchmarks/results_cuda.md session 4), so each
-// SM has twice the warps to hide the per-chunk latency and 16 chunks in flight. Otherwise 4-warp blocks
-// with three stages (96 KB at D = 128: two blocks an SM, which is also the register limit).
+// Fewer (sequence, kv head) units than SMs: 8-warp blocks with three stages (192 KB at D = 128: one
+// block an SM; on the H200 1-4 % faster than 4 warps with four stages, benchmarks/results_cuda.md
+// session 4), so each SM has twice the warps to hide the per-chunk latency and 16 chunks in flight.
+// Otherwise 4-warp blocks with three stages (96 KB at D = 128: two blocks an SM, which is also the
+// register limit).
 template <typename T, int D, int GP>
 pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
     int device = 0, num_sms = 132;

@@ -61,8 +61,10 @@ pa_status launch_gemv(const GemvArgs &a, int num_sms, int32_t flags, cudaStream_
     return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
 }
 
-// The shared tail of both exports: the row limit, the SM count, the dtype and row-count dispatch.
+// The shared tail of both exports: the flags, the row limit, the SM count, the dtype and row-count dispatch.
 pa_status run_gemv(const char *name, const GemvArgs &a, int32_t flags, int32_t dtype, void *stream) {
+    if (flags & ~PA_CUDA_GEMV_PDL)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
     if (a.rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, a.rows);
     if (a.rows == 0) return PA_OK;
     int device = 0, num_sms = 132;
@@ -93,8 +95,6 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
     if (mode == PA_CUDA_GEMV_NORM_SILU && (n % 2 || residual != nullptr))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM_SILU needs an even n and no residual", name);
-    if (flags & ~PA_CUDA_GEMV_PDL)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
     return run_gemv(name, GemvArgs{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps}, flags, dtype,
                     stream);
 }
@@ -110,8 +110,6 @@ extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *wei
         k % 8 || num_heads <= 0 || num_kv_heads <= 0 || num_heads % num_kv_heads || head_dim <= 0 ||
         head_dim % 2 || block_size <= 0 || !(theta > 0.f))
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    if (flags & ~PA_CUDA_GEMV_PDL)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
     GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, (num_heads + 2 * num_kv_heads) * head_dim, k,
                kModeNormRope, eps};
     a.positions = positions;
