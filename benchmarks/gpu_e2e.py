@@ -15,7 +15,7 @@ Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the ba
 launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); tokens joined by "+" change one
 setting of the first: pdl / nopdl / pdl:o/gate_up (PDL for those GEMVs only), fuse, tc / simt (decode
 attention kernel), kmerge (split attention merged by a merge kernel in the decode graphs too, not by the
-last partition's block), fao (one sequence: attention and o in one launch), e.g. default+pdl:o/gate_up.
+last partition's block), e.g. default+pdl:o/gate_up.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -361,7 +361,6 @@ def main() -> None:
                 backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults
                 backend.kernels.fused_merge = False if "kmerge" in tokens else None
                 backend.decode_impl = next((t for t in tokens if t in ("tc", "simt")), None)
-                backend.fuse_attn_o = "fao" in tokens
                 if tokens[0] == "layers":
                     backend.fuse_layers = True
                 elif tokens[0] != "default":           # base: the plain register GEMVs, no PDL, no fusion

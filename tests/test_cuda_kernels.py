@@ -25,8 +25,8 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "decode_layers",
-               "decode_attention_o", "abi_version", "last_error"):
+               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "decode_layers", "abi_version",
+               "last_error"):
         assert f"pa_{op}_cuda" in names
 
 
@@ -219,64 +219,6 @@ def test_decode_attention(kernels, decode_refs, dtype, ctx_lens, hd, group, part
                                        fused_merge=impl == "tc")
         assert rel_err(out.cpu(), decode_refs[key]) <= TOL
         out.fill_(float("nan"))
-
-
-@pytest.mark.cuda
-@needs_gpu
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("nh,nkv,hd,hidden", [
-    (32, 8, 64, 2048),       # Llama-3.2-1B-like: 16 partitions a kv head, 128 o rows a block
-    (9, 3, 64, 576),         # SmolLM2: 44 partitions, 14 rows a block (the last blocks short or empty)
-    (16, 2, 128, 1024),      # head_dim 128, group 8
-    (8, 8, 64, 512),         # MHA: group 1 in the m16 tile
-])
-@pytest.mark.parametrize("ctx_len", [1, 15, 17, 150, 1000, 5000])
-def test_decode_attention_o(kernels, dtype, nh, nkv, hd, hidden, ctx_len):
-    """Attention and o projection in one launch: the attention output against float64, and
-    r = attn @ wo.T + residual against float64 from that same (rounded) attention output; outputs
-    poisoned first, run twice (the counters must be back at zero), the contexts from one token (most
-    partitions empty) to 5000."""
-    g = gen(ctx_len * 31 + nh + hidden)
-    bs = 16
-    q, kc, vc, tables, ctx, qsl = paged_setup([ctx_len], [1], nh, nkv, hd, bs, dtype, g)
-    wo = randn(hidden, nh * hd, g=g, dtype=dtype, scale=(nh * hd) ** -0.5)
-    residual = randn(1, hidden, g=g, dtype=dtype)
-    ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)
-    for _ in range(2):
-        attn = torch.full_like(q, float("nan"))
-        r = kernels.decode_attention_o(q, kc, vc, tables, ctx, qsl, hd ** -0.5, ctx_len, wo, residual,
-                                       attn_out=attn)
-        assert rel_err(attn.cpu(), ref) <= TOL
-        r_ref = attn.double().view(1, -1) @ wo.double().T
-        assert rel_err(r - residual, r_ref) <= TOL
-        assert rel_err(r, r_ref + residual.double()) <= TOL
-    assert int(kernels._fo_counters.abs().sum()) == 0
-
-
-@pytest.mark.cuda
-@needs_gpu
-def test_decode_attention_o_in_a_graph(kernels):
-    """Captured once with a context bound, replayed at contexts it was not captured at (the partitions
-    are computed in the kernel): each replay against the float64 reference."""
-    g = gen(99)
-    nh, nkv, hd, hidden, bs, bound = 32, 8, 64, 2048, 16, 4096
-    dt = torch.bfloat16
-    q, kc, vc, tables, ctx, qsl = paged_setup([bound], [1], nh, nkv, hd, bs, dt, g)
-    wo = randn(hidden, nh * hd, g=g, dtype=dt, scale=(nh * hd) ** -0.5)
-    residual = randn(1, hidden, g=g, dtype=dt)
-    attn = torch.empty_like(q)
-    kernels.decode_attention_o(q, kc, vc, tables, ctx, qsl, hd ** -0.5, bound, wo, residual, attn_out=attn)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        r = kernels.decode_attention_o(q, kc, vc, tables, ctx, qsl, hd ** -0.5, bound, wo, residual, attn_out=attn)
-    for n in (1, 100, 2049, bound):
-        ctx.fill_(n)
-        attn.fill_(float("nan"))
-        r.fill_(float("nan"))
-        graph.replay()
-        ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)
-        assert rel_err(attn.cpu(), ref) <= TOL, n
-        assert rel_err(r, attn.double().view(1, -1) @ wo.double().T + residual.double()) <= TOL, n
 
 
 @pytest.mark.cuda

@@ -297,20 +297,6 @@ def test_in_kernel_merge_graphs_equal_the_merge_kernel(fused, prompts, n_prompts
         assert all(torch.equal(a, b) for a, b in zip(logits, results[0][1]))
 
 
-def test_fused_attention_o_graphs(fused, runs, prompts):
-    """One sequence: decode attention and the o projection in one launch (pa_decode_attention_o_cuda) in
-    the graph steps, contexts past one partition, against the float32 reference."""
-    from engine.backends.cuda import CudaBackend
-    _, ref = runs
-    chosen = sorted(prompts, key=len)[-1:]
-    cuda = CudaBackend(SMOL, fuse_attn_o=True)
-    cuda.load_weights(fused)
-    outs, logits = greedy(cuda, chosen)
-    assert (1, True, False) in cuda._graphs, sorted(cuda._graphs)
-    rel, _ = check_against_ref("cuda-fused-attn-o", teacher_forced(ref, chosen, outs), outs, logits)
-    assert rel < 0.1
-
-
 def test_logits_stay_on_the_gpu(fused, runs):
     """Backend.logits and a graph step's forward_step return float32 logits on the GPU."""
     from engine.backends.cuda import CudaBackend

@@ -75,7 +75,6 @@ class CudaKernels:
         # merge kernel otherwise (1-1.5 us faster than the last block's merge when the context is split,
         # H200, benchmarks/results_cuda.md session 4).
         self.fused_merge: bool | None = None
-        self._fo_counters: torch.Tensor | None = None         # decode_attention_o's arrivals, left zero
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _p(self, t: torch.Tensor | None):
@@ -376,42 +375,6 @@ class CudaKernels:
                    block_tables.shape[1], partition, max_splits, q.stride(0), float(scale), self._code(q))
         return out
 
-    def attention_o_splits(self, num_kv_heads: int) -> int:
-        """decode_attention_o's partitions of each kv head: one block an SM for every (partition, kv head)."""
-        return max(1, self.num_sms // max(1, num_kv_heads))
-
-    def decode_attention_o(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
-                           scale: float, max_context_len: int, wo: torch.Tensor, residual: torch.Tensor,
-                           attn_out: torch.Tensor | None = None) -> torch.Tensor:
-        """One sequence's decode attention and o projection in one launch (pa_decode_attention_o_cuda):
-        -> r_out [1, hidden] = T(T(attn @ wo.T) + residual); attn [1, nh, hd] lands in attn_out."""
-        op = "pa_decode_attention_o_cuda"
-        T, nh, hd = q.shape
-        nkv = key_cache.shape[1]
-        if T != 1 or context_lens.shape[0] != 1:
-            raise native.NativeError(f"{op}: one sequence of one token, got {T} tokens")
-        self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
-        hidden = wo.shape[0]
-        self._check(op, "wo", wo, q.dtype, (hidden, nh * hd))
-        self._check(op, "residual", residual, q.dtype, (1, hidden))
-        S = self.attention_o_splits(nkv)
-        attn_out = self._out(op, attn_out, q)
-        f32 = {"dtype": torch.float32, "device": q.device}
-        po, pml = torch.empty(nh * S * hd, **f32), torch.empty(nh * S * 2, **f32)
-        o_partial = torch.empty(nkv * hidden, **f32)
-        need = 2 * nkv + S
-        if self._fo_counters is None or self._fo_counters.numel() < need or self._fo_counters.device != q.device:
-            self._fo_counters = torch.zeros(max(need, 1024), dtype=torch.int32, device=q.device)
-        r_out = torch.empty(1, hidden, dtype=q.dtype, device=q.device)
-        f = self.ffi
-        self._call(op, self._p(r_out), self._p(attn_out), f.cast("float *", po.data_ptr()),
-                   f.cast("float *", pml.data_ptr()), f.cast("float *", o_partial.data_ptr()),
-                   f.cast("int32_t *", self._fo_counters.data_ptr()), self._p(q), self._p(key_cache),
-                   self._p(value_cache), self._p(block_tables), self._p(context_lens), self._p(query_start_loc),
-                   self._p(wo), self._p(residual), nh, nkv, hd, key_cache.shape[2], block_tables.shape[1],
-                   int(max_context_len), S, hidden, q.stride(0), float(scale), self._code(q))
-        return r_out
-
     def paged_attention_prefill(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                 scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
         op = "pa_paged_attention_prefill_cuda"
@@ -524,7 +487,7 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True, fuse_layers: bool = False, fuse_attn_o: bool = False):
+                 fuse_rope: bool = True, fuse_layers: bool = False):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -544,9 +507,6 @@ class CudaBackend(Backend):
             else use_pdl
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
-        # GEMV path, one sequence: decode attention and the o projection in one launch
-        # (pa_decode_attention_o_cuda; GQA groups <= 8)
-        self.fuse_attn_o = fuse_attn_o
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
         # in). Off unless asked: slower than the five launches a layer on the H200 (decode_layers.cu).
         supported = (config.head_dim in (64, 128) and config.num_heads // config.num_kv_heads <= 8
@@ -853,13 +813,8 @@ class CudaBackend(Backend):
             v = qkv[:, c.q_size + c.kv_size:].view(T, c.num_kv_heads, c.head_dim)
             kn.rope(q, k, batch.positions, c.rope_theta,
                     cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
-        if self.fuse_attn_o and T == 1 and batch.max_query_len == 1 and c.num_heads // c.num_kv_heads <= 8:
-            r = kn.decode_attention_o(q, self.key_caches[i], self.value_caches[i], batch.block_tables,
-                                      batch.context_lens, batch.query_start_loc, self.scale,
-                                      batch.max_context_len, w[f"layers.{i}.o"], r)   # a graph's: its bound
-        else:
-            attn = self.paged_attention(i, q, batch)                           # [T, nh, hd]
-            r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl("o"))
+        attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl("o"))
         if self.fuse_silu:
             act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps,
                           pdl=pdl("gate_up"))

@@ -72,64 +72,9 @@ template <int D, int GP, int kStages, int NW> __host__ __device__ constexpr int 
                                                                           : tc_merge_bytes<D, GP, NW>();
 }
 
-// The end of a pa_decode_attention_o_cuda block, its partition's partials written: wait for the kv
-// head's gridDim.x partitions (all co-resident), merge them (every block, merge_block: the attention
-// output, also stored to out), multiply by this block's o tile (wo_nr rows of the head group's columns)
-// into o_partial [kv head][hidden], and the last of the num_kv_heads blocks of these rows adds the
-// heads' partials in order, rounds as the o GEMV does and adds the residual: r_out = T(T(o) + residual).
-template <typename T, int D, int GP, int NW>
-__device__ void fused_o(const DecodeArgs &a, float *scratch, int scratch_floats, const uint4 *tile, float *attn,
-                        T *out, int kv_head, int h0, int nheads, int r0, int nr, int pw) {
-    constexpr int kThreads = NW * 32;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, S = (int)gridDim.x;
-    int32_t *arrived = a.fo_counters + kv_head, *merged = a.fo_counters + a.num_kv_heads + kv_head;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) {
-        atomicAdd(arrived, 1);
-        while (ld_acquire(arrived) < S) {
-        }
-    }
-    __syncthreads();
-    __threadfence();
-    cp_async_wait<0>();                           // this thread's pieces of the o tile
-    merge_block<T, D, GP, kThreads>(a, scratch, scratch_floats, out, 0, h0, nheads, S, attn);
-    if (tid == 0 && atomicAdd(merged, 1) == S - 1) {   // every block is past the wait: reset both
-        atomicExch(arrived, 0);
-        atomicExch(merged, 0);
-    }
-    __syncthreads();                              // attn and every thread's tile pieces are in
-    for (int rr = warp; rr < nr; rr += NW) {
-        float acc = 0.f;
-        for (int v = lane; v < pw; v += 32) {
-            float wf[8];
-            Vec<T>::to_float(tile[rr * pw + v], wf);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) acc = fmaf(wf[e], attn[v * 8 + e], acc);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) a.o_partial[(int64_t)kv_head * a.hidden + r0 + rr] = acc;
-    }
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) last = last_arrival(a.fo_counters + 2 * a.num_kv_heads + blockIdx.x, a.num_kv_heads);
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    for (int rr = tid; rr < nr; rr += kThreads) {
-        float o = 0.f;
-        for (int g = 0; g < a.num_kv_heads; ++g) o += __ldcg(a.o_partial + (int64_t)g * a.hidden + r0 + rr);
-        const float y = round_to<T>(o) + to_f(((const T *)a.residual)[r0 + rr]);
-        ((T *)a.r_out)[r0 + rr] = from_f<T>(y);
-    }
-}
-
 // GP: query-head rows a block serves, 8 (the group fits the upper-left half of the m16 tile: only
 // accumulator rows 0..7 are real) or 16. NW: warps a block (4: two blocks an SM; 8: one).
-// FO: pa_decode_attention_o_cuda -- one sequence, gridDim.x partitions of every kv head all live and
-// co-resident, the o projection and the residual add after the merge (see fused_o below).
-template <typename T, int D, int GP, int kStages, int NW, bool FO = false>
+template <typename T, int D, int GP, int kStages, int NW>
 __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a) {
     constexpr int kWarps = NW, kThreads = NW * 32;
     constexpr int ROW = D * 2;                     // bytes of one token's K (or V) row
@@ -145,22 +90,11 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     // token's K/V) and every write of this one come after griddepcontrol.wait. A PDL-launched kernel
     // after this one (the o GEMV) may start at once and prefetch its weights.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    DecodeBlock blk = decode_block(a);
-    if constexpr (FO) {
-        // partitions of 16 * ceil(chunks / gridDim.x) tokens of this step's context; every block stays
-        // (an empty partition leaves an empty partial) for the synchronisation below
-        const int part = kChunk * ((((blk.ctx + kChunk - 1) / kChunk) + (int)gridDim.x - 1) / (int)gridDim.x);
-        blk.start = blk.split * part;
-        blk.end = min(blk.ctx, blk.start + part);
-        blk.live = true;
-    }
-    if (!blk.live) {   // still wait: this grid's completion then implies the previous kernel's
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        return;
-    }
+    const DecodeBlock blk = decode_block(a);
+    if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
     const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
-    const bool direct = !FO && ctx <= a.partition;
+    const bool direct = ctx <= a.partition;
     const int h0 = kv_head * a.group + hg * GP;
     const int nheads = min(GP, a.group - hg * GP);
     T *out = (T *)a.out + ((int64_t)q_row * a.num_heads + h0) * D;
@@ -170,20 +104,9 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
     const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
     for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];   // none for an empty context
-    // FO: this block's tile of the o weights (its rows x the kv head's query-head columns) goes out first
-    unsigned char *wo_tile = tc_smem + tc_front_bytes<D, GP, kStages, NW>() +
-                             ((sizeof(int) * ((a.partition >> a.bs_log2) + 2) + 127) / 128) * 128;
-    const int wo_r0 = split * a.fo_rows, wo_nr = FO ? min(a.fo_rows, a.hidden - wo_r0) : 0;
-    const int wo_pw = a.group * D / 8;             // 16-byte pieces of a tile row
-    if constexpr (FO) {
-        const T *wo = (const T *)a.wo + (int64_t)wo_r0 * a.num_heads * D + (int64_t)kv_head * a.group * D;
-        for (int i = tid; i < wo_nr * wo_pw; i += kThreads)
-            cp_async16(wo_tile + (size_t)i * 16, wo + (int64_t)(i / wo_pw) * a.num_heads * D + (i % wo_pw) * 8, 16);
-        cp_async_commit();
-    }
     asm volatile("griddepcontrol.wait;\n" ::: "memory");
 
-    if (!FO && ctx <= 0) {
+    if (ctx <= 0) {
         for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
         return;
     }
@@ -368,13 +291,6 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     }
     __syncthreads();
     finish_block<T, D, GP, kWarps, kThreads>(a, red, wml, out, seq, h0, nheads, split, direct);
-    if constexpr (FO) {
-        fused_o<T, D, GP, NW>(a, reinterpret_cast<float *>(tc_smem), tc_front_bytes<D, GP, kStages, NW>() / 4,
-                              reinterpret_cast<const uint4 *>(wo_tile),
-                              reinterpret_cast<float *>(wo_tile + (size_t)wo_nr * wo_pw * 16), out, kv_head, h0,
-                              nheads, wo_r0, wo_nr, wo_pw);
-        return;
-    }
     if (direct || a.counters == nullptr) return;
 
     // The last partition of this (sequence, head group) to finish merges them all (no merge launch):
@@ -395,20 +311,6 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
         const int64_t base = ((int64_t)seq * a.num_heads + h0 + h) * a.max_splits;
         out[i] = from_f<T>(merge_partitions<D>(a.partial_ml + base * 2, a.partial_out + base * D + d, n));
     }
-}
-
-template <typename T, int D>
-pa_status launch_fused_o(const DecodeArgs &a, cudaStream_t stream) {
-    constexpr int GP = 8, STAGES = 3, NW = 8;
-    const size_t table = ((sizeof(int) * ((a.partition >> a.bs_log2) + 2) + 127) / 128) * 128;
-    const size_t smem = tc_front_bytes<D, GP, STAGES, NW>() + table + (size_t)a.fo_rows * a.group * D * sizeof(T) +
-                        (size_t)a.group * D * sizeof(float);
-    if (smem > 200 * 1024)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "decode_attention_o: %d o rows of %d columns a block need %zu bytes of "
-                         "shared memory", a.fo_rows, a.group * D, smem);
-    PA_RETURN_IF_ERR((raise_smem_limit<decode_tc_kernel<T, D, GP, STAGES, NW, true>>("decode_attention_o")));
-    return launch_with_attribute(decode_tc_kernel<T, D, GP, STAGES, NW, true>, "decode_attention_o",
-                                 dim3(a.max_splits, a.num_kv_heads, 1), smem, NW * 32, stream, pdl_attribute(), a);
 }
 
 template <typename T, int D, int GP, int STAGES, int NW>
@@ -468,49 +370,5 @@ extern "C" pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial
         if (head_dim == 64)
             return gp == 8 ? launch_tc<T, 64, 8>(a, num_seqs, st) : launch_tc<T, 64, 16>(a, num_seqs, st);
         return gp == 8 ? launch_tc<T, 128, 8>(a, num_seqs, st) : launch_tc<T, 128, 16>(a, num_seqs, st);
-    });
-}
-
-extern "C" pa_status pa_decode_attention_o_cuda(void *r_out, void *attn_out, float *partial_out, float *partial_ml,
-                                                float *o_partial, int32_t *counters, const void *q,
-                                                const void *key_cache, const void *value_cache,
-                                                const int32_t *block_tables, const int32_t *context_lens,
-                                                const int32_t *query_start_loc, const void *wo, const void *residual,
-                                                int32_t num_heads, int32_t num_kv_heads, int32_t head_dim,
-                                                int32_t block_size, int32_t max_blocks_per_seq,
-                                                int32_t max_context_len, int32_t splits, int32_t hidden,
-                                                int64_t q_stride, float scale, int32_t dtype, void *stream) {
-    const char *name = "decode_attention_o";
-    if (r_out == nullptr || partial_out == nullptr || partial_ml == nullptr || o_partial == nullptr ||
-        counters == nullptr || wo == nullptr || residual == nullptr || max_context_len <= 0 || splits <= 0 ||
-        hidden <= 0)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments", name);
-    const int group = num_kv_heads > 0 ? num_heads / num_kv_heads : 0;
-    if (group > 8)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: GQA group %d (at most 8: one m16 tile)", name, group);
-    // every block must be resident at once (the partitions of a kv head wait for each other)
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-    if ((long)splits * num_kv_heads > num_sms)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d x %d blocks exceed the %d SMs (one block an SM)", name,
-                         (int)splits, (int)num_kv_heads, num_sms);
-    const int partition = 16 * (((max_context_len + 15) / 16 + splits - 1) / splits);
-    DecodeArgs a;
-    PA_RETURN_IF_ERR(make_decode_args(a, name, attn_out, partial_out, partial_ml, q, key_cache, value_cache,
-                                      block_tables, context_lens, query_start_loc, 1, num_heads, num_kv_heads,
-                                      head_dim, block_size, max_blocks_per_seq, partition, splits, q_stride, scale,
-                                      8));
-    a.wo = wo;
-    a.residual = residual;
-    a.r_out = r_out;
-    a.o_partial = o_partial;
-    a.fo_counters = counters;
-    a.hidden = hidden;
-    a.fo_rows = (hidden + splits - 1) / splits;
-    cudaStream_t st = (cudaStream_t)stream;
-    return dispatch_dtype(dtype, name, [&](auto tag) {
-        using T = decltype(tag);
-        return head_dim == 64 ? launch_fused_o<T, 64>(a, st) : launch_fused_o<T, 128>(a, st);
     });
 }

@@ -11,12 +11,6 @@ struct DecodeArgs : PagedArgs {
     float *partial_out, *partial_ml;
     int head_groups, partition, max_splits;
     int32_t *counters;   // tensor-core kernel only: [num_seqs][gridDim.y] arrival counts (NULL: merge_kernel)
-    // pa_decode_attention_o_cuda only (the o projection fused in; see pa.h)
-    const void *wo = nullptr, *residual = nullptr;
-    void *r_out = nullptr;
-    float *o_partial = nullptr;
-    int32_t *fo_counters = nullptr;
-    int hidden = 0, fo_rows = 0;
 };
 
 // Which (sequence, partition, kv head, head group) a decode block serves, and its tokens [start, end);
@@ -124,10 +118,9 @@ __device__ __forceinline__ float merge_partitions(const float *ml, const float *
 // memory (scratch, >= 2 x nheads x n + nheads floats), each head's weights are computed there, and each
 // thread's outputs take their partitions' rows kPB at a time, every output's loads in flight together.
 // Returns false (nothing written) when scratch is too small; the caller then uses merge_partitions.
-// attn_smem (optional): the outputs also land there, rounded through T, [nheads][D] floats.
 template <typename T, int D, int GP, int NT>
 __device__ bool merge_block(const DecodeArgs &a, float *scratch, int scratch_floats, T *out, int seq, int h0,
-                            int nheads, int n, float *attn_smem = nullptr) {
+                            int nheads, int n) {
     if (2 * nheads * n + nheads > scratch_floats) return false;
     float *wts = scratch, *ls = scratch + nheads * n, *dens = scratch + 2 * nheads * n;
     const int tid = threadIdx.x;
@@ -181,19 +174,10 @@ __device__ bool merge_block(const DecodeArgs &a, float *scratch, int scratch_flo
         const int idx = tid + u * NT;
         if (idx < nheads * D) {
             const float den = dens[idx / D];
-            const T v = from_f<T>(den > 0.f ? num[u] / den : 0.f);
-            out[idx] = v;
-            if (attn_smem != nullptr) attn_smem[idx] = to_f(v);
+            out[idx] = from_f<T>(den > 0.f ? num[u] / den : 0.f);
         }
     }
     return true;
-}
-
-// A load with acquire semantics at GPU scope (a spin on a counter other blocks release into).
-__device__ __forceinline__ int ld_acquire(const int32_t *p) {
-    int v;
-    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
-    return v;
 }
 
 // Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 8
+#define PA_ABI_VERSION 7
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -240,24 +240,6 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
                                           int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
                                           int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
                                           void *stream);
-/* One decode step of ONE sequence: the tensor-core decode attention and the o projection with its
- * residual add in one launch: r_out [1, hidden] = T(T(attn . wo^T) + residual), attn [1, num_heads,
- * head_dim] (also written to attn_out) as pa_paged_attention_decode_tc_cuda computes it. Grid: splits
- * partitions of every kv head (splits * num_kv_heads <= SMs: all blocks resident at once; each kv head's
- * partitions wait for each other, then each block multiplies its ceil(hidden / splits) rows of wo by its
- * head group's columns). wo [hidden, num_heads * head_dim]; residual [1, hidden]. Workspace: partial_out
- * float [num_heads * splits * head_dim], partial_ml float [num_heads * splits * 2], o_partial float
- * [num_kv_heads * hidden], counters int32 [2 * num_kv_heads + splits], zero on entry and left zero.
- * max_context_len bounds context_lens[0] (it sizes the block-table slice). GQA groups <= 8. A
- * programmatic dependent launch like the decode kernels (the o tile is fetched before the wait). */
-pa_status pa_decode_attention_o_cuda(void *r_out, void *attn_out, float *partial_out, float *partial_ml,
-                                     float *o_partial, int32_t *counters, const void *q, const void *key_cache,
-                                     const void *value_cache, const int32_t *block_tables,
-                                     const int32_t *context_lens, const int32_t *query_start_loc, const void *wo,
-                                     const void *residual, int32_t num_heads, int32_t num_kv_heads,
-                                     int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
-                                     int32_t max_context_len, int32_t splits, int32_t hidden, int64_t q_stride,
-                                     float scale, int32_t dtype, void *stream);
 /* Small-batch GEMV (decode, num_rows <= 8): out[m, j] = sum_i x'[m, i] * weight[j, i] (+ residual[m, j]).
  * x' is x (PA_CUDA_GEMV_PLAIN; x [num_rows, k]); rms_norm(x) * norm_weight rounded as pa_rms_norm_cuda
  * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
