@@ -76,7 +76,10 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     // before griddepcontrol.wait, q, K/V and every write after it; a PDL kernel after it may start now.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
-    if (!blk.live) return;
+    if (!blk.live) {   // still wait: this grid's completion then implies the previous kernel's
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        return;
+    }
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
     const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
     const bool direct = ctx <= a.partition;   // one partition: this block writes the output

@@ -91,7 +91,10 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     // after this one (the o GEMV) may start at once and prefetch its weights.
     asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
     const DecodeBlock blk = decode_block(a);
-    if (!blk.live) return;
+    if (!blk.live) {   // still wait: this grid's completion then implies the previous kernel's
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        return;
+    }
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
     const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
     const bool direct = ctx <= a.partition;
