@@ -44,7 +44,7 @@ class Engine(PipelinedDecode):
                                  model_config.max_position_embeddings, self.num_blocks * self.block_size)
         self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.sampler = Sampler()
+        self.sampler = Sampler(argmax=backend.argmax)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) if tokenizer else tuple(model_config.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._inbox: queue.Queue = queue.Queue()

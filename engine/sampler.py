@@ -78,7 +78,12 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 class Sampler:
-    """Picks one token per row. Each row's randomness comes only from its own generator."""
+    """Picks one token per row. Each row's randomness comes only from its own generator.
+    argmax: the greedy rows' argmax over [n, vocab] on the logits' device (a backend's, e.g. CUDA's
+    two-pass one); torch.argmax when not given."""
+
+    def __init__(self, argmax=None):
+        self._argmax = argmax if argmax is not None else (lambda logits: logits.argmax(-1))
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[torch.Generator | None]) -> list[SampleResult]:
@@ -87,7 +92,7 @@ class Sampler:
         simple = all(p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
                      and not p.frequency_penalty for p in params)
         if simple:
-            chosen = logits.argmax(-1).tolist()
+            chosen = self._argmax(logits).tolist()
         else:
             logits = logits.cpu()
             chosen = [self._pick(logits[i].clone(), p, prompt_ids[i], output_ids[i], generators[i])

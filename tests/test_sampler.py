@@ -106,3 +106,15 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     expected = torch.tensor([0.4, 0.3, 0.2, 0.0, 0.0]) / 0.9
     assert counts[3:].sum() == 0
     assert ((counts / n - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-9).all(), counts / n
+
+
+def test_greedy_rows_use_the_backends_argmax():
+    """Greedy rows without penalties go through the argmax the engine hands in (the backend's)."""
+    seen = []
+
+    def argmax(x):
+        seen.append(tuple(x.shape))
+        return x.argmax(-1)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
+    res = Sampler(argmax=argmax)(logits, [SamplingParams(temperature=0.0)] * 2, [[], []], [[], []], [None, None])
+    assert [r.token_id for r in res] == [1, 0] and seen == [(2, 3)]
