@@ -38,6 +38,13 @@ pa_status raise_smem_limit(const char *kernel) {
     return PA_OK;
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with pdl_attribute() may start once every
+// block of the kernel before it has called pdl_trigger() (or exited); it must call pdl_wait() -- which
+// returns when that kernel has completed and its memory is visible -- before it reads anything that
+// kernel writes or writes anything it reads. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+
 // The attribute of a programmatic dependent launch (PDL, sm_90).
 static inline cudaLaunchAttribute pdl_attribute() {
     cudaLaunchAttribute attr;

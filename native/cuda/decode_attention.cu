@@ -72,14 +72,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     constexpr int ITERS = kChunk / TPI;     // warp loads per 16-token chunk
     extern __shared__ __align__(16) float smem[];
 
-    // A programmatic dependent launch, as decode_tc_kernel (decode_attention_tc.cu): the block table
-    // before griddepcontrol.wait, q, K/V and every write after it; a PDL kernel after it may start now.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    const DecodeBlock blk = decode_block(a);
-    if (!blk.live) {   // still wait: this grid's completion then implies the previous kernel's
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        return;
-    }
+    // A programmatic dependent launch (decode_block_pdl, stage_table_then_wait in decode_common.cuh)
+    const DecodeBlock blk = decode_block_pdl(a);
+    if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
     const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
     const bool direct = ctx <= a.partition;   // one partition: this block writes the output
@@ -91,12 +86,9 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a) {
     uint4 *stages = reinterpret_cast<uint4 *>(smem);                         // [warp][stage][2][ITERS][32]
     float *xchg = smem + (front_floats<GP, D, kStages>() - exchange_floats<GP>());   // [warp][16 + 1][GP]
     int *table = reinterpret_cast<int *>(smem + front_floats<GP, D, kStages>());
-    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
 
     // 1. this partition's slice of the block table; this lane's 8 dims of every query head
-    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
-    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];   // none for an empty context
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    const int first_blk = stage_table_then_wait(a, blk, table, kThreads);
     if (ctx <= 0) {   // nothing to attend to: zeros
         for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
         return;

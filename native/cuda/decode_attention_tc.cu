@@ -85,16 +85,11 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     constexpr int NT = D / 8;                      // n-tiles of O
     extern __shared__ __align__(128) unsigned char tc_smem[];
 
-    // Launched as a programmatic dependent of the kernel before it (the qkv GEMV): the block table
-    // (which no kernel writes) is staged while that kernel drains; everything it produces (q, the new
-    // token's K/V) and every write of this one come after griddepcontrol.wait. A PDL-launched kernel
-    // after this one (the o GEMV) may start at once and prefetch its weights.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-    const DecodeBlock blk = decode_block(a);
-    if (!blk.live) {   // still wait: this grid's completion then implies the previous kernel's
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        return;
-    }
+    // Launched as a programmatic dependent of the kernel before it (the qkv GEMV): the block table is
+    // staged while that kernel drains, everything it produces (q, the new token's K/V) read after the
+    // wait; a PDL-launched kernel after this one (the o GEMV) may start at once and prefetch weights.
+    const DecodeBlock blk = decode_block_pdl(a);
+    if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
     const int ctx = blk.ctx, start = blk.start, end = blk.end, ntok = end - start;
     const bool direct = ctx <= a.partition;
@@ -104,10 +99,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages, NW>());
-    const int first_blk = start >> a.bs_log2, nblk = ((end - 1) >> a.bs_log2) - first_blk + 1;
-    const int32_t *bt = a.block_tables + (int64_t)seq * a.max_blocks + first_blk;
-    for (int i = tid; i < nblk; i += kThreads) table[i] = bt[i];   // none for an empty context
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    const int first_blk = stage_table_then_wait(a, blk, table, kThreads);
 
     if (ctx <= 0) {
         for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);

@@ -33,6 +33,28 @@ __device__ __forceinline__ DecodeBlock decode_block(const DecodeArgs &a) {
     return b;
 }
 
+// The start of a decode block, both decode kernels being programmatic dependents: the kernel after
+// this one may launch now (pdl_trigger); a block without work (live false: it returns) still passes
+// pdl_wait, so the grid's completion always implies the previous kernel's.
+__device__ __forceinline__ DecodeBlock decode_block_pdl(const DecodeArgs &a) {
+    pdl_trigger();
+    const DecodeBlock b = decode_block(a);
+    if (!b.live) pdl_wait();
+    return b;
+}
+
+// The block's slice of its sequence's block table into table (shared memory; none for an empty
+// context), staged while the previous kernel drains -- no kernel writes block tables -- then pdl_wait:
+// q, K/V and every write of the block come after it. Returns the slice's first block index.
+__device__ __forceinline__ int stage_table_then_wait(const DecodeArgs &a, const DecodeBlock &b, int *table,
+                                                     int nthreads) {
+    const int first = b.start >> a.bs_log2, n = ((b.end - 1) >> a.bs_log2) - first + 1;
+    const int32_t *bt = a.block_tables + (int64_t)b.seq * a.max_blocks + first;
+    for (int i = threadIdx.x; i < n; i += nthreads) table[i] = bt[i];
+    pdl_wait();
+    return first;
+}
+
 // cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
 __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
     const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
@@ -193,7 +215,7 @@ __device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
 // are resident before the decode grid ends and read the partials as soon as its memory is flushed.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) merge_kernel(DecodeArgs a) {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    pdl_wait();
     const int head = blockIdx.x, seq = blockIdx.y, d = threadIdx.x;
     const int q_row = a.query_start_loc[seq];
     if (a.query_start_loc[seq + 1] - q_row != 1) return;

@@ -33,12 +33,6 @@ __device__ __forceinline__ bool norm_prologue(int mode) {
     return mode == PA_CUDA_GEMV_NORM || mode == PA_CUDA_GEMV_NORM_SILU || mode == kModeNormRope;
 }
 
-// Programmatic dependent launch (sm_90): with pdl set, the next kernel of the stream (when it too is a
-// PDL launch) may start as soon as every block of this one has started; it prefetches its weights,
-// which no kernel writes, and waits for this grid's completion before it reads anything else.
-// Without the launch attribute both instructions are no-ops.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
-__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
 template <typename T, int MR>
 __device__ void stage_input(const GemvArgs &a, T *xs, float *scratch) {
