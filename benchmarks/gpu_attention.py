@@ -88,7 +88,7 @@ def copy_bandwidth() -> float:
 class Case:
     """One (batch, context) point: n_sets independent paged caches, their contiguous copies, queries."""
 
-    def __init__(self, batch: int, ctx: int, n_sets: int, seed: int = 0):
+    def __init__(self, batch: int, ctx: int, n_sets: int, seed: int = 0, pages: str = "scattered"):
         g = torch.Generator(device="cuda").manual_seed(seed)
         self.batch, self.ctx, self.n_sets = batch, ctx, n_sets
         nblk = ctx // BS
@@ -98,6 +98,8 @@ class Case:
             kc = torch.randn(self.num_blocks, NKV, BS, HD, generator=g, device="cuda", dtype=DT)
             vc = torch.randn(self.num_blocks, NKV, BS, HD, generator=g, device="cuda", dtype=DT)
             perm = torch.randperm(self.num_blocks, generator=g, device="cuda").to(torch.int32)
+            if pages == "sequential":          # a diagnostic: each sequence's pages in order, back to back
+                perm = torch.arange(self.num_blocks, device="cuda", dtype=torch.int32)
             tables = perm.view(batch, nblk).contiguous()                                 # scattered pages
             q = torch.randn(batch, NH, HD, generator=g, device="cuda", dtype=DT)
             self.sets.append({"kc": kc, "vc": vc, "tables": tables, "q": q})
@@ -206,6 +208,8 @@ def main() -> None:
     ap.add_argument("--flex", choices=["none", "some", "all"], default="none",
                     help="FlexAttention points (compiling each shape takes a while): some = the target points")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--pages", choices=["scattered", "sequential"], default="scattered",
+                    help="block tables: a random permutation of the pool (the default), or in order (diagnostic)")
     ap.add_argument("--probe", action="store_true",
                     help="one call of ours and of cuDNN SDPA at the first batch/context, for ncu")
     args = ap.parse_args()
@@ -230,7 +234,7 @@ def main() -> None:
     for b in args.batches:
         for ctx in args.contexts:
             per_set = 2 * b * ctx * NKV * HD * DT.itemsize
-            case = Case(b, ctx, n_sets=max(1, min(32, math.ceil(ROTATE_BYTES / per_set))))
+            case = Case(b, ctx, n_sets=max(1, min(32, math.ceil(ROTATE_BYTES / per_set))), pages=args.pages)
             r = {"batch": b, "ctx": ctx, "mb": case.kv_bytes / 2**20, "sets": case.n_sets}
             # ours: each kernel at the heuristic's partition, then a partition sweep of the tensor-core one
             ref = None

@@ -15,7 +15,9 @@ Steps of <= 8 rows (the GEMV path) run in variants (--variants): default (the ba
 launches); fuse (SiLU-mul in gate_up's epilogue, down a plain GEMV); tokens joined by "+" change one
 setting of the first: pdl / nopdl / pdl:o/gate_up (PDL for those GEMVs only), fuse, tc / simt (decode
 attention kernel), kmerge (split attention merged by a merge kernel in the decode graphs too, not by the
-last partition's block), e.g. default+pdl:o/gate_up.
+last partition's block), deep:down/o (those GEMVs with PA_CUDA_GEMV_DEEP), nodeep, logits (the pipelined
+Engine's steps through the logits graph + Backend.argmax instead of Backend.forward_tokens), e.g.
+default+pdl:o/gate_up.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
@@ -175,7 +177,10 @@ def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
               ("gate_up", "layers.0.gate_up", GEMV_NORM), ("down (SiLU prologue)", "layers.0.down", GEMV_SILU),
               ("gate_up + SiLU epilogue", "layers.0.gate_up", GEMV_NORM_SILU),
               ("down (plain)", "layers.0.down", GEMV_PLAIN), ("lm_head", "lm_head", GEMV_NORM)]
-    lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s |", "|---|---|---|---|---|---|---|"]
+    shapes.append(("lm_head + argmax", "lm_head", "argmax"))
+    flavours = ((False, False), (True, False), (False, True), (True, True))     # (pdl, deep)
+    lines = ["| GEMV | n x k | MB | plain us | plain GB/s | PDL us | PDL GB/s | deep us | deep GB/s | PDL+deep us "
+             "| PDL+deep GB/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, name, mode in shapes:
         weight = w[name]
         n, k = weight.shape
@@ -183,12 +188,17 @@ def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
         x = torch.randn(1, 2 * k if mode == GEMV_SILU else k, device="cuda", dtype=weight.dtype)
         nw = torch.ones(k, device="cuda", dtype=weight.dtype)
         out = torch.empty(1, n // 2 if mode == GEMV_NORM_SILU else n, device="cuda", dtype=weight.dtype)
+        tokens = torch.empty(1, dtype=torch.int32, device="cuda")
         row = [f"| {label} | {n} x {k} | {weight.nbytes / 1e6:.1f} |"]
-        for pdl in (False, True):
+        for pdl, deep in flavours:
             def calls():
                 for i in range(20):
+                    if mode == "argmax":
+                        kn.gemv_argmax(x, copies[i % len(copies)], GEMV_NORM, nw, out=out, tokens=tokens, pdl=pdl,
+                                       deep=deep)
+                        continue
                     kn.gemv(x, copies[i % len(copies)], mode, nw if mode in (GEMV_NORM, GEMV_NORM_SILU) else None,
-                            out=out, pdl=pdl)
+                            out=out, pdl=pdl, deep=deep)
             calls()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -329,7 +339,7 @@ def main() -> None:
         weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)
-        defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers   # the constructor's choice
+        defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers, backend.deep_gemv  # constructor's
 
         del weights
         hf = hf.to(torch.bfloat16)
@@ -358,7 +368,10 @@ def main() -> None:
             variants = args.variants
             for variant in variants:
                 tokens = variant.split("+")
-                backend.use_pdl, backend.fuse_silu, backend.fuse_layers = defaults
+                backend.use_pdl, backend.fuse_silu, backend.fuse_layers, backend.deep_gemv = defaults
+                backend.__dict__.pop("forward_tokens", None)
+                if "logits" in tokens:                 # the Engine's pipelined steps: logits graph + argmax
+                    backend.forward_tokens = lambda batch: None
                 backend.kernels.fused_merge = False if "kmerge" in tokens else None
                 backend.decode_impl = next((t for t in tokens if t in ("tc", "simt")), None)
                 if tokens[0] == "layers":
@@ -372,6 +385,10 @@ def main() -> None:
                         backend.use_pdl = tuple(t[4:].split("/"))
                     elif t == "fuse":
                         backend.fuse_silu = True
+                    elif t == "nodeep":
+                        backend.deep_gemv = ()
+                    elif t.startswith("deep:"):                # deep:down/o -- those GEMVs
+                        backend.deep_gemv = tuple(t[5:].split("/"))
                 backend._graphs.clear()
                 with torch.inference_mode():
                     fwd = Runner(model, b, args.prompt_len, args.steps).run()

@@ -52,6 +52,12 @@ class LlamaModel:
         return h, residual
 
     @torch.inference_mode()
+    def forward_tokens(self, batch: Batch) -> torch.Tensor | None:
+        """The greedy tokens of a decode step whose every row wants logits, computed on the device in one
+        backend call (Backend.forward_tokens), or None: then forward() and Backend.argmax."""
+        return self.backend.forward_tokens(batch)
+
+    @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         b = self.backend
         batch = b.prepare(batch)

@@ -47,7 +47,11 @@ class PipelinedDecode:
 
     def _device_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
         """(tokens on the device, their host copy in flight, an event that marks it landed)."""
-        tokens = self.backend.argmax(logits)
+        return self._to_host(self.backend.argmax(logits))
+
+    @staticmethod
+    def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(tokens, their host copy in flight, an event that marks it landed)."""
         if not tokens.is_cuda:
             return tokens, tokens, None
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
@@ -72,12 +76,13 @@ class PipelinedDecode:
         ids = prev.tokens if len(keep) == len(prev.rows) else \
             prev.tokens[torch.tensor(keep, device=prev.tokens.device)]
         batch.device_input_ids = ids
-        logits = self.model.forward(batch)
+        tokens = self.model.forward_tokens(batch)        # one graph replay, the argmax inside (CUDA)
+        launched = self._to_host(tokens) if tokens is not None else self._device_argmax(self.model.forward(batch))
         for seq in rows:
             seq.num_computed += 1
         self.counters["steps"] += 1
         self.counters["steps_ahead"] += 1
-        return InflightStep(rows, *self._device_argmax(logits))
+        return InflightStep(rows, *launched)
 
     def _read_inflight(self, step: "InflightStep") -> None:
         """Wait for a pipelined step's tokens on the host and publish them."""

@@ -223,6 +223,49 @@ def test_decode_attention(kernels, decode_refs, dtype, ctx_lens, hd, group, part
 
 @pytest.mark.cuda
 @needs_gpu
+@pytest.mark.parametrize("ctx_lens", [[1, 17], [200, 1000], [4096, 33], [48, 16]])
+def test_decode_attention_sees_the_kv_the_kernel_before_wrote(kernels, ctx_lens):
+    """A decode step's qkv GEMV (PDL, writes q and the newest position's K/V) then tensor-core attention
+    (a PDL dependent that loads older K/V before its wait) in a graph: the newest slot is poisoned
+    before every replay, so attention that read it before the GEMV wrote it would give NaN."""
+    from engine.backends.cuda import GEMV_NORM
+    nh, nkv, hd, bs, k, rows = 32, 8, 128, 16, 256, len(ctx_lens)
+    g = gen(sum(ctx_lens))
+    dt = torch.bfloat16
+    _, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, [1] * rows, nh, nkv, hd, bs, dt, g)
+    pos = (ctx - 1).to(torch.int32)
+    slots = (tables.gather(1, (pos.long() // bs)[:, None])[:, 0] * bs + pos % bs).to(torch.int32)
+    w = randn((nh + 2 * nkv) * hd, k, g=g, dtype=dt, scale=k ** -0.5)
+    nw = randn(k, g=g, dtype=dt, scale=0.2) + 1
+    x = torch.empty(rows, k, dtype=dt, device="cuda")
+    qkv = torch.empty(rows, (nh + 2 * nkv) * hd, dtype=dt, device="cuda")
+    out = torch.empty(rows, nh, hd, dtype=dt, device="cuda")
+    q = qkv[:, :nh * hd].view(rows, nh, hd)
+
+    def step():
+        kernels.gemv_rope(x, w, nw, pos, slots, kc, vc, nh, 1e-5, 1e4, out=qkv, pdl=True)
+        kernels.paged_attention_decode(q, kc, vc, tables, ctx, qsl, hd ** -0.5, max(ctx_lens), out=out, impl="tc")
+
+    x.copy_(randn(rows, k, g=g, dtype=dt))
+    step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    flat = [c.view(-1, nkv, hd) for c in (kc, vc)]
+    for _ in range(3):
+        x.copy_(randn(rows, k, g=g, dtype=dt))
+        for c in flat:
+            c[slots.long()] = float("nan")
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert not flat[0][slots.long()].isnan().any()
+        ref = attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)
+        assert rel_err(out.cpu(), ref) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
 @pytest.mark.parametrize("bs", [8, 32, 64])
 @pytest.mark.parametrize("impl", ["simt", "tc"])
 def test_decode_attention_block_sizes(kernels, bs, impl):
@@ -380,6 +423,147 @@ def test_gemv_norm_silu_equals_norm_then_silu_gemv(kernels):
     fused = kernels.gemv(x, w, GEMV_NORM_SILU, nw)
     two_step = kernels.silu_mul(kernels.gemv(x, w, GEMV_NORM, nw))
     assert torch.equal(fused, two_step)
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k,mode,with_residual", [
+    (1, 2048, 8192, "plain", True),        # the 1B-like down projection: 256 groups, <= 2 blocks an SM
+    (3, 2048, 2048, "plain", False), (8, 576, 1536, "silu", True), (2, 960, 576, "norm", False),
+    (5, 49152, 576, "plain", False),       # two rows a warp: the flag leaves it as it is
+])
+def test_gemv_deep_gives_the_same_bits(kernels, dtype, rows, n, k, mode, with_residual):
+    """PA_CUDA_GEMV_DEEP changes how many loads are in flight, not the order of any lane's sums."""
+    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN, GEMV_SILU
+    g = gen(rows + n + k)
+    x = randn(rows, 2 * k if mode == "silu" else k, g=g, dtype=dtype, scale=2.0)
+    w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
+    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode == "norm" else None
+    res = randn(rows, n, g=g, dtype=dtype) if with_residual else None
+    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM, "silu": GEMV_SILU}[mode]
+    outs = [torch.full((rows, n), float("nan"), dtype=dtype, device="cuda") for _ in range(2)]
+    for out, deep in zip(outs, (False, True)):
+        kernels.gemv(x, w, code, nw, res, 1e-5, out=out, deep=deep, pdl=deep)
+    assert torch.equal(outs[0], outs[1])
+    assert not outs[1].isnan().any()
+
+
+GEMV_ARGMAX_CASES = [  # (rows, n, k, mode): vocabularies of both models, a partial last group, 2 rows a warp
+    (1, 49152, 576, "norm"), (3, 49152, 576, "plain"), (1, 128256, 2048, "norm"), (8, 128256, 2048, "norm"),
+    (2, 1001, 64, "plain"), (5, 4000, 576, "norm"), (4, 300, 256, "plain"),
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k,mode", GEMV_ARGMAX_CASES)
+@pytest.mark.parametrize("pdl,deep", [(False, False), (True, True)])
+def test_gemv_argmax(kernels, dtype, rows, n, k, mode, pdl, deep):
+    """Logits bit for bit those of pa_gemv_cuda; tokens torch.argmax of them (first maximum), repeated
+    launches (the arrival count resets itself), poisoned outputs."""
+    from engine.backends.cuda import GEMV_NORM, GEMV_PLAIN
+    code = {"plain": GEMV_PLAIN, "norm": GEMV_NORM}[mode]
+    g = gen(rows * 7 + n + k)
+    w = randn(n, k, g=g, dtype=dtype, scale=k ** -0.5)
+    nw = randn(k, g=g, dtype=dtype, scale=0.2) + 1 if mode == "norm" else None
+    for launch in range(3):
+        x = randn(rows, k, g=g, dtype=dtype, scale=2.0)
+        out = torch.full((rows, n), float("nan"), dtype=dtype, device="cuda")
+        tokens = torch.full((rows,), -7, dtype=torch.int32, device="cuda")
+        kernels.gemv_argmax(x, w, code, nw, 1e-5, out=out, tokens=tokens, pdl=pdl, deep=deep)
+        ref = kernels.gemv(x, w, code, nw, eps=1e-5)
+        assert torch.equal(out, ref), f"launch {launch}"
+        assert torch.equal(tokens.long(), ref.float().argmax(-1)), f"launch {launch}"
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gemv_argmax_ties_nan_and_inf(kernels):
+    """Equal maxima go to the lowest index wherever the blocks that hold them finish; a NaN logit is the
+    maximum (torch.argmax's rule); an all -inf row gives index 0."""
+    from engine.backends.cuda import GEMV_PLAIN
+    n, k, rows = 49152, 576, 4
+    g = gen(5)
+    w = randn(n, k, g=g, dtype=torch.bfloat16, scale=k ** -0.5)
+    x = randn(rows, k, g=g, dtype=torch.bfloat16)
+    for j in (40000, 33, 1000, 48000):          # four copies of one row, each ahead of the rest
+        w[j] = 4 * w[7]
+    x[0] = w[7] * 8
+    x[1] = w[7] * 8
+    x[2] = 0                                    # every logit 0: the first of the ties
+    out, tokens = kernels.gemv_argmax(x, w, GEMV_PLAIN)
+    assert tokens[:3].tolist() == [33, 33, 0]
+    assert torch.equal(tokens.long(), out.float().argmax(-1))
+    w2 = w.clone()
+    w2[12345, 0] = float("nan")                 # NaN in every row's logit 12345 beats the tie
+    out, tokens = kernels.gemv_argmax(x, w2, GEMV_PLAIN)
+    assert tokens.tolist() == [12345] * rows == out.float().argmax(-1).tolist()
+    w3 = torch.full((n, k), float("-inf"), dtype=torch.bfloat16, device="cuda")
+    x3 = torch.ones(1, k, dtype=torch.bfloat16, device="cuda")
+    out, tokens = kernels.gemv_argmax(x3, w3, GEMV_PLAIN)
+    assert out.float().isneginf().all() and tokens.item() == 0
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_gemv_argmax_rejects_what_it_cannot_do(kernels):
+    from engine.backends.cuda import GEMV_NORM_SILU, GEMV_SILU
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(128, 64, dtype=torch.bfloat16, device="cuda")
+    for mode in (GEMV_SILU, GEMV_NORM_SILU):
+        with pytest.raises(native.NativeError, match="GEMV_PLAIN or GEMV_NORM"):
+            kernels.gemv_argmax(x, w, mode)
+    with pytest.raises(native.NativeError, match="tokens"):
+        kernels.gemv_argmax(x, w, tokens=torch.zeros(2, dtype=torch.int64, device="cuda"))
+    kernels.gemv_argmax(x, w)                   # the workspace exists
+    ws = kernels._argmax_ws
+    try:                                        # a workspace too small for the launch's grid
+        kernels._argmax_ws = (ws[0][:1], ws[1][:1], ws[2])
+        with pytest.raises(native.NativeError, match="capacity"):
+            kernels.gemv_argmax(x, torch.zeros(49152, 64, dtype=torch.bfloat16, device="cuda"))
+    finally:
+        kernels._argmax_ws = ws
+
+
+def greedy_advance_ref(tokens, step, token_log, ids, pos, ctx, slots, tables, bs):
+    """The torch ops the multi-step greedy graph ran before pa_greedy_advance_cuda (int32 in place)."""
+    live = ctx > 0
+    token_log.index_copy_(0, step.long(), tokens[None])
+    step += 1
+    ids.copy_(torch.where(live, tokens, ids))
+    pos.add_(live.to(torch.int32))
+    ctx.add_(live.to(torch.int32))
+    page = tables.gather(1, (pos.long() // bs)[:, None])[:, 0]
+    slots.copy_(torch.where(live, page * bs + pos % bs, slots))
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("rows,bs", [(1, 16), (8, 16), (128, 32), (300, 8)])
+def test_greedy_advance(kernels, rows, bs):
+    g = gen(rows + bs)
+    width = 64
+    tables = torch.randperm(rows * width, generator=g, device="cuda").to(torch.int32).view(rows, width)
+    ctx = torch.randint(1, (width - 2) * bs, (rows,), generator=g, device="cuda", dtype=torch.int32)
+    ctx[rows // 2] = 0                           # a padding row
+    pos = (ctx - 1).clamp(min=0)
+    slots = torch.where(ctx > 0, tables.gather(1, (pos.long() // bs)[:, None])[:, 0] * bs + pos % bs, -1)
+    state = [torch.randint(0, 1000, (rows,), generator=g, device="cuda", dtype=torch.int32), pos, ctx,
+             slots.to(torch.int32)]
+    ours = [t.clone() for t in state] + [torch.zeros(1, dtype=torch.int32, device="cuda"),
+                                         torch.full((5, rows), -9, dtype=torch.int32, device="cuda")]
+    ref = [t.clone() for t in ours]
+    for _ in range(3):
+        tokens = torch.randint(0, 1000, (rows,), generator=g, device="cuda", dtype=torch.int32)
+        ids, p, c, sl, step, log = ours
+        kernels.greedy_advance(tokens, step, log, ids, p, c, sl, tables, bs)
+        ids, p, c, sl, step, log = ref
+        greedy_advance_ref(tokens, step, log, ids, p, c, sl, tables, bs)
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+    assert ours[4].item() == 3 and (ours[5][3:] == -9).all()
 
 
 @pytest.mark.cuda

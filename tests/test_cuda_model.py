@@ -355,6 +355,29 @@ def test_multi_step_greedy_on_the_gpu(runs, fused, prompts, rows):
             assert tok == best or (lg[j, best] - lg[j, tok]).item() <= 2 * tol, (s, j, tok, best)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_forward_tokens_equal_the_argmax_of_the_logits(fused, prompts, rows):
+    """The tokens graph (argmax fused into the lm_head GEMV at <= 8 rows, argmax_rows over cuBLAS logits
+    above) picks exactly the argmax of the logits graph's float32 logits for the same decode step."""
+    from engine.backends.cuda import CudaBackend
+    ps = (prompts * 2)[:rows]
+    cuda = CudaBackend(SMOL)
+    cuda.load_weights(fused)
+    first, _ = greedy(cuda, ps, new_tokens=1)
+    per_seq, _ = num_blocks_for(ps)
+    items = [([f[0]], len(p), list(range(s * per_seq, (s + 1) * per_seq))) for s, (p, f) in enumerate(zip(ps, first))]
+    model = LlamaModel(SMOL, cuda)
+    batch = Batch.build(items, BLOCK, [True] * rows)
+    logits = model.forward(batch)
+    tokens = model.forward_tokens(batch)
+    assert tokens is not None and tokens.is_cuda and tokens.dtype == torch.int32 and tokens.shape == (rows,)
+    assert torch.equal(tokens.long(), logits.argmax(-1))
+    assert {k[2] for k in cuda._graphs} == {"logits", "tokens"}
+    # a step whose rows do not all want logits is not a tokens step
+    partial = Batch.build(items, BLOCK, [True] * (rows - 1) + [False])
+    assert model.forward_tokens(partial) is None
+
+
 # ---- a trained model: confident predictions, literal equality -------------------------------------------
 @pytest.fixture(scope="module")
 def trained():

@@ -109,6 +109,11 @@ class Backend(ABC):
         """A backend may run the whole step itself (e.g. a CUDA graph); None means model.py composes it."""
         return None
 
+    def forward_tokens(self, batch: Batch) -> torch.Tensor | None:
+        """A backend may run a greedy decode step whole (argmax included) -> device tokens [num_seqs], valid
+        until its next step; None means forward() then argmax()."""
+        return None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden rows [n, hidden] (already normed) -> float32 logits [n, vocab] on this backend's
         device; the sampler decides greedy rows there and moves only what it needs to the host."""

@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
 GEMV_PLAIN, GEMV_NORM, GEMV_SILU, GEMV_NORM_SILU = 0, 1, 2, 3   # PA_CUDA_GEMV_* in pa.h
 GEMV_MAX_ROWS = 8
+GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GEMV_* flags in pa.h
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
 
@@ -75,6 +76,7 @@ class CudaKernels:
         # merge kernel otherwise (1-1.5 us faster than the last block's merge when the context is split,
         # H200, benchmarks/results_cuda.md session 4).
         self.fused_merge: bool | None = None
+        self._argmax_ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None   # gemv_argmax partials
 
     # ---- plumbing ------------------------------------------------------------------------------
     def _p(self, t: torch.Tensor | None):
@@ -167,28 +169,88 @@ class CudaKernels:
         self._call(op, self._p(key_cache), self._p(value_cache), self._p(k), self._p(v), self._p(slot_mapping),
                    T, nkv, hd, key_cache.shape[2], k.stride(0), v.stride(0), self._code(k))
 
+    @staticmethod
+    def _gemv_flags(pdl: bool, deep: bool) -> int:
+        return (GEMV_PDL if pdl else 0) | (GEMV_DEEP if deep else 0)
+
+    def _gemv_checks(self, op: str, x: torch.Tensor, weight: torch.Tensor, mode: int,
+                     norm_weight: torch.Tensor | None, residual: torch.Tensor | None) -> None:
+        n, k = weight.shape
+        self._check(op, "weight", weight, x.dtype)
+        self._check(op, "x", x, x.dtype, (x.shape[0], 2 * k if mode == GEMV_SILU else k))
+        if norm_weight is not None:
+            self._check(op, "norm_weight", norm_weight, x.dtype, (k,))
+        if residual is not None:
+            self._check(op, "residual", residual, x.dtype, (x.shape[0], n))
+
     def gemv(self, x: torch.Tensor, weight: torch.Tensor, mode: int = GEMV_PLAIN,
              norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None, eps: float = 1e-5,
-             out: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
+             out: torch.Tensor | None = None, pdl: bool = False, deep: bool = False) -> torch.Tensor:
         """x' @ weight.T (+ residual) for <= 8 rows; x' = x, rms_norm(x) * norm_weight, or silu(gate) * up.
         GEMV_NORM_SILU: weight = [gate; up], out = silu(x' @ gate.T) * (x' @ up.T) [rows, n / 2].
-        pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h)."""
+        pdl: programmatic dependent launch (starts under the previous kernel's tail; see pa.h); deep: twice
+        the weight loads in flight a lane on one-row-a-warp launches (PA_CUDA_GEMV_DEEP)."""
         op = "pa_gemv_cuda"
         n, k = weight.shape
         rows = x.shape[0]
         n_out = n // 2 if mode == GEMV_NORM_SILU else n
-        self._check(op, "weight", weight, x.dtype)
-        self._check(op, "x", x, x.dtype, (rows, 2 * k if mode == GEMV_SILU else k))
-        if norm_weight is not None:
-            self._check(op, "norm_weight", norm_weight, x.dtype, (k,))
-        if residual is not None:
-            self._check(op, "residual", residual, x.dtype, (rows, n))
+        self._gemv_checks(op, x, weight, mode, norm_weight, residual)
         if out is None:
             out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)           # [rows, n_out]
         self._check(op, "out", out, x.dtype, (rows, n_out))
         self._call(op, self._p(out), self._p(x), self._p(weight), self._p(norm_weight), self._p(residual), rows, n,
-                   k, mode, float(eps), int(bool(pdl)), self._code(x))
+                   k, mode, float(eps), self._gemv_flags(pdl, deep), self._code(x))
         return out
+
+    def gemv_argmax(self, x: torch.Tensor, weight: torch.Tensor, mode: int = GEMV_PLAIN,
+                    norm_weight: torch.Tensor | None = None, eps: float = 1e-5, out: torch.Tensor | None = None,
+                    tokens: torch.Tensor | None = None, pdl: bool = False,
+                    deep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """gemv (GEMV_PLAIN or GEMV_NORM, no residual) -> (out [rows, n], tokens [rows] int32 = the first
+        argmax of each out row, as torch.argmax picks it), in one launch (pa_gemv_argmax_cuda). Launches
+        share this object's partials workspace: keep them on one stream."""
+        op = "pa_gemv_argmax_cuda"
+        n, k = weight.shape
+        rows = x.shape[0]
+        if mode not in (GEMV_PLAIN, GEMV_NORM):
+            raise native.NativeError(f"{op}: mode {mode} (GEMV_PLAIN or GEMV_NORM only)")
+        self._gemv_checks(op, x, weight, mode, norm_weight, None)
+        if out is None:
+            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)                # [rows, n]
+        if tokens is None:
+            tokens = torch.empty(rows, dtype=torch.int32, device=x.device)            # [rows]
+        self._check(op, "out", out, x.dtype, (rows, n))
+        self._check(op, "tokens", tokens, torch.int32, (rows,))
+        if self._argmax_ws is None:
+            cap = 4 * self.num_sms * GEMV_MAX_ROWS        # blocks a launch can have x rows (pa.h)
+            self._argmax_ws = (torch.empty(cap, dtype=torch.float32, device=x.device),
+                               torch.empty(cap, dtype=torch.int32, device=x.device),
+                               torch.zeros(1, dtype=torch.int32, device=x.device))
+        part_v, part_i, arrivals = self._argmax_ws
+        self._call(op, self._p(out), self._p(tokens), self._p(part_v), self._p(part_i), self._p(arrivals),
+                   part_v.numel(), self._p(x), self._p(weight), self._p(norm_weight), rows, n, k, mode, float(eps),
+                   self._gemv_flags(pdl, deep), self._code(x))
+        return out, tokens
+
+    def greedy_advance(self, tokens: torch.Tensor, step: torch.Tensor, token_log: torch.Tensor, input_ids: torch.Tensor,
+                       positions: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, block_size: int) -> None:
+        """A multi-step greedy graph's advance (pa_greedy_advance_cuda): token_log[step] = tokens; live rows
+        (context_lens > 0) take the token as their next input, one more position and context token and the
+        new position's slot; step += 1. Every tensor int32; block_tables [rows, width]."""
+        op = "pa_greedy_advance_cuda"
+        rows = tokens.shape[0]
+        for name, t, shape in (("tokens", tokens, (rows,)), ("step", step, (1,)), ("input_ids", input_ids, (rows,)),
+                               ("positions", positions, (rows,)), ("context_lens", context_lens, (rows,)),
+                               ("slot_mapping", slot_mapping, (rows,)), ("token_log", token_log, None),
+                               ("block_tables", block_tables, None)):
+            self._check(op, name, t, torch.int32, shape)
+        if token_log.dim() != 2 or token_log.shape[1] != rows or block_tables.dim() != 2 \
+                or block_tables.shape[0] != rows:
+            raise native.NativeError(f"{op}: token_log must be [steps, {rows}] and block_tables [{rows}, width]")
+        self._call(op, self._p(tokens), rows, self._p(step), self._p(token_log), token_log.shape[0], self._p(input_ids),
+                   self._p(positions), self._p(context_lens), self._p(slot_mapping), self._p(block_tables),
+                   block_tables.shape[1], int(block_size))
 
     def gemv_rope(self, x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor, positions: torch.Tensor,
                   slot_mapping: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, num_heads: int,
@@ -438,9 +500,11 @@ class _DecodeGraph:
             block_tables=d[6 * B + 1:].view(B, width), max_query_len=1, max_context_len=width * block_size,
             block_size=block_size, partition=partition, max_splits=max_splits)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None     # [B, vocab] float32, written by each replay
+        self.logits: torch.Tensor | None = None     # what the captured run returned (logits graphs: [B, vocab]
+                                                    # float32; tokens graphs: next_tokens), rewritten by each replay
         self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, B] int32 chosen tokens
-        self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU
+        self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU (int32 [1])
+        self.next_tokens: torch.Tensor | None = None    # tokens / greedy graphs: [B] int32, each replay's argmax
 
     def load_padding(self) -> None:
         """Every row a padding row (slot -1, context 0); synchronous."""
@@ -487,7 +551,7 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True, fuse_layers: bool = False):
+                 fuse_rope: bool = True, fuse_layers: bool = False, deep_gemv: tuple | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -505,6 +569,12 @@ class CudaBackend(Backend):
         # of benchmarks/results_cuda.md).
         self.use_pdl = (True if config.hidden_size <= 1024 else ("qkv", "o", "gate_up")) if use_pdl is None \
             else use_pdl
+        # GEMVs launched with twice the weight loads in flight a lane (PA_CUDA_GEMV_DEEP: one-row-a-warp
+        # grids of at most two blocks an SM, e.g. down); names as use_pdl takes them.
+        self.deep_gemv = () if deep_gemv is None else tuple(deep_gemv)
+        unknown = set(self.deep_gemv) - set(self.PDL_GEMVS)
+        if unknown:
+            raise ValueError(f"deep_gemv: unknown GEMV names {sorted(unknown)}")
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
@@ -627,6 +697,23 @@ class CudaBackend(Backend):
         g.graph.replay()
         return g.logits[:batch.logits_indices.shape[0]].clone()   # the next replay overwrites g.logits
 
+    @torch.inference_mode()
+    def forward_tokens(self, batch: Batch) -> torch.Tensor | None:
+        """A greedy decode step in one graph replay, the argmax included (fused into the lm_head GEMV at <= 8
+        rows) -> int32 tokens [num_seqs] on the GPU, or None when no graph fits (use forward + argmax).
+        The tokens live in the graph's static buffer until its next replay: read or copy them before then
+        (the pipelined engine copies them to the host and into the next step's inputs, stream-ordered)."""
+        if batch.logits_indices.shape[0] != batch.num_seqs:
+            return None
+        g = self._graph_for(batch, kind="tokens")
+        if g is None:
+            return None
+        g.load(batch)
+        if batch.device_input_ids is not None:
+            g.batch.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
+        g.graph.replay()
+        return g.logits[:batch.num_seqs]
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Two passes over 256-wide slices (argmax_rows): 8 us for a 128k vocabulary on the H200, where
         torch's one-pass argmax takes 27."""
@@ -660,7 +747,7 @@ class CudaBackend(Backend):
         """Multi-step greedy decode on the GPU: num_steps graph replays, each feeding its argmax to the next,
         with no host round trip in between. batch is a decode step; its block tables must already hold
         context_lens + num_steps - 1 positions. Returns the chosen tokens [num_steps, num_seqs] (CPU)."""
-        g = self._graph_for(batch, greedy=True)
+        g = self._graph_for(batch, kind="greedy")
         if g is None:
             raise ValueError("greedy_steps needs a decode-only batch that fits a CUDA graph")
         if num_steps > g.tokens.shape[0] or batch.max_context_len + num_steps - 1 > self.graph_max_context:
@@ -691,8 +778,11 @@ class CudaBackend(Backend):
     def _graph_partition(self, size: int) -> int:
         return 256 if size <= 4 else 512 if size <= 16 else 1024 if size <= 64 else 2048
 
-    def _graph_for(self, batch: Batch, greedy: bool = False) -> _DecodeGraph | None:
-        """The captured graph for this decode step's padded size (capturing it the first time), or None."""
+    GRAPH_KINDS = ("logits", "tokens", "greedy")
+
+    def _graph_for(self, batch: Batch, kind: str = "logits") -> _DecodeGraph | None:
+        """The captured graph for this decode step's padded size (capturing it the first time), or None.
+        kind: 'logits' (forward_step), 'tokens' (forward_tokens) or 'greedy' (greedy_steps)."""
         if not self.use_cuda_graphs or batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
             return None
         n = batch.num_seqs
@@ -700,20 +790,22 @@ class CudaBackend(Backend):
         if size is None or batch.max_context_len > self.graph_max_context or not self.key_caches:
             return None
         part = self._graph_partition(size)
-        split = greedy or batch.max_context_len > part
-        key = (size, split, greedy)
+        split = kind == "greedy" or batch.max_context_len > part
+        key = (size, split, kind)
         if key not in self._graphs:
-            self._graphs[key] = self._capture(size, part, split, greedy)
+            self._graphs[key] = self._capture(size, part, split, kind)
         return self._graphs[key]
 
-    def _capture(self, size: int, partition: int, split: bool, greedy: bool) -> _DecodeGraph:
+    def _capture(self, size: int, partition: int, split: bool, kind: str) -> _DecodeGraph:
         width = -(-self.graph_max_context // self.block_size)
         max_splits = -(-self.graph_max_context // partition) if split else 1
         g = _DecodeGraph(size, width, self.block_size, partition, max_splits, self.device)
-        if greedy:
+        if kind != "logits":
+            g.next_tokens = torch.zeros(size, dtype=torch.int32, device=self.device)
+        if kind == "greedy":
             g.tokens = torch.zeros(1024, size, dtype=torch.int32, device=self.device)
-            g.step = torch.zeros(1, dtype=torch.int64, device=self.device)
-        run = self._run_greedy if greedy else self._run_step
+            g.step = torch.zeros(1, dtype=torch.int32, device=self.device)
+        run = {"logits": self._run_step, "tokens": self._run_tokens, "greedy": self._run_greedy}[kind]
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -746,33 +838,43 @@ class CudaBackend(Backend):
             h, residual = self._layer(i, h, residual, batch)
         return h, residual
 
-    def _run_step(self, g: _DecodeGraph, pick_rows: bool = True) -> torch.Tensor:
-        """A whole decode step on the graph's static inputs -> float32 logits [B, vocab] of the rows
-        logits_indices names (pick_rows; else of every row in order)."""
+    def _final_norm_lm_head(self, g: _DecodeGraph, pick_rows: bool, tokens: torch.Tensor | None = None):
+        """The final norm and lm_head of a graph step: float32 logits of the rows logits_indices names
+        (pick_rows; else of every row in order); with tokens (every row) also their argmax into tokens,
+        fused into the lm_head GEMV on the GEMV path (the logits then stay bf16)."""
         h, residual = self._run_layers(g)
         if pick_rows:
             rows = g.batch.logits_indices.long()
             h = h.index_select(0, rows)
             residual = residual.index_select(0, rows) if residual is not None else None
         if residual is None:                         # GEMV path: h is the residual stream; norm fused
-            return self.kernels.gemv(h, self.w["lm_head"], GEMV_NORM, self.w["norm"], eps=self.config.rms_norm_eps,
-                                     pdl=self._pdl("lm_head")).float()
+            args = (h, self.w["lm_head"], GEMV_NORM, self.w["norm"])
+            kw = dict(eps=self.config.rms_norm_eps, pdl=self._pdl("lm_head"), deep=self._deep("lm_head"))
+            if tokens is not None:
+                return self.kernels.gemv_argmax(*args, tokens=tokens, **kw)[0]
+            return self.kernels.gemv(*args, **kw).float()
         h, _ = self.rms_norm(h, "norm", residual)
-        return self.logits_device(h)
+        logits = self.logits_device(h)
+        if tokens is not None:
+            tokens.copy_(argmax_rows(logits))
+        return logits
+
+    def _run_step(self, g: _DecodeGraph, pick_rows: bool = True) -> torch.Tensor:
+        """A whole decode step on the graph's static inputs -> float32 logits [B, vocab] of the rows
+        logits_indices names (pick_rows; else of every row in order)."""
+        return self._final_norm_lm_head(g, pick_rows)
+
+    def _run_tokens(self, g: _DecodeGraph) -> torch.Tensor:
+        """A whole decode step -> its greedy tokens [B] (int32, g.next_tokens)."""
+        self._final_norm_lm_head(g, False, g.next_tokens)
+        return g.next_tokens
 
     def _run_greedy(self, g: _DecodeGraph):
         """A decode step that picks its argmax and advances the static inputs to the next step."""
         b = g.batch
-        logits = self._run_step(g, pick_rows=False)
-        nxt = argmax_rows(logits).to(torch.int32)                                 # [B]
-        live = b.context_lens > 0
-        g.tokens.index_copy_(0, g.step, nxt[None])
-        g.step += 1
-        b.input_ids.copy_(torch.where(live, nxt, b.input_ids))
-        b.positions.add_(live.to(torch.int32))
-        b.context_lens.add_(live.to(torch.int32))
-        page = b.block_tables.gather(1, (b.positions.long() // self.block_size)[:, None])[:, 0]
-        b.slot_mapping.copy_(torch.where(live, page * self.block_size + b.positions % self.block_size, -1))
+        logits = self._final_norm_lm_head(g, False, g.next_tokens)
+        self.kernels.greedy_advance(g.next_tokens, g.step, g.tokens, b.input_ids, b.positions, b.context_lens,
+                                    b.slot_mapping, b.block_tables, self.block_size)
         return logits
 
     PDL_GEMVS = ("qkv", "o", "gate_up", "down", "lm_head")
@@ -785,6 +887,9 @@ class CudaBackend(Backend):
         if unknown:
             raise ValueError(f"use_pdl: unknown GEMV names {sorted(unknown)}")
         return name in self.use_pdl
+
+    def _deep(self, name: str) -> bool:
+        return name in self.deep_gemv
 
     def layer_stack(self) -> LayerStack:
         """pa_decode_layers_cuda's table of this backend's layers and caches (built once per weights x caches)."""
@@ -799,13 +904,14 @@ class CudaBackend(Backend):
 
     def _layer_gemv(self, i: int, r: torch.Tensor, batch: CudaBatch) -> torch.Tensor:
         """A decode layer of few rows on the fused GEMV kernels; r is the residual stream [M, hidden]."""
-        c, kn, w, eps, pdl = self.config, self.kernels, self.w, self.config.rms_norm_eps, self._pdl
+        c, kn, w, eps, pdl, deep = self.config, self.kernels, self.w, self.config.rms_norm_eps, self._pdl, self._deep
         if self.fuse_rope:
             qkv = kn.gemv_rope(r, w[f"layers.{i}.qkv"], w[f"layers.{i}.input_norm"], batch.positions,
                                batch.slot_mapping, self.key_caches[i], self.value_caches[i], c.num_heads, eps,
                                c.rope_theta, pdl=pdl("qkv"))
         else:
-            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl("qkv"))
+            qkv = kn.gemv(r, w[f"layers.{i}.qkv"], GEMV_NORM, w[f"layers.{i}.input_norm"], eps=eps, pdl=pdl("qkv"),
+                          deep=deep("qkv"))
         T = qkv.shape[0]
         q = qkv[:, :c.q_size].view(T, c.num_heads, c.head_dim)
         if not self.fuse_rope:
@@ -814,11 +920,11 @@ class CudaBackend(Backend):
             kn.rope(q, k, batch.positions, c.rope_theta,
                     cache=(self.key_caches[i], self.value_caches[i], v, batch.slot_mapping))
         attn = self.paged_attention(i, q, batch)                               # [T, nh, hd]
-        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl("o"))
+        r = kn.gemv(attn.view(T, c.q_size), w[f"layers.{i}.o"], residual=r, pdl=pdl("o"), deep=deep("o"))
         if self.fuse_silu:
             act = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM_SILU, w[f"layers.{i}.post_norm"], eps=eps,
                           pdl=pdl("gate_up"))
-            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl("down"))
+            return kn.gemv(act, w[f"layers.{i}.down"], GEMV_PLAIN, residual=r, pdl=pdl("down"), deep=deep("down"))
         gate_up = kn.gemv(r, w[f"layers.{i}.gate_up"], GEMV_NORM, w[f"layers.{i}.post_norm"], eps=eps,
                           pdl=pdl("gate_up"))
-        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl("down"))
+        return kn.gemv(gate_up, w[f"layers.{i}.down"], GEMV_SILU, residual=r, pdl=pdl("down"), deep=deep("down"))

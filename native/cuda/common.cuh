@@ -45,6 +45,14 @@ pa_status raise_smem_limit(const char *kernel) {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
+// Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the
+// n-th, which also zeroes the count for the next launch.
+__device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
+    const bool last = atomicAdd(cnt, 1) == n - 1;
+    if (last) atomicExch(cnt, 0);
+    return last;
+}
+
 // The attribute of a programmatic dependent launch (PDL, sm_90).
 static inline cudaLaunchAttribute pdl_attribute() {
     cudaLaunchAttribute attr;

@@ -99,32 +99,12 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     int *table = reinterpret_cast<int *>(tc_smem + tc_front_bytes<D, GP, kStages, NW>());
-    const int first_blk = stage_table_then_wait(a, blk, table, kThreads);
-
-    if (ctx <= 0) {
-        for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
-        return;
-    }
-
-    // Q as A fragments: row r = lane / 4 (and r + 8), columns c2, c2 + 1 (and + 8) of each k-step.
-    const int r = lane >> 2, c2 = (lane & 3) * 2;
-    uint32_t qf[KS][4];
-    {
-        const T *qb = (const T *)a.q + (int64_t)q_row * a.q_stride + (int64_t)h0 * D;
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            const bool lo = r < nheads, hi = GP == 16 && r + 8 < nheads;
-            qf[ks][0] = lo ? *reinterpret_cast<const uint32_t *>(qb + r * D + ks * 16 + c2) : 0u;
-            qf[ks][2] = lo ? *reinterpret_cast<const uint32_t *>(qb + r * D + ks * 16 + 8 + c2) : 0u;
-            qf[ks][1] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + c2) : 0u;
-            qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + 8 + c2) : 0u;
-        }
-    }
+    const int first_blk = stage_table(a, blk, table, kThreads);
     __syncthreads();
 
     const int bs_mask = (1 << a.bs_log2) - 1;
     const bool whole_chunks = a.bs_log2 >= 4;      // a 16-token chunk lies inside one block
-    const int nchunks = (ntok + kChunk - 1) / kChunk;
+    const int nchunks = ntok > 0 ? (ntok + kChunk - 1) / kChunk : 0;
     const int mine = nchunks > warp ? (nchunks - warp + kWarps - 1) / kWarps : 0;
     unsigned char *my_stages = tc_smem + (size_t)warp * kStages * 2 * CHUNK_BYTES;
     const T *kcache = (const T *)a.key_cache, *vcache = (const T *)a.value_cache;
@@ -157,8 +137,36 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
             cp_async16(dst + CHUNK_BYTES + soff, vcache + off, ok ? 16 : 0);
         }
     };
+    // The first chunks go out before the wait when they cannot hold the sequence's newest token (position
+    // ctx - 1, the only one the kernel ahead of this one may be writing: pa.h); the rest after it.
+    int early = 0;
+    for (; early < kStages - 1 && early < mine; ++early) {
+        if (start + (warp + early * kWarps) * kChunk + kChunk >= ctx) break;
+        issue(early);
+        cp_async_commit();
+    }
+    pdl_wait();
+
+    if (ctx <= 0) {
+        for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
+        return;
+    }
+
+    // Q as A fragments: row r = lane / 4 (and r + 8), columns c2, c2 + 1 (and + 8) of each k-step.
+    const int r = lane >> 2, c2 = (lane & 3) * 2;
+    uint32_t qf[KS][4];
+    {
+        const T *qb = (const T *)a.q + (int64_t)q_row * a.q_stride + (int64_t)h0 * D;
 #pragma unroll
-    for (int j = 0; j < kStages - 1; ++j) {
+        for (int ks = 0; ks < KS; ++ks) {
+            const bool lo = r < nheads, hi = GP == 16 && r + 8 < nheads;
+            qf[ks][0] = lo ? *reinterpret_cast<const uint32_t *>(qb + r * D + ks * 16 + c2) : 0u;
+            qf[ks][2] = lo ? *reinterpret_cast<const uint32_t *>(qb + r * D + ks * 16 + 8 + c2) : 0u;
+            qf[ks][1] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + c2) : 0u;
+            qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qb + (r + 8) * D + ks * 16 + 8 + c2) : 0u;
+        }
+    }
+    for (int j = early; j < kStages - 1; ++j) {
         if (j < mine) issue(j);
         cp_async_commit();
     }

@@ -44,13 +44,19 @@ __device__ __forceinline__ DecodeBlock decode_block_pdl(const DecodeArgs &a) {
 }
 
 // The block's slice of its sequence's block table into table (shared memory; none for an empty
-// context), staged while the previous kernel drains -- no kernel writes block tables -- then pdl_wait:
-// q, K/V and every write of the block come after it. Returns the slice's first block index.
-__device__ __forceinline__ int stage_table_then_wait(const DecodeArgs &a, const DecodeBlock &b, int *table,
-                                                     int nthreads) {
+// context), staged while the previous kernel drains -- no kernel writes block tables. Returns the
+// slice's first block index. The caller synchronises before reading table.
+__device__ __forceinline__ int stage_table(const DecodeArgs &a, const DecodeBlock &b, int *table, int nthreads) {
     const int first = b.start >> a.bs_log2, n = ((b.end - 1) >> a.bs_log2) - first + 1;
     const int32_t *bt = a.block_tables + (int64_t)b.seq * a.max_blocks + first;
     for (int i = threadIdx.x; i < n; i += nthreads) table[i] = bt[i];
+    return first;
+}
+
+// stage_table, then pdl_wait: q, K/V and every write of the block come after it.
+__device__ __forceinline__ int stage_table_then_wait(const DecodeArgs &a, const DecodeBlock &b, int *table,
+                                                     int nthreads) {
+    const int first = stage_table(a, b, table, nthreads);
     pdl_wait();
     return first;
 }
@@ -200,14 +206,6 @@ __device__ bool merge_block(const DecodeArgs &a, float *scratch, int scratch_flo
         }
     }
     return true;
-}
-
-// Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the
-// n-th, which also zeroes the count for the next launch.
-__device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
-    const bool last = atomicAdd(cnt, 1) == n - 1;
-    if (last) atomicExch(cnt, 0);
-    return last;
 }
 
 // One block per (query head, sequence), one thread per dim: merge_partitions into the output row.

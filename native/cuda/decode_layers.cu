@@ -298,7 +298,7 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
         __syncthreads();
         if (threadIdx.x == 0) {
             __threadfence();
-            *flag = decode::last_arrival(a.counters + seq * a.num_kv_heads + kvh, nsplit);
+            *flag = last_arrival(a.counters + seq * a.num_kv_heads + kvh, nsplit);
         }
         __syncthreads();
         if (*flag) {

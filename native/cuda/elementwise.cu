@@ -274,3 +274,42 @@ extern "C" pa_status pa_write_kv_cuda(void *key_cache, void *value_cache, const 
         return check_launch("write_kv_kernel");
     });
 }
+
+// One thread a row; thread 0 also advances the step counter after every thread has read it.
+__global__ void greedy_advance_kernel(const int32_t *tokens, int32_t num_rows, int32_t *step, int32_t *token_log,
+                                      int32_t max_steps, int32_t *input_ids, int32_t *positions,
+                                      int32_t *context_lens, int32_t *slot_mapping, const int32_t *block_tables,
+                                      int32_t table_width, int32_t block_size) {
+    const int s = *step;
+    for (int m = threadIdx.x; m < num_rows; m += blockDim.x) {
+        const int32_t tok = tokens[m];
+        if (s < max_steps) token_log[(int64_t)s * num_rows + m] = tok;
+        if (context_lens[m] <= 0) continue;                       // a padding row: nothing moves
+        const int32_t pos = positions[m] + 1;
+        input_ids[m] = tok;
+        positions[m] = pos;
+        context_lens[m] += 1;
+        const int page = pos / block_size;
+        slot_mapping[m] = page < table_width ? block_tables[(int64_t)m * table_width + page] * block_size +
+                                                   pos % block_size
+                                             : -1;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) *step = s + 1;
+}
+
+extern "C" pa_status pa_greedy_advance_cuda(const int32_t *tokens, int32_t num_rows, int32_t *step,
+                                            int32_t *token_log, int32_t max_steps, int32_t *input_ids,
+                                            int32_t *positions, int32_t *context_lens, int32_t *slot_mapping,
+                                            const int32_t *block_tables, int32_t table_width, int32_t block_size,
+                                            void *stream) {
+    if (tokens == nullptr || step == nullptr || token_log == nullptr || input_ids == nullptr ||
+        positions == nullptr || context_lens == nullptr || slot_mapping == nullptr || block_tables == nullptr ||
+        num_rows < 0 || max_steps <= 0 || table_width <= 0 || block_size <= 0)
+        return cuda_fail(PA_ERR_INVALID_ARG, "greedy_advance_kernel: bad arguments");
+    if (num_rows == 0) return PA_OK;
+    greedy_advance_kernel<<<1, 256, 0, (cudaStream_t)stream>>>(tokens, num_rows, step, token_log, max_steps,
+                                                               input_ids, positions, context_lens, slot_mapping,
+                                                               block_tables, table_width, block_size);
+    return check_launch("greedy_advance_kernel");
+}

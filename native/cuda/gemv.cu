@@ -11,10 +11,57 @@ namespace {
 
 using namespace gemv;
 
+// The argmax epilogue of PA_CUDA_GEMV_ARGMAX (pa_gemv_argmax_cuda): where each block leaves its rows'
+// best and how the last block to finish finds the tokens.
+struct ArgmaxArgs {
+    int32_t *tokens = nullptr;      // [rows]
+    float *part_v = nullptr;        // [blocks][MR]
+    int32_t *part_i = nullptr;      // [blocks][MR]
+    int32_t *arrivals = nullptr;    // one counter, zero between launches
+};
+
+// Lane m of every warp holds its rows' best of row m (best): the block's best per row goes to the
+// partials; the last block to arrive reduces every block's partials (warp m: row m) into tokens[m].
+template <int MR>
+__device__ void argmax_epilogue(const GemvArgs &a, const ArgmaxArgs &g, const ArgBest &best) {
+    __shared__ float sv[kWarps][MR];
+    __shared__ int si[kWarps][MR];
+    __shared__ bool last;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane < MR) {
+        sv[warp][lane] = best.v;
+        si[warp][lane] = best.i;
+    }
+    __syncthreads();
+    if (threadIdx.x < MR) {
+        ArgBest b;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) b.take(sv[w][threadIdx.x], si[w][threadIdx.x]);
+        g.part_v[blockIdx.x * MR + threadIdx.x] = b.v;
+        g.part_i[blockIdx.x * MR + threadIdx.x] = b.i;
+        __threadfence();
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) last = last_arrival(g.arrivals, gridDim.x);
+    __syncthreads();
+    if (!last || warp >= MR || warp >= a.rows) return;
+    __threadfence();
+    ArgBest b;
+    for (int j = lane; j < (int)gridDim.x; j += 32) b.take(__ldcg(g.part_v + j * MR + warp), __ldcg(g.part_i + j * MR + warp));
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+        const float v = __shfl_xor_sync(0xffffffffu, b.v, off);
+        const int i = __shfl_xor_sync(0xffffffffu, b.i, off);
+        b.take(v, i);
+    }
+    if (lane == 0) g.tokens[warp] = b.i;
+}
+
 // A grid-stride loop over groups of 8 * RPW rows: the prologue (staging the transformed input) is
-// paid once per block, however many rows the block then streams.
-template <typename T, int MR, int RPW>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
+// paid once per block, however many rows the block then streams. U: loads a lane and row in a batch;
+// ARGMAX: also the argmax of every row's outputs (argmax_epilogue).
+template <typename T, int MR, int RPW, int U, bool ARGMAX>
+__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, ArgmaxArgs g) {
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     T *xs = reinterpret_cast<T *>(gemv_smem);                              // [MR][k]
     float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));  // [8][MR]
@@ -23,60 +70,92 @@ __global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a) {
     // the first weight loads go out before the input is staged (they do not depend on it), and
     // before the wait for the previous kernel (PDL launches only)
     const uint4 *wrow[RPW];
-    uint4 wv[RPW][kUnroll];
-    first_loads<T, RPW>(a, (blockIdx.x * kWarps + warp) * RPW, lane, wrow, wv);
+    uint4 wv[RPW][U];
+    first_loads<T, RPW, U>(a, (blockIdx.x * kWarps + warp) * RPW, lane, wrow, wv);
     pdl_wait();
     stage_input<T, MR>(a, xs, scratch);
     __syncthreads();
-    gemv_groups<T, MR, RPW>(a, xs, blockIdx.x, gridDim.x, wrow, wv);
+    ArgBest best;
+    gemv_groups<T, MR, RPW, U>(a, xs, blockIdx.x, gridDim.x, wrow, wv, ARGMAX ? &best : nullptr);
+    if constexpr (ARGMAX) argmax_epilogue<MR>(a, g, best);
 }
 
-template <typename T, int MR, int RPW>
-pa_status launch_gemv_cfg(const GemvArgs &a, size_t smem, int num_sms, bool pdl, cudaStream_t stream) {
-    PA_RETURN_IF_ERR((raise_smem_limit<gemv_kernel<T, MR, RPW>>("gemv_kernel")));
-    const int groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
-    // Blocks an SM while the input is small: four for the one-row-a-warp kernels (<= 64 registers:
-    // all four fit, so a 3072-row GEMV streams in one round instead of two), else two.
-    const int per_sm = smem > 48 * 1024 ? 1 : (RPW == 1 && MR <= 4 ? 4 : 2);
-    const int blocks = groups < per_sm * num_sms ? groups : per_sm * num_sms;
+// The grid: groups of 8 * RPW rows over at most per_sm blocks an SM.
+template <int RPW>
+int gemv_blocks(int n, int per_sm, int num_sms) {
+    const int groups = (n + kWarps * RPW - 1) / (kWarps * RPW);
+    return groups < per_sm * num_sms ? groups : per_sm * num_sms;
+}
+
+template <typename T, int MR, int RPW, int U, bool ARGMAX>
+pa_status launch_gemv_cfg(const GemvArgs &a, const ArgmaxArgs &g, size_t smem, int per_sm, int num_sms, bool pdl,
+                          cudaStream_t stream) {
+    auto kernel = gemv_kernel<T, MR, RPW, U, ARGMAX>;
+    PA_RETURN_IF_ERR((raise_smem_limit<gemv_kernel<T, MR, RPW, U, ARGMAX>>("gemv_kernel")));
+    const int blocks = gemv_blocks<RPW>(a.n, per_sm, num_sms);
     if (!pdl) {
-        gemv_kernel<T, MR, RPW><<<blocks, kThreads, smem, stream>>>(a);
+        kernel<<<blocks, kThreads, smem, stream>>>(a, g);
         return check_launch("gemv_kernel");
     }
-    return launch_with_attribute(gemv_kernel<T, MR, RPW>, "gemv_kernel (PDL)", dim3(blocks), smem, kThreads, stream,
-                                 pdl_attribute(), a);
+    return launch_with_attribute(kernel, "gemv_kernel (PDL)", dim3(blocks), smem, kThreads, stream, pdl_attribute(),
+                                 a, g);
 }
 
-template <typename T, int MR>
-pa_status launch_gemv(const GemvArgs &a, int num_sms, int32_t flags, cudaStream_t stream) {
-    const bool pdl = flags & PA_CUDA_GEMV_PDL;
-    const bool two = a.mode == PA_CUDA_GEMV_NORM_SILU || a.mode == kModeNormRope || a.n >= 32 * num_sms;
-    const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
+// Blocks an SM while the input is small: four for the one-row-a-warp kernels (<= 64 registers: all four
+// fit, so a 3072-row GEMV streams in one round instead of two), else two; PA_CUDA_GEMV_DEEP's one-row
+// kernel (8 loads a lane in a batch, ~100 registers) two.
+inline int gemv_per_sm(size_t smem, int rpw, int mr, bool deep) {
+    if (smem > 48 * 1024) return 1;
+    return rpw == 1 && mr <= 4 && !deep ? 4 : 2;
+}
+
+// Two rows a warp for tall matrices (more loads in flight), one for the rest; NORM_SILU and the RoPE
+// epilogue always take two (the gate and up rows of one output, the two rows of a rotation pair).
+inline bool gemv_two_rows(const GemvArgs &a, int num_sms) {
+    return a.mode == PA_CUDA_GEMV_NORM_SILU || a.mode == kModeNormRope || a.n >= 32 * num_sms;
+}
+
+inline size_t gemv_smem_bytes(const GemvArgs &a, int mr, size_t elem) {
+    return (size_t)mr * a.k * elem + kWarps * mr * sizeof(float);
+}
+
+template <typename T, int MR, bool ARGMAX>
+pa_status launch_gemv(const GemvArgs &a, const ArgmaxArgs &g, int num_sms, int32_t flags, cudaStream_t stream) {
+    const bool pdl = flags & PA_CUDA_GEMV_PDL, deep = flags & PA_CUDA_GEMV_DEEP;
+    const bool two = gemv_two_rows(a, num_sms);
+    const size_t smem = gemv_smem_bytes(a, MR, sizeof(T));
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
-    // Two rows a warp for tall matrices (more loads in flight), one for the rest; NORM_SILU always
-    // takes two (the gate and up rows of one output).
-    if (two) return launch_gemv_cfg<T, MR, 2>(a, smem, num_sms, pdl, stream);
-    return launch_gemv_cfg<T, MR, 1>(a, smem, num_sms, pdl, stream);
+    const int per_sm = gemv_per_sm(smem, two ? 2 : 1, MR, deep);
+    if (two) return launch_gemv_cfg<T, MR, 2, kUnroll, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
+    if (deep) return launch_gemv_cfg<T, MR, 1, kUnrollDeep, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
+    return launch_gemv_cfg<T, MR, 1, kUnroll, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
 }
 
-// The shared tail of both exports: the flags, the row limit, the SM count, the dtype and row-count dispatch.
-pa_status run_gemv(const char *name, const GemvArgs &a, int32_t flags, int32_t dtype, void *stream) {
-    if (flags & ~PA_CUDA_GEMV_PDL)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
-    if (a.rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, a.rows);
-    if (a.rows == 0) return PA_OK;
+int device_sms() {
     int device = 0, num_sms = 132;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    return num_sms;
+}
+
+// The shared tail of the exports: the flags, the row limit, the SM count, the dtype and row-count dispatch.
+template <bool ARGMAX = false>
+pa_status run_gemv(const char *name, const GemvArgs &a, int32_t flags, int32_t dtype, void *stream,
+                   const ArgmaxArgs &g = ArgmaxArgs{}) {
+    if (flags & ~(PA_CUDA_GEMV_PDL | PA_CUDA_GEMV_DEEP))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: unknown flags 0x%x", name, (unsigned)flags);
+    if (a.rows > 8) return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d rows (at most 8: use a GEMM)", name, a.rows);
+    if (a.rows == 0) return PA_OK;
+    const int num_sms = device_sms();
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
-        if (a.rows == 1) return launch_gemv<T, 1>(a, num_sms, flags, st);
-        if (a.rows == 2) return launch_gemv<T, 2>(a, num_sms, flags, st);
-        if (a.rows <= 4) return launch_gemv<T, 4>(a, num_sms, flags, st);
-        return launch_gemv<T, 8>(a, num_sms, flags, st);
+        if (a.rows == 1) return launch_gemv<T, 1, ARGMAX>(a, g, num_sms, flags, st);
+        if (a.rows == 2) return launch_gemv<T, 2, ARGMAX>(a, g, num_sms, flags, st);
+        if (a.rows <= 4) return launch_gemv<T, 4, ARGMAX>(a, g, num_sms, flags, st);
+        return launch_gemv<T, 8, ARGMAX>(a, g, num_sms, flags, st);
     });
 }
 
@@ -97,6 +176,36 @@ extern "C" pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, 
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: PA_CUDA_GEMV_NORM_SILU needs an even n and no residual", name);
     return run_gemv(name, GemvArgs{out, x, weight, norm_weight, residual, num_rows, n, k, mode, eps}, flags, dtype,
                     stream);
+}
+
+extern "C" pa_status pa_gemv_argmax_cuda(void *out, int32_t *tokens, float *part_values, int32_t *part_indices,
+                                         int32_t *arrivals, int32_t part_capacity, const void *x, const void *weight,
+                                         const void *norm_weight, int32_t num_rows, int32_t n, int32_t k, int32_t mode,
+                                         float eps, int32_t flags, int32_t dtype, void *stream) {
+    const char *name = "gemv_kernel (argmax)";
+    if (out == nullptr || tokens == nullptr || part_values == nullptr || part_indices == nullptr ||
+        arrivals == nullptr || x == nullptr || weight == nullptr || num_rows < 0 || n <= 0 || k <= 0 || k % 8)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (k %d must be a positive multiple of 8)", name, (int)k);
+    if (mode != PA_CUDA_GEMV_PLAIN && mode != PA_CUDA_GEMV_NORM)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d (PA_CUDA_GEMV_PLAIN or PA_CUDA_GEMV_NORM only)", name,
+                         (int)mode);
+    if (mode == PA_CUDA_GEMV_NORM && norm_weight == nullptr)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
+    // the grid of the launch run_gemv will make: its blocks' partials must fit
+    const GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, n, k, mode, eps};
+    const int num_sms = device_sms(), mr = num_rows <= 2 ? (num_rows < 1 ? 1 : num_rows) : num_rows <= 4 ? 4 : 8;
+    const bool two = gemv_two_rows(a, num_sms);
+    const int per_sm = gemv_per_sm(gemv_smem_bytes(a, mr, 2), two ? 2 : 1, mr, flags & PA_CUDA_GEMV_DEEP);
+    const int blocks = two ? gemv_blocks<2>(n, per_sm, num_sms) : gemv_blocks<1>(n, per_sm, num_sms);
+    if ((int64_t)blocks * mr > part_capacity)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: %d blocks x %d rows of partials, capacity %d", name, blocks, mr,
+                         (int)part_capacity);
+    ArgmaxArgs g;
+    g.tokens = tokens;
+    g.part_v = part_values;
+    g.part_i = part_indices;
+    g.arrivals = arrivals;
+    return run_gemv<true>(name, a, flags, dtype, stream, g);
 }
 
 extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,

@@ -4,6 +4,8 @@
 // were written by other blocks earlier in the same launch.
 #pragma once
 
+#include <climits>
+
 #include "common.cuh"
 
 namespace gemv {
@@ -12,6 +14,7 @@ namespace gemv {
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
 constexpr int kUnroll = 4;   // 16-byte weight loads per lane and row in a batch (two batches in flight)
+constexpr int kUnrollDeep = 8;   // PA_CUDA_GEMV_DEEP (one row a warp, two blocks an SM)
 
 // The mode of pa_gemv_rope_cuda (internal: pa_gemv_cuda rejects it): the NORM prologue, rows paired as
 // RoPE pairs them, rotation and the KV write in the epilogue.
@@ -115,12 +118,12 @@ __device__ __forceinline__ int weight_row(const GemvArgs &a, int row0, int r) {
     return min(row0 + r, a.n - 1);
 }
 
-// The weight rows of a warp's group starting at row0 (wrow) and their first kUnroll 16-byte loads (wv).
-// One batch: kUnroll 16-byte loads a row from vector v0 on (32 apart), zeros past the row's nv vectors.
-template <int RPW>
-__device__ __forceinline__ void load_batch(const uint4 *const (&wrow)[RPW], int v0, int nv, uint4 (&dst)[RPW][kUnroll]) {
+// The weight rows of a warp's group starting at row0 (wrow) and their first U 16-byte loads (wv).
+// One batch: U 16-byte loads a row from vector v0 on (32 apart), zeros past the row's nv vectors.
+template <int RPW, int U>
+__device__ __forceinline__ void load_batch(const uint4 *const (&wrow)[RPW], int v0, int nv, uint4 (&dst)[RPW][U]) {
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int r = 0; r < RPW; ++r) {
             const int v = v0 + u * 32;
@@ -128,20 +131,37 @@ __device__ __forceinline__ void load_batch(const uint4 *const (&wrow)[RPW], int 
         }
 }
 
-template <typename T, int RPW>
+template <typename T, int RPW, int U = kUnroll>
 __device__ __forceinline__ void first_loads(const GemvArgs &a, int row0, int lane, const uint4 *(&wrow)[RPW],
-                                            uint4 (&wv)[RPW][kUnroll]) {
+                                            uint4 (&wv)[RPW][U]) {
 #pragma unroll
     for (int r = 0; r < RPW; ++r)
         wrow[r] = reinterpret_cast<const uint4 *>((const T *)a.weight + (int64_t)weight_row(a, row0, r) * a.k);
-    load_batch<RPW>(wrow, lane, a.k / 8, wv);
+    load_batch<RPW, U>(wrow, lane, a.k / 8, wv);
 }
+
+// A running argmax as torch.argmax decides it: NaN is the largest value, ties go to the lower index. The
+// order is total, so partial results combine in any order to the same index.
+struct ArgBest {
+    float v = -INFINITY;
+    int i = INT_MAX;
+    __device__ __forceinline__ void take(float w, int j) {
+        const bool wn = w != w, vn = v != v;
+        const bool better = (wn || vn) ? (wn && (!vn || j < i)) : (w > v || (w == v && j < i));
+        if (better) {
+            v = w;
+            i = j;
+        }
+    }
+};
 
 // The end of a warp's row group starting at row0: reduce acc over the warp; lane m writes row m's value
 // (+ residual), or with NORM_SILU the (gate j, up j) pair as silu(gate) * up, rounded as pa_silu_mul_cuda
 // rounds it, or with kModeNormRope the rotated pair and its KV-cache slots.
+// best (plain mode): lane m also folds row m's stored values into its running argmax.
 template <typename T, int MR, int RPW>
-__device__ __forceinline__ void store_group(const GemvArgs &a, int row0, int lane, const float (&acc)[RPW][MR]) {
+__device__ __forceinline__ void store_group(const GemvArgs &a, int row0, int lane, const float (&acc)[RPW][MR],
+                                            ArgBest *best = nullptr) {
     if (RPW == 2 && a.mode == kModeNormRope) {
         // x1, x2 rounded as the GEMV stores them; q and k rotated as rope_kernel rotates; k and v
         // stored in their slots as rope_kernel stores them
@@ -198,16 +218,18 @@ __device__ __forceinline__ void store_group(const GemvArgs &a, int row0, int lan
                 float y = round_to<T>(sum);
                 if (a.residual != nullptr) y += to_f(__ldcg((const T *)a.residual + idx));
                 ((T *)a.out)[idx] = from_f<T>(y);
+                if (best != nullptr) best->take(round_to<T>(y), n);   // the stored value
             }
         }
     }
 }
 
 // The rows of groups group, group + stride, ... (8 * RPW rows each) against the staged input xs: wrow
-// and wv hold the first group's row pointers and first loads (first_loads), issued by the caller.
-template <typename T, int MR, int RPW>
+// and wv hold the first group's row pointers and first loads (first_loads), issued by the caller. U: the
+// 16-byte loads a lane and row in one batch (two batches in flight). best: as store_group takes it.
+template <typename T, int MR, int RPW, int U = kUnroll>
 __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int group, int stride,
-                                            const uint4 *(&wrow)[RPW], uint4 (&wv)[RPW][kUnroll]) {
+                                            const uint4 *(&wrow)[RPW], uint4 (&wv)[RPW][U], ArgBest *best = nullptr) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int nv = a.k / 8;
     const int num_groups = (a.n + kWarps * RPW - 1) / (kWarps * RPW);
@@ -216,17 +238,17 @@ __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int 
     int next_row0 = row0;
     for (; group < num_groups; group += stride) {
         row0 = next_row0;                        // wv already holds this group's first loads
-        // 2. stream the rows: two batches of kUnroll x RPW 16-byte loads in flight per lane
+        // 2. stream the rows: two batches of U x RPW 16-byte loads in flight per lane
         float acc[RPW][MR];
 #pragma unroll
         for (int r = 0; r < RPW; ++r)
 #pragma unroll
             for (int m = 0; m < MR; ++m) acc[r][m] = 0.f;
-        for (int v0 = lane; v0 < nv; v0 += 32 * kUnroll) {
-            uint4 nxt[RPW][kUnroll];
-            load_batch<RPW>(wrow, v0 + 32 * kUnroll, nv, nxt);
+        for (int v0 = lane; v0 < nv; v0 += 32 * U) {
+            uint4 nxt[RPW][U];
+            load_batch<RPW, U>(wrow, v0 + 32 * U, nv, nxt);
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
+            for (int u = 0; u < U; ++u) {
                 const int v = v0 + u * 32;
                 if (v >= nv) break;
 #pragma unroll
@@ -243,7 +265,7 @@ __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int 
                 }
             }
 #pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
+            for (int u = 0; u < U; ++u)
 #pragma unroll
                 for (int r = 0; r < RPW; ++r) wv[r][u] = nxt[r][u];
         }
@@ -251,10 +273,10 @@ __device__ __forceinline__ void gemv_groups(const GemvArgs &a, const T *xs, int 
         //    reduction and epilogue (and the block's later groups start with data in flight)
         if (group + stride < num_groups) {
             next_row0 = ((group + stride) * kWarps + warp) * RPW;
-            first_loads<T, RPW>(a, next_row0, lane, wrow, wv);
+            first_loads<T, RPW, U>(a, next_row0, lane, wrow, wv);
         }
         // 4. reduce over the warp and write the group's outputs
-        store_group<T, MR, RPW>(a, row0, lane, acc);
+        store_group<T, MR, RPW>(a, row0, lane, acc, best);
     }
 }
 

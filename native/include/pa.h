@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 7
+#define PA_ABI_VERSION 8
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -220,7 +220,11 @@ pa_status pa_paged_attention_decode_cuda(void *out, float *partial_out, float *p
  * query heads of a kv head are the rows of an m16 tile (groups <= 8 use its upper half; larger groups
  * are split into blocks of 16 heads); same workspace. counters: NULL (partitions merged by a second
  * kernel) or int32 [num_seqs * num_kv_heads * ceil(group / (group <= 8 ? 8 : 16))], all zero on entry
- * and left zero: the last partition block of each (sequence, head group) merges the partitions. */
+ * and left zero: the last partition block of each (sequence, head group) merges the partitions.
+ * Both decode kernels are launched as programmatic dependents (sm_90): they read block_tables,
+ * context_lens and query_start_loc before the kernel ahead of them in the stream has finished, and this
+ * one also the K/V of each sequence's positions before context_lens - 1. That kernel may write q and the
+ * newest position's K/V (a decode step's qkv projection does), nothing else these kernels read. */
 pa_status pa_paged_attention_decode_tc_cuda(void *out, float *partial_out, float *partial_ml, int32_t *counters,
                                             const void *q,
                                             const void *key_cache, const void *value_cache,
@@ -247,8 +251,11 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
  * out [num_rows, n] = T(T(dot) + residual) when residual [num_rows, n] is given (it may alias out).
  * flags: PA_CUDA_GEMV_PDL, a programmatic dependent launch (sm_90): the kernel starts before the previous
  * kernel of the stream has finished, prefetches weight rows (which nothing may write meanwhile), then
- * waits for it; no other bit is defined. */
+ * waits for it; PA_CUDA_GEMV_DEEP, one-row-a-warp launches keep twice the weight loads in flight a lane
+ * (8 x 16 bytes a batch, two blocks an SM instead of four: for grids under two blocks an SM); no other bit
+ * is defined. */
 #define PA_CUDA_GEMV_PDL 1
+#define PA_CUDA_GEMV_DEEP 2
 #define PA_CUDA_GEMV_PLAIN 0
 #define PA_CUDA_GEMV_NORM 1
 #define PA_CUDA_GEMV_SILU 2
@@ -258,6 +265,15 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
 pa_status pa_gemv_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
                        const void *residual, int32_t num_rows, int32_t n, int32_t k, int32_t mode, float eps,
                        int32_t flags, int32_t dtype, void *stream);
+/* pa_gemv_cuda (PLAIN or NORM, no residual) that also writes tokens[m] = argmax_j out[m, j] (int32; the first
+ * maximum, NaN the largest, as torch.argmax decides it on the stored values): each block leaves its rows'
+ * best in part_values / part_indices (capacity entries each; too few -> PA_ERR_INVALID_ARG before any
+ * launch) and the last block to count itself in arrivals (one int32, zero before the first launch; each
+ * launch leaves it zero) reduces them. Launches sharing the workspace must be ordered (one stream). */
+pa_status pa_gemv_argmax_cuda(void *out, int32_t *tokens, float *part_values, int32_t *part_indices,
+                              int32_t *arrivals, int32_t part_capacity, const void *x, const void *weight,
+                              const void *norm_weight, int32_t num_rows, int32_t n, int32_t k, int32_t mode,
+                              float eps, int32_t flags, int32_t dtype, void *stream);
 /* The qkv projection of a decode layer with RoPE and the KV write in its epilogue (one launch where
  * pa_gemv_cuda(NORM) + pa_rope_write_kv_cuda took two): out [num_rows, (nh + 2 nkv) hd] = T(rms_norm(x) *
  * norm_weight @ weight.T), then q and k heads rotated and k, v stored in their slots (slot_mapping[m] < 0:
@@ -268,6 +284,15 @@ pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const 
                             void *value_cache, int32_t num_rows, int32_t k, int32_t num_heads,
                             int32_t num_kv_heads, int32_t head_dim, int32_t block_size, float eps, float theta,
                             int32_t flags, int32_t dtype, void *stream);
+/* A multi-step greedy decode graph's step advance, given the step's tokens [num_rows] (int32): token_log
+ * [max_steps, num_rows][*step] = tokens (when *step < max_steps), then for each row with context_lens > 0:
+ * input_ids = token, positions += 1, context_lens += 1, slot_mapping = the slot of the new position in
+ * block_tables [num_rows, table_width] (-1 past the table); rows with context_lens <= 0 are left as they
+ * are. Finally *step += 1. */
+pa_status pa_greedy_advance_cuda(const int32_t *tokens, int32_t num_rows, int32_t *step, int32_t *token_log,
+                                 int32_t max_steps, int32_t *input_ids, int32_t *positions, int32_t *context_lens,
+                                 int32_t *slot_mapping, const int32_t *block_tables, int32_t table_width,
+                                 int32_t block_size, void *stream);
 /* Every layer of a decode step of num_rows <= 8 one-token sequences in one persistent (cooperative)
  * launch: per layer the pa_gemv_rope_cuda qkv projection, paged decode attention, o + residual, gate_up
  * with SiLU-mul (PA_CUDA_GEMV_NORM_SILU) and down + residual, as phases separated by grid barriers; each
