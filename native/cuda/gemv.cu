@@ -21,7 +21,7 @@ struct ArgmaxArgs {
 };
 
 // Lane m of every warp holds its rows' best of row m (best): the block's best per row goes to the
-// partials; the last block to arrive reduces every block's partials (warp m: row m) into tokens[m].
+// partials; the last block to arrive reduces every block's partials into tokens[m].
 template <int MR>
 __device__ void argmax_epilogue(const GemvArgs &a, const ArgmaxArgs &g, const ArgBest &best) {
     __shared__ float sv[kWarps][MR];
@@ -44,24 +44,45 @@ __device__ void argmax_epilogue(const GemvArgs &a, const ArgmaxArgs &g, const Ar
     __syncthreads();
     if (threadIdx.x == 0) last = last_arrival(g.arrivals, gridDim.x);
     __syncthreads();
-    if (!last || warp >= MR || warp >= a.rows) return;
+    if (!last) return;
+    // the last block: every thread takes its share of the partials of all rows (loads all in flight),
+    // then warps reduce and warp 0 merges the warps' results
     __threadfence();
-    ArgBest b;
-    for (int j = lane; j < (int)gridDim.x; j += 32) b.take(__ldcg(g.part_v + j * MR + warp), __ldcg(g.part_i + j * MR + warp));
+    ArgBest b[MR];
+    for (int j = threadIdx.x; j < (int)gridDim.x; j += kThreads)
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) {
-        const float v = __shfl_xor_sync(0xffffffffu, b.v, off);
-        const int i = __shfl_xor_sync(0xffffffffu, b.i, off);
-        b.take(v, i);
+        for (int m = 0; m < MR; ++m) b[m].take(__ldcg(g.part_v + j * MR + m), __ldcg(g.part_i + j * MR + m));
+#pragma unroll
+    for (int m = 0; m < MR; ++m) {
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) {
+            const float v = __shfl_xor_sync(0xffffffffu, b[m].v, off);
+            const int i = __shfl_xor_sync(0xffffffffu, b[m].i, off);
+            b[m].take(v, i);
+        }
     }
-    if (lane == 0) g.tokens[warp] = b.i;
+    __syncthreads();                       // sv / si are free again
+    if (lane == 0)
+#pragma unroll
+        for (int m = 0; m < MR; ++m) {
+            sv[warp][m] = b[m].v;
+            si[warp][m] = b[m].i;
+        }
+    __syncthreads();
+    if (threadIdx.x < MR && threadIdx.x < a.rows) {
+        ArgBest t;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) t.take(sv[w][threadIdx.x], si[w][threadIdx.x]);
+        g.tokens[threadIdx.x] = t.i;
+    }
 }
 
 // A grid-stride loop over groups of 8 * RPW rows: the prologue (staging the transformed input) is
 // paid once per block, however many rows the block then streams. U: loads a lane and row in a batch;
 // ARGMAX: also the argmax of every row's outputs (argmax_epilogue).
+// At most 128 registers a thread: two blocks an SM always fit (gemv_per_sm).
 template <typename T, int MR, int RPW, int U, bool ARGMAX>
-__global__ void __launch_bounds__(kThreads) gemv_kernel(GemvArgs a, ArgmaxArgs g) {
+__global__ void __launch_bounds__(kThreads, 2) gemv_kernel(GemvArgs a, ArgmaxArgs g) {
     extern __shared__ __align__(16) unsigned char gemv_smem[];
     T *xs = reinterpret_cast<T *>(gemv_smem);                              // [MR][k]
     float *scratch = reinterpret_cast<float *>(gemv_smem + (size_t)MR * a.k * sizeof(T));  // [8][MR]
