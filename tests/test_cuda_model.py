@@ -242,16 +242,16 @@ def test_fp16_greedy_tokens(runs, prompts):
 
 def test_graphs_were_used(runs):
     r, _ = runs
-    print("captured decode graphs (bucket, split, greedy):", r["_graphs"])
-    assert (8, False, False) in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
+    print("captured decode graphs (bucket, split, kind):", r["_graphs"])
+    assert (8, False, "logits") in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
 
 
 def test_graph_variants(fused, runs, prompts):
     """Contexts within one partition (attention writes the output directly) and past it (split + merge)."""
     from engine.backends.cuda import CudaBackend
     _, ref = runs
-    for batch_prompts, key in (([[7, 8, 9], list(range(100, 107)), list(range(2000, 2012))], (4, False, False)),
-                               ([prompts[-1]], (1, True, False))):
+    for batch_prompts, key in (([[7, 8, 9], list(range(100, 107)), list(range(2000, 2012))], (4, False, "logits")),
+                               ([prompts[-1]], (1, True, "logits"))):
         cuda = CudaBackend(SMOL)
         cuda.load_weights(fused)
         outs, logits = greedy(cuda, batch_prompts)
@@ -263,7 +263,8 @@ def test_graph_variants(fused, runs, prompts):
                                      {"decode_impl": "tc", "use_pdl": True, "fuse_silu": True},
                                      {"decode_impl": "simt", "use_pdl": False, "fuse_silu": False},
                                      {"fuse_rope": False}, {"fuse_rope": True, "use_pdl": True},
-                                     {"fuse_layers": True}])
+                                     {"fuse_layers": True}, {"deep_gemv": ()},
+                                     {"deep_gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "use_pdl": False}])
 def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile), PDL-launched GEMVs and
     the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, against the float32 reference."""
@@ -272,7 +273,7 @@ def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     cuda = CudaBackend(SMOL, **options)
     cuda.load_weights(fused)
     outs, logits = greedy(cuda, prompts)
-    assert (8, False, False) in cuda._graphs, sorted(cuda._graphs)
+    assert (8, False, "logits") in cuda._graphs, sorted(cuda._graphs)
     rel, _ = check_against_ref(f"cuda-{options}", teacher_forced(ref, prompts, outs), outs, logits)
     assert rel < 0.1
 
@@ -290,7 +291,7 @@ def test_in_kernel_merge_graphs_equal_the_merge_kernel(fused, prompts, n_prompts
         cuda.kernels.fused_merge = fused_merge
         cuda.load_weights(fused)
         outs, logits = greedy(cuda, chosen)
-        assert (n_prompts, True, False) in cuda._graphs, sorted(cuda._graphs)
+        assert (n_prompts, True, "logits") in cuda._graphs, sorted(cuda._graphs)
         results.append((outs, [t.cpu() for seq in logits for t in seq]))
     for outs, logits in results[1:]:
         assert outs == results[0][0]
@@ -316,9 +317,13 @@ def test_engine_end_to_end_on_cuda(runs, fused, prompts):
     backend.load_weights(fused)
     eng = Engine(SMOL, backend, EngineConfig(backend="cuda", block_size=BLOCK, num_blocks=256, max_num_seqs=8,
                                              max_batched_tokens=256))
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    done = run_to_completion(eng, [eng.submit(p, params) for p in prompts])
+    # lengths that end on different steps: the step launched ahead drops the finished rows (its input
+    # tokens gathered on the GPU from the tokens graph's output)
+    lengths = [NEW_TOKENS - 3 * s for s in range(len(prompts))]
+    done = run_to_completion(eng, [eng.submit(p, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+                                   for p, n in zip(prompts, lengths)])
     outs = [c.token_ids for c in done]
+    assert [len(o) for o in outs] == lengths
     print("engine+cuda vs our cuda loop:", agreement(outs, r["cuda"][0]),
           f"({eng.counters['steps_ahead']} of {eng.counters['steps']} steps launched ahead)")
     assert eng.counters["steps_ahead"] > NEW_TOKENS // 2, "the pipelined decode did not run"
@@ -418,7 +423,7 @@ def test_trained_greedy_tokens_equal_the_reference(trained_runs, name):
     (ref_outs, ref_logits), (outs, logits) = trained_runs["ref"], trained_runs[name]
     print(f"trained: {name} vs ref fp32:", agreement(outs, ref_outs))
     if name == "cuda":
-        assert (8, False, False) in trained_runs["_graphs"], "decode steps of 8 sequences did not replay a graph"
+        assert (8, False, "logits") in trained_runs["_graphs"], "decode steps of 8 sequences did not replay a graph"
     lowest, worst = float("inf"), 0.0
     for s, (ref_toks, toks, ref_lg, lg) in enumerate(zip(ref_outs, outs, ref_logits, logits)):
         n = next((j for j, (u, v) in enumerate(zip(ref_toks, toks)) if u != v), len(toks))

@@ -564,14 +564,16 @@ class CudaBackend(Backend):
         self.gemv_max_rows = min(gemv_max_rows, GEMV_MAX_ROWS)   # decode graphs of <= this many rows: GEMV path
         # GEMVs as programmatic dependent launches (pa.h): True, False, or the names of those that are
         # ("qkv", "o", "gate_up", "down", "lm_head"). None: all for hidden <= 1024, where the H200 runs
-        # SmolLM2's batch-1 step 7-8 % faster with them; above, qkv, o and gate_up (1B-like: 1,101 tok/s
-        # against 1,070 with none and 1,056 with all: PDL slows the k = 8192 down projection; session 4
-        # of benchmarks/results_cuda.md).
-        self.use_pdl = (True if config.hidden_size <= 1024 else ("qkv", "o", "gate_up")) if use_pdl is None \
-            else use_pdl
+        # SmolLM2's batch-1 step 7-8 % faster with them; above, all but lm_head (1B-like with down and o
+        # deep: 1,188 tok/s against 1,173 without PDL on down; without deep, PDL slowed down, which is
+        # why session 4 left it out; benchmarks/results_cuda.md session 5).
+        self.use_pdl = (True if config.hidden_size <= 1024 else ("qkv", "o", "gate_up", "down")) \
+            if use_pdl is None else use_pdl
         # GEMVs launched with twice the weight loads in flight a lane (PA_CUDA_GEMV_DEEP: one-row-a-warp
-        # grids of at most two blocks an SM, e.g. down); names as use_pdl takes them.
-        self.deep_gemv = () if deep_gemv is None else tuple(deep_gemv)
+        # grids of at most two blocks an SM); names as use_pdl takes them. None: down and o (H200, GPU
+        # multi-step batch 1: SmolLM2 2,205 against 2,120 tok/s, 1B-like with down as a PDL launch 1,182
+        # against 1,169; results_cuda.md session 5).
+        self.deep_gemv = ("down", "o") if deep_gemv is None else tuple(deep_gemv)
         unknown = set(self.deep_gemv) - set(self.PDL_GEMVS)
         if unknown:
             raise ValueError(f"deep_gemv: unknown GEMV names {sorted(unknown)}")
