@@ -633,10 +633,7 @@ class CudaBackend(Backend):
         """Upload the index tensors once (one copy from pinned memory); decode steps go to a graph."""
         graph = self._graph_for(batch)
         if graph is not None:
-            loaded = graph.load(batch)
-            if batch.device_input_ids is not None:            # after the host ids' copy, on the same stream
-                loaded.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
-            return loaded
+            return self._load_graph(graph, batch)
         parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.query_start_loc, batch.context_lens,
                  batch.logits_indices, batch.block_tables.reshape(-1)]
         sizes = [p.numel() for p in parts]
@@ -710,9 +707,7 @@ class CudaBackend(Backend):
         g = self._graph_for(batch, kind="tokens")
         if g is None:
             return None
-        g.load(batch)
-        if batch.device_input_ids is not None:
-            g.batch.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
+        self._load_graph(g, batch)
         g.graph.replay()
         return g.logits[:batch.num_seqs]
 
@@ -782,9 +777,19 @@ class CudaBackend(Backend):
 
     GRAPH_KINDS = ("logits", "tokens", "greedy")
 
+    @staticmethod
+    def _load_graph(g: _DecodeGraph, batch: Batch) -> CudaBatch:
+        """The batch into g's static inputs; device input ids copied after the host ids, on the same stream."""
+        loaded = g.load(batch)
+        if batch.device_input_ids is not None:
+            loaded.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
+        return loaded
+
     def _graph_for(self, batch: Batch, kind: str = "logits") -> _DecodeGraph | None:
         """The captured graph for this decode step's padded size (capturing it the first time), or None.
         kind: 'logits' (forward_step), 'tokens' (forward_tokens) or 'greedy' (greedy_steps)."""
+        if kind not in self.GRAPH_KINDS:
+            raise ValueError(f"graph kind must be one of {self.GRAPH_KINDS}, got {kind!r}")
         if not self.use_cuda_graphs or batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
             return None
         n = batch.num_seqs
