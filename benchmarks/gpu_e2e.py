@@ -128,6 +128,7 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
     decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step.
     pipelined=False turns off the engine's pipelined decode (Engine.step) for comparison."""
     backend.supports_async = pipelined
+    from engine.backends.base import settle_heap
     from engine.config import EngineConfig
     from engine.engine import Engine
     from engine.sequence import SamplingParams
@@ -135,6 +136,7 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
     eng = Engine(cfg, backend, EngineConfig(backend="cuda", block_size=BS, num_blocks=batch * per_seq + 8,
                                             max_num_seqs=batch, max_batched_tokens=max(2048, batch),
                                             enable_prefix_caching=False))
+    settle_heap()                                 # as engine.decoder.Decoder does once its model is loaded
     g = torch.Generator().manual_seed(batch + 7)
     params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
     for _ in range(batch):

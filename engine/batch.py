@@ -53,10 +53,12 @@ class Batch:
         np.cumsum(query_lens, out=starts[1:])
         total = int(starts[-1])
         ids = np.fromiter(itertools.chain.from_iterable(ids for ids, _, _ in seqs), np.int64, total)
-        max_blocks = max((len(t) for _, _, t in seqs), default=1) or 1
+        table_lens = np.fromiter((len(t) for _, _, t in seqs), np.int64, n)
+        max_blocks = int(table_lens.max(initial=1)) or 1
         tables = np.full((n, max_blocks), -1, np.int32)
-        for s, (_, _, table) in enumerate(seqs):
-            tables[s, : len(table)] = table
+        # every row's table left-aligned, in one masked store (row-major: the flat order of the tables)
+        tables[np.arange(max_blocks) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(t for _, _, t in seqs), np.int32, int(table_lens.sum()))
         owner = np.repeat(np.arange(n), query_lens)                          # [num_tokens] sequence index
         pos = np.arange(total) - starts[:-1][owner] + computed[owner]
         slots = tables[owner, pos // block_size].astype(np.int64) * block_size + pos % block_size

@@ -9,7 +9,7 @@ from typing import Iterator
 
 import torch
 
-from engine.backends.base import Backend, release_free_heap
+from engine.backends.base import Backend, release_free_heap, settle_heap
 from engine.config import EngineConfig, ModelConfig
 from engine.engine import Engine
 from engine.model import fuse_weights
@@ -116,6 +116,7 @@ class Decoder:
         self.model_config = loaded.config
         self.tokenizer = tokenizer
         self.model_name = getattr(loaded, "name", None) or Path(loaded.source).stem
+        settle_heap()                               # what lives as long as the model leaves the GC's scans
         if start:
             self.engine.start()
 

@@ -25,3 +25,15 @@ def test_build_mixed_chunks_and_decodes():
 def test_build_decode_only():
     b = Batch.build([([3], 0, [1]), ([4], 31, [0, 5])], 16, [True, True])
     assert b.is_decode_only and b.slot_mapping.tolist() == [16, 5 * 16 + 15]
+
+
+def test_build_tables_ragged_and_empty():
+    """Block tables of any lengths are left-aligned and padded with -1; no sequences gives empty arrays."""
+    import random
+    rng = random.Random(3)
+    seqs = [([1], rng.randrange(0, 16 * n), [rng.randrange(1000) for _ in range(n)]) for n in (1, 7, 2, 5, 3)]
+    seqs = [(ids, min(c, 16 * len(t) - 1), t) for ids, c, t in seqs]
+    b = Batch.build(seqs, 16, [True] * len(seqs))
+    assert b.block_tables.tolist() == [t + [-1] * (7 - len(t)) for _, _, t in seqs]
+    empty = Batch.build([], 16, [])
+    assert empty.num_seqs == 0 and empty.num_tokens == 0 and tuple(empty.block_tables.shape) == (0, 1)
