@@ -574,9 +574,8 @@ class CudaBackend(Backend):
         # multi-step batch 1: SmolLM2 2,205 against 2,120 tok/s, 1B-like with down as a PDL launch 1,182
         # against 1,169; results_cuda.md session 5).
         self.deep_gemv = ("down", "o") if deep_gemv is None else tuple(deep_gemv)
-        unknown = set(self.deep_gemv) - set(self.PDL_GEMVS)
-        if unknown:
-            raise ValueError(f"deep_gemv: unknown GEMV names {sorted(unknown)}")
+        for option, value in (("use_pdl", self.use_pdl), ("deep_gemv", self.deep_gemv)):
+            self._gemv_option(option, value, "")       # unknown GEMV names fail here, not at the first step
         self.fuse_silu = fuse_silu              # GEMV path: SiLU-mul in gate_up's epilogue, down a plain GEMV
         self.fuse_rope = fuse_rope              # GEMV path: RoPE and the KV write in qkv's epilogue
         # GEMV path: every layer in one persistent launch (pa_decode_layers_cuda, both fusions above built
@@ -709,7 +708,7 @@ class CudaBackend(Backend):
             return None
         self._load_graph(g, batch)
         g.graph.replay()
-        return g.logits[:batch.num_seqs]
+        return g.next_tokens[:batch.num_seqs]
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Two passes over 256-wide slices (argmax_rows): 8 us for a 128k vocabulary on the H200, where
@@ -884,19 +883,23 @@ class CudaBackend(Backend):
                                     b.slot_mapping, b.block_tables, self.block_size)
         return logits
 
-    PDL_GEMVS = ("qkv", "o", "gate_up", "down", "lm_head")
+    GEMV_NAMES = ("qkv", "o", "gate_up", "down", "lm_head")      # what use_pdl and deep_gemv may name
 
     def _pdl(self, name: str) -> bool:
         """Whether the decode path launches this GEMV as a programmatic dependent (use_pdl: bool or names)."""
-        if isinstance(self.use_pdl, bool):
-            return self.use_pdl
-        unknown = set(self.use_pdl) - set(self.PDL_GEMVS)
-        if unknown:
-            raise ValueError(f"use_pdl: unknown GEMV names {sorted(unknown)}")
-        return name in self.use_pdl
+        return self._gemv_option("use_pdl", self.use_pdl, name)
 
     def _deep(self, name: str) -> bool:
-        return name in self.deep_gemv
+        """Whether the decode path launches this GEMV with PA_CUDA_GEMV_DEEP (deep_gemv: names)."""
+        return self._gemv_option("deep_gemv", self.deep_gemv, name)
+
+    def _gemv_option(self, option: str, value: bool | tuple, name: str) -> bool:
+        if isinstance(value, bool):
+            return value
+        unknown = set(value) - set(self.GEMV_NAMES)
+        if unknown:
+            raise ValueError(f"{option}: unknown GEMV names {sorted(unknown)}")
+        return name in value
 
     def layer_stack(self) -> LayerStack:
         """pa_decode_layers_cuda's table of this backend's layers and caches (built once per weights x caches)."""

@@ -53,6 +53,14 @@ __device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
     return last;
 }
 
+// The current device's SM count (132 when it cannot be read), which the launchers size their grids by.
+static inline int device_sms() {
+    int device = 0, num_sms = 132;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    return num_sms;
+}
+
 // The attribute of a programmatic dependent launch (PDL, sm_90).
 static inline cudaLaunchAttribute pdl_attribute() {
     cudaLaunchAttribute attr;

@@ -262,9 +262,7 @@ pa_status launch_decode_stages(const DecodeArgs &a, int num_seqs, cudaStream_t s
 
 template <typename T, int D, int GP>
 pa_status launch_decode(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const int num_sms = device_sms();
     const long blocks = (long)a.max_splits * a.num_kv_heads * a.head_groups * num_seqs;
     const pa_status st = blocks < num_sms ? launch_decode_stages<T, D, GP, 4>(a, num_seqs, stream)
                                           : launch_decode_stages<T, D, GP, 2>(a, num_seqs, stream);

@@ -336,9 +336,7 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
 // register limit).
 template <typename T, int D, int GP>
 pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const int num_sms = device_sms();
     // Units, not blocks: a decode graph sizes its grid for its longest context (max_splits), while the
     // live blocks of a step are the units times the partitions its contexts fill.
     const long units = (long)a.num_kv_heads * a.head_groups * num_seqs;

@@ -390,9 +390,8 @@ pa_status launch_layers(LayersArgs a, cudaStream_t stream) {
     const size_t smem = gemv_smem > attn_smem ? gemv_smem : attn_smem;
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_layers_kernel: %zu bytes of shared memory", smem);
-    int device = 0, num_sms = 0, per_sm = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+    const int num_sms = device_sms();
+    int per_sm = 0;
     const cudaError_t occ = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
     if (occ != cudaSuccess || per_sm < 1)
         return cuda_fail(PA_ERR_UNSUPPORTED, "decode_layers_kernel: no resident block (%s)", cudaGetErrorString(occ));

@@ -18,6 +18,7 @@ struct ArgmaxArgs {
     float *part_v = nullptr;        // [blocks][MR]
     int32_t *part_i = nullptr;      // [blocks][MR]
     int32_t *arrivals = nullptr;    // one counter, zero between launches
+    int capacity = 0;               // entries of part_v and of part_i
 };
 
 // Lane m of every warp holds its rows' best of row m (best): the block's best per row goes to the
@@ -109,11 +110,10 @@ int gemv_blocks(int n, int per_sm, int num_sms) {
 }
 
 template <typename T, int MR, int RPW, int U, bool ARGMAX>
-pa_status launch_gemv_cfg(const GemvArgs &a, const ArgmaxArgs &g, size_t smem, int per_sm, int num_sms, bool pdl,
+pa_status launch_gemv_cfg(const GemvArgs &a, const ArgmaxArgs &g, size_t smem, int blocks, bool pdl,
                           cudaStream_t stream) {
     auto kernel = gemv_kernel<T, MR, RPW, U, ARGMAX>;
     PA_RETURN_IF_ERR((raise_smem_limit<gemv_kernel<T, MR, RPW, U, ARGMAX>>("gemv_kernel")));
-    const int blocks = gemv_blocks<RPW>(a.n, per_sm, num_sms);
     if (!pdl) {
         kernel<<<blocks, kThreads, smem, stream>>>(a, g);
         return check_launch("gemv_kernel");
@@ -136,29 +136,22 @@ inline bool gemv_two_rows(const GemvArgs &a, int num_sms) {
     return a.mode == PA_CUDA_GEMV_NORM_SILU || a.mode == kModeNormRope || a.n >= 32 * num_sms;
 }
 
-inline size_t gemv_smem_bytes(const GemvArgs &a, int mr, size_t elem) {
-    return (size_t)mr * a.k * elem + kWarps * mr * sizeof(float);
-}
-
 template <typename T, int MR, bool ARGMAX>
 pa_status launch_gemv(const GemvArgs &a, const ArgmaxArgs &g, int num_sms, int32_t flags, cudaStream_t stream) {
     const bool pdl = flags & PA_CUDA_GEMV_PDL, deep = flags & PA_CUDA_GEMV_DEEP;
     const bool two = gemv_two_rows(a, num_sms);
-    const size_t smem = gemv_smem_bytes(a, MR, sizeof(T));
+    const size_t smem = (size_t)MR * a.k * sizeof(T) + kWarps * MR * sizeof(float);
     if (smem > 200 * 1024)
         return cuda_fail(PA_ERR_UNSUPPORTED, "gemv_kernel: %d rows of k=%d need %zu bytes of shared memory", a.rows,
                          a.k, smem);
     const int per_sm = gemv_per_sm(smem, two ? 2 : 1, MR, deep);
-    if (two) return launch_gemv_cfg<T, MR, 2, kUnroll, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
-    if (deep) return launch_gemv_cfg<T, MR, 1, kUnrollDeep, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
-    return launch_gemv_cfg<T, MR, 1, kUnroll, ARGMAX>(a, g, smem, per_sm, num_sms, pdl, stream);
-}
-
-int device_sms() {
-    int device = 0, num_sms = 132;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-    return num_sms;
+    const int blocks = two ? gemv_blocks<2>(a.n, per_sm, num_sms) : gemv_blocks<1>(a.n, per_sm, num_sms);
+    if (ARGMAX && (int64_t)blocks * MR > g.capacity)   // every block leaves MR partials
+        return cuda_fail(PA_ERR_INVALID_ARG, "gemv_kernel (argmax): %d blocks x %d rows of partials, capacity %d",
+                         blocks, MR, g.capacity);
+    if (two) return launch_gemv_cfg<T, MR, 2, kUnroll, ARGMAX>(a, g, smem, blocks, pdl, stream);
+    if (deep) return launch_gemv_cfg<T, MR, 1, kUnrollDeep, ARGMAX>(a, g, smem, blocks, pdl, stream);
+    return launch_gemv_cfg<T, MR, 1, kUnroll, ARGMAX>(a, g, smem, blocks, pdl, stream);
 }
 
 // The shared tail of the exports: the flags, the row limit, the SM count, the dtype and row-count dispatch.
@@ -212,21 +205,14 @@ extern "C" pa_status pa_gemv_argmax_cuda(void *out, int32_t *tokens, float *part
                          (int)mode);
     if (mode == PA_CUDA_GEMV_NORM && norm_weight == nullptr)
         return cuda_fail(PA_ERR_INVALID_ARG, "%s: mode %d needs norm_weight", name, (int)mode);
-    // the grid of the launch run_gemv will make: its blocks' partials must fit
-    const GemvArgs a{out, x, weight, norm_weight, nullptr, num_rows, n, k, mode, eps};
-    const int num_sms = device_sms(), mr = num_rows <= 2 ? (num_rows < 1 ? 1 : num_rows) : num_rows <= 4 ? 4 : 8;
-    const bool two = gemv_two_rows(a, num_sms);
-    const int per_sm = gemv_per_sm(gemv_smem_bytes(a, mr, 2), two ? 2 : 1, mr, flags & PA_CUDA_GEMV_DEEP);
-    const int blocks = two ? gemv_blocks<2>(n, per_sm, num_sms) : gemv_blocks<1>(n, per_sm, num_sms);
-    if ((int64_t)blocks * mr > part_capacity)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: %d blocks x %d rows of partials, capacity %d", name, blocks, mr,
-                         (int)part_capacity);
     ArgmaxArgs g;
     g.tokens = tokens;
     g.part_v = part_values;
     g.part_i = part_indices;
     g.arrivals = arrivals;
-    return run_gemv<true>(name, a, flags, dtype, stream, g);
+    g.capacity = part_capacity;     // launch_gemv checks the grid it picks against it
+    return run_gemv<true>(name, GemvArgs{out, x, weight, norm_weight, nullptr, num_rows, n, k, mode, eps}, flags,
+                          dtype, stream, g);
 }
 
 extern "C" pa_status pa_gemv_rope_cuda(void *out, const void *x, const void *weight, const void *norm_weight,
