@@ -184,6 +184,7 @@ DECODE_CASES = [  # (context lens, head_dim, group)
     ([0, 40], 64, 4),                    # an empty (padding) sequence gets zeros
     ([700, 31], 128, 16),                # a full m16 tile of query heads (tensor-core kernel)
     ([90, 2], 64, 32),                   # two m16 tiles per kv head
+    ([100 + 7 * i for i in range(70)], 128, 16),   # >= 132 (seq, kv head) units: 4-warp tensor-core blocks
 ]
 
 

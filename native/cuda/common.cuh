@@ -45,10 +45,14 @@ pa_status raise_smem_limit(const char *kernel) {
 __device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 __device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
 
-// Thread 0 of a block whose partials are fenced (__threadfence): count its arrival at cnt; true for the
-// n-th, which also zeroes the count for the next launch.
+// One thread of a block whose stores precede this call (program order, or a barrier): count its arrival
+// at cnt with an acq_rel atomic at device scope -- the release publishes those stores, the acquire (in
+// the n-th arrival, which returns true) makes every earlier arrival's visible to what follows it, in
+// the block too once a barrier passes it on. The n-th also zeroes the count for the next launch.
 __device__ __forceinline__ bool last_arrival(int32_t *cnt, int n) {
-    const bool last = atomicAdd(cnt, 1) == n - 1;
+    int old;
+    asm volatile("atom.add.acq_rel.gpu.s32 %0, [%1], 1;\n" : "=r"(old) : "l"(cnt) : "memory");
+    const bool last = old == n - 1;
     if (last) atomicExch(cnt, 0);
     return last;
 }

@@ -142,68 +142,79 @@ __device__ __forceinline__ float merge_partitions(const float *ml, const float *
 }
 
 // merge_partitions for a block's nheads (<= GP) heads at once, by NT threads, with the same arithmetic (so
-// the same bits): the (max, sum) pairs of every (head, partition) come in one round trip into shared
-// memory (scratch, >= 2 x nheads x n + nheads floats), each head's weights are computed there, and each
-// thread's outputs take their partitions' rows kPB at a time, every output's loads in flight together.
-// Returns false (nothing written) when scratch is too small; the caller then uses merge_partitions.
+// the same bits), in one L2 round trip and short dependent chains: the partial outputs of every (head,
+// partition) come in by cp.async into shared memory (scratch) while threads < nheads x n bring the (max,
+// sum) pairs; then each pair's thread turns its max into the weight 2^(m_i - max m) (every thread of a head
+// reading the head's maxima at once), and each output folds its partitions in order. When scratch cannot
+// hold every partition, rounds of as many as it holds. (Was: the weights by one thread a head and the
+// outputs 4 partitions a round trip, 3.1 of 21.3 us at batch 1 / 16k on the H200, results_cuda.md
+// session 6.) Returns false (nothing written) when scratch cannot hold the pairs and one partition; the
+// caller then uses merge_partitions.
 template <typename T, int D, int GP, int NT>
 __device__ bool merge_block(const DecodeArgs &a, float *scratch, int scratch_floats, T *out, int seq, int h0,
                             int nheads, int n) {
-    if (2 * nheads * n + nheads > scratch_floats) return false;
-    float *wts = scratch, *ls = scratch + nheads * n, *dens = scratch + 2 * nheads * n;
-    const int tid = threadIdx.x;
+    const int pairs = nheads * n, po_at = (3 * pairs + 3) & ~3;   // po 16-byte aligned
+    const int nb = min(n, (scratch_floats - po_at) / (nheads * D));   // partitions a round
+    if (nb < 1) return false;
+    float *ms = scratch, *ls = scratch + pairs, *ws = scratch + 2 * pairs, *po = scratch + po_at;   // po [h][nb][D]
+    const int tid = threadIdx.x, total = nheads * D;
     const int64_t base = ((int64_t)seq * a.num_heads + h0) * a.max_splits;   // (head 0, partition 0)
-    for (int i = tid; i < nheads * n; i += NT) {
-        const int h = i / n, p = i % n;
-        const float *ml = a.partial_ml + (base + (int64_t)h * a.max_splits + p) * 2;
-        wts[i] = __ldcg(ml);
-        ls[i] = __ldcg(ml + 1);
-    }
-    __syncthreads();
-    if (tid < nheads) {
-        float m = -INFINITY, den = 0.f;
-        for (int p = 0; p < n; ++p) m = fmaxf(m, wts[tid * n + p]);
-        for (int p = 0; p < n; ++p) {
-            const float mi = wts[tid * n + p];
-            const float w = mi == -INFINITY ? 0.f : exp2f(mi - m);
-            wts[tid * n + p] = w;
-            den = fmaf(w, ls[tid * n + p], den);
+    auto stage = [&](int p0) {   // partitions [p0, p0 + nb) of every head into po, 16 bytes a copy
+        constexpr int kVec = D / 4;
+        const int cnt = min(nb, n - p0);
+        for (int i = tid; i < nheads * cnt * kVec; i += NT) {
+            const int v = i % kVec, r = i / kVec, q = r % cnt, h = r / cnt;
+            cp_async16(po + (h * nb + q) * D + v * 4,
+                       a.partial_out + (base + (int64_t)h * a.max_splits + p0 + q) * D + v * 4, 16);
         }
-        dens[tid] = den;
+        cp_async_commit();
+    };
+    stage(0);
+    for (int i = tid; i < pairs; i += NT) {
+        const int h = i / n, p = i % n;
+        const float2 ml = __ldcg(reinterpret_cast<const float2 *>(a.partial_ml) + base + (int64_t)h * a.max_splits + p);
+        ms[i] = ml.x;
+        ls[i] = ml.y;
     }
     __syncthreads();
-    constexpr int U = (GP * D + NT - 1) / NT, kPB = 4;
-    float num[U];
+    for (int i = tid; i < pairs; i += NT) {
+        const float *mh = ms + (i / n) * n;
+        float m = -INFINITY;
+#pragma unroll 8
+        for (int p = 0; p < n; ++p) m = fmaxf(m, mh[p]);
+        ws[i] = ms[i] == -INFINITY ? 0.f : exp2f(ms[i] - m);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+    constexpr int U = (GP * D + NT - 1) / NT;      // outputs a thread, at most
+    float num[U], den[U];
 #pragma unroll
-    for (int u = 0; u < U; ++u) num[u] = 0.f;
-    for (int p0 = 0; p0 < n; p0 += kPB) {
-        float po[kPB][U];
+    for (int u = 0; u < U; ++u) num[u] = den[u] = 0.f;
+    for (int p0 = 0; p0 < n; p0 += nb) {
+        if (p0 > 0) {   // the next round into the same buffer once every thread has read this one
+            __syncthreads();
+            stage(p0);
+            cp_async_wait<0>();
+            __syncthreads();
+        }
+        const int cnt = min(nb, n - p0);
 #pragma unroll
-        for (int q = 0; q < kPB; ++q)
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int idx = tid + u * NT, h = idx / D, d = idx % D;
-                po[q][u] = idx < nheads * D && p0 + q < n
-                               ? __ldcg(a.partial_out + (base + (int64_t)h * a.max_splits + p0 + q) * D + d)
-                               : 0.f;
-            }
-#pragma unroll
-        for (int q = 0; q < kPB; ++q) {
-            if (p0 + q >= n) break;
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int idx = tid + u * NT, h = idx < nheads * D ? idx / D : 0;
-                num[u] = fmaf(wts[h * n + p0 + q], po[q][u], num[u]);
+        for (int u = 0; u < U; ++u) {
+            const int idx = tid + u * NT;
+            if (idx >= total) break;
+            const int h = idx / D, d = idx % D;
+            const float *w = ws + h * n + p0, *l = ls + h * n + p0, *o = po + h * nb * D + d;
+#pragma unroll 8
+            for (int q = 0; q < cnt; ++q) {
+                num[u] = fmaf(w[q], o[q * D], num[u]);
+                den[u] = fmaf(w[q], l[q], den[u]);
             }
         }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
         const int idx = tid + u * NT;
-        if (idx < nheads * D) {
-            const float den = dens[idx / D];
-            out[idx] = from_f<T>(den > 0.f ? num[u] / den : 0.f);
-        }
+        if (idx < total) out[idx] = from_f<T>(den[u] > 0.f ? num[u] / den[u] : 0.f);
     }
     return true;
 }

@@ -296,13 +296,9 @@ __device__ void attention_unit(const LayersArgs &a, const pa_cuda_decode_layer &
     decode::finish_block<T, D, GP, kWarps, kThreads>(da, wacc, wml, out, seq, h0, G, split, nsplit == 1);
     if (nsplit > 1) {
         __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            *flag = last_arrival(a.counters + seq * a.num_kv_heads + kvh, nsplit);
-        }
+        if (threadIdx.x == 0) *flag = last_arrival(a.counters + seq * a.num_kv_heads + kvh, nsplit);
         __syncthreads();
         if (*flag) {
-            __threadfence();
             for (int i = threadIdx.x; i < G * D; i += kThreads) {
                 const int64_t base = ((int64_t)seq * a.num_heads + h0 + i / D) * a.max_splits;
                 out[i] = from_f<T>(decode::merge_partitions<D>(a.part_ml + base * 2, a.part_o + base * D + i % D,

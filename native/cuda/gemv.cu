@@ -40,15 +40,14 @@ __device__ void argmax_epilogue(const GemvArgs &a, const ArgmaxArgs &g, const Ar
         for (int w = 0; w < kWarps; ++w) b.take(sv[w][threadIdx.x], si[w][threadIdx.x]);
         g.part_v[blockIdx.x * MR + threadIdx.x] = b.v;
         g.part_i[blockIdx.x * MR + threadIdx.x] = b.i;
-        __threadfence();
     }
     __syncthreads();
     if (threadIdx.x == 0) last = last_arrival(g.arrivals, gridDim.x);
     __syncthreads();
     if (!last) return;
-    // the last block: every thread takes its share of the partials of all rows (loads all in flight),
-    // then warps reduce and warp 0 merges the warps' results
-    __threadfence();
+    // the last block (last_arrival's acquire, passed on by the barrier, orders the partials before these
+    // loads): every thread takes its share of the partials of all rows (loads all in flight), then warps
+    // reduce and warp 0 merges the warps' results
     ArgBest b[MR];
     for (int j = threadIdx.x; j < (int)gridDim.x; j += kThreads)
 #pragma unroll

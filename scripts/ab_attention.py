@@ -1,0 +1,58 @@
+"""A/B of decode-attention builds (a diagnostic, not a benchmark): the tensor-core kernel of each library
+ab/<name>/libpa_cuda.so (scripts/build_ab.sh) at batch 1 / 16 / 64 points, in its own process, with the
+last block's merge (fused) and with the merge kernel (mk); times in us, medians of graph replays as in
+benchmarks/gpu_attention.py; an output off SDPA's by > 1e-2 is flagged. NAME@S splits each context of
+batch >= 16 into S partitions.
+    python3 scripts/ab_attention.py base variant base variant
+
+Session 6 used it with builds that skipped the PDL wait, the arrival + merge, or only the merge, to find
+what the batch-1 fixed cost is made of (benchmarks/results_cuda.md)."""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POINTS = [(1, 1024), (1, 4096), (1, 16384), (16, 4096), (16, 16384), (64, 4096)]
+
+
+def child(variant: str) -> None:
+    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from engine import native
+    native.LIB_DIR = ROOT / "ab" / variant
+    import gpu_attention as ga
+    from engine.backends.cuda import CudaKernels
+    k = CudaKernels()
+    cells = []
+    for b, ctx in POINTS:
+        per_set = 2 * b * ctx * ga.NKV * ga.HD * 2
+        case = ga.Case(b, ctx, n_sets=max(1, min(32, math.ceil(ga.ROTATE_BYTES / per_set))))
+        out = ga.run_ours(case, k, impl="tc")[0]()
+        kk, vv = case.contiguous(case.sets[0])
+        err = ga.rel_err(out, ga.sdpa(case.sets[0]["q"], kk, vv))
+        del kk, vv
+        if err > 1e-2:
+            cells.append(f"ERR {err:.1e}")
+        for fused in (True, False):
+            splits = int(os.environ.get("DIAG_SPLITS", "0"))
+            part = -(-(-(-ctx // splits)) // 16) * 16 if splits and b >= 16 else None
+            t, _ = ga.timed(ga.run_ours(case, k, part, impl="tc", fused_merge=fused))
+            cells.append(f"{t * 1e6:.1f}")
+        del case
+    print("RESULT", variant, " | ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--child":
+        child(sys.argv[2])
+        sys.exit(0)
+    head = " | ".join(f"{b}/{c // 1024}k {m}" for b, c in POINTS for m in ("fused", "mk"))
+    print("| variant | " + head + " |")
+    for v in sys.argv[1:]:
+        lib, _, splits = v.partition("@")
+        env = dict(os.environ, DIAG_SPLITS=splits) if splits else None
+        out = subprocess.run([sys.executable, __file__, "--child", lib], capture_output=True, text=True, env=env)
+        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
+        print(f"| {v} | " + (line[0].split(" ", 2)[2] if line else "failed: " + out.stderr[-400:]) + " |", flush=True)
