@@ -2,7 +2,7 @@
 ab/<name>/libpa_cuda.so (scripts/build_ab.sh) at batch 1 / 16 / 64 points, in its own process, with the
 last block's merge (fused) and with the merge kernel (mk); times in us, medians of graph replays as in
 benchmarks/gpu_attention.py; an output off SDPA's by > 1e-2 is flagged. NAME@S splits each context of
-batch >= 16 into S partitions.
+batch >= 16 into S partitions, NAME@tN into a tail of ctx / N tokens after the rest.
     python3 scripts/ab_attention.py base variant base variant
 
 Session 6 used it with builds that skipped the PDL wait, the arrival + merge, or only the merge, to find
@@ -14,7 +14,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-POINTS = [(1, 1024), (1, 4096), (1, 16384), (16, 4096), (16, 16384), (64, 4096)]
+POINTS = [(1, 1024), (1, 4096), (1, 16384), (16, 4096), (16, 16384), (64, 4096), (64, 16384)]
+
+
+def partition(ctx: int):
+    """AB_SPLIT: "S" -> S equal partitions; "tN" -> a tail partition of ctx / N tokens after the rest."""
+    spec = os.environ.get("AB_SPLIT", "")
+    if not spec:
+        return None
+    if spec.startswith("t"):
+        return ctx - -(-(ctx // int(spec[1:])) // 16) * 16
+    return -(-(-(-ctx // int(spec)) // 16)) * 16
 
 
 def child(variant: str) -> None:
@@ -36,8 +46,7 @@ def child(variant: str) -> None:
         if err > 1e-2:
             cells.append(f"ERR {err:.1e}")
         for fused in (True, False):
-            splits = int(os.environ.get("DIAG_SPLITS", "0"))
-            part = -(-(-(-ctx // splits)) // 16) * 16 if splits and b >= 16 else None
+            part = partition(ctx) if b >= 16 else None
             t, _ = ga.timed(ga.run_ours(case, k, part, impl="tc", fused_merge=fused))
             cells.append(f"{t * 1e6:.1f}")
         del case
@@ -52,7 +61,7 @@ if __name__ == "__main__":
     print("| variant | " + head + " |")
     for v in sys.argv[1:]:
         lib, _, splits = v.partition("@")
-        env = dict(os.environ, DIAG_SPLITS=splits) if splits else None
+        env = dict(os.environ, AB_SPLIT=splits) if splits else None
         out = subprocess.run([sys.executable, __file__, "--child", lib], capture_output=True, text=True, env=env)
         line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
         print(f"| {v} | " + (line[0].split(" ", 2)[2] if line else "failed: " + out.stderr[-400:]) + " |", flush=True)
