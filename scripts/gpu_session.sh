@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels layers model attention e2e ncu   (each stage under its own time limit, so a
+#   stages: info tests kernels layers model attention e2e prefill ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
 #   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
@@ -29,10 +29,10 @@ for stage in "$@"; do
               torch.cuda.get_device_name(0)); from engine import native; print(native.available('cuda'))" 2>&1 | tee -a "$OUT/info.txt"
         ;;
     tests)
-        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_layers.py tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
+        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_prefill.py tests/test_cuda_layers.py tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
         ;;
     kernels)
-        timeout "${STAGE_LIMIT_kernels:-150}" $PYTEST tests/test_cuda_kernels.py 2>&1 | tee "$OUT/tests_kernels.log" \
+        timeout "${STAGE_LIMIT_kernels:-150}" $PYTEST tests/test_cuda_kernels.py tests/test_cuda_prefill.py 2>&1 | tee "$OUT/tests_kernels.log" \
             | grep -E "passed|failed|FAILED|Error|error" | tail -25
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
@@ -56,6 +56,11 @@ for stage in "$@"; do
         timeout "${STAGE_LIMIT_e2e:-300}" python3 benchmarks/gpu_e2e.py ${E2E_ARGS:---variants default --gemv} \
             --out "$OUT/e2e.md" 2>&1 \
             | tee "$OUT/e2e.log" | grep -v "pdl=" | tail -30
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
+        ;;
+    prefill)
+        timeout "${STAGE_LIMIT_prefill:-120}" python3 benchmarks/gpu_prefill.py --out "$OUT/prefill.md" 2>&1 \
+            | tee "$OUT/prefill.log" | tail -25
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     ncu)

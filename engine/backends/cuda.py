@@ -22,6 +22,14 @@ GEMV_MAX_ROWS = 8
 GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GEMV_* flags in pa.h
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
+# Work (query tokens x context tokens) of one sequence's chunk in a step from which its prefill attention
+# goes through torch SDPA (flash / cuDNN on the tensor cores, over its pages gathered into contiguous K/V:
+# sdpa_paged_prefill) instead of our CUDA-core paged prefill kernel; smaller chunks and decode rows of mixed
+# steps stay on the kernel. The route costs ~0.2 ms a call whatever the size (gather, mask, launches); on
+# the H200 (benchmarks/gpu_prefill.py, results_cuda.md session 6 call 13), 1B-like heads: 512 x 512 kernel
+# 0.16 ms / route 0.21, 1024 x 1024 0.37 / 0.20, 2048 x 8192 5.7 / 0.72, 8192 x 8192 12.1 / 0.84;
+# SmolLM2's: 1024 x 1024 0.21 / 0.22, 2048 x 2048 0.44 / 0.20.
+PREFILL_SDPA_MIN_WORK = 1 << 20
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -33,6 +41,68 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     vals, idx = x.view(n, V // 256, 256).max(-1)                 # [n, V/256]
     j = vals.argmax(-1)                                         # [n]
     return j * 256 + idx.gather(1, j[:, None])[:, 0]
+
+
+def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
+                       ctx: int, scale: float) -> torch.Tensor:
+    """Causal attention of one sequence's query chunk q [L, nh, D] -- the last L of its ctx positions -- over
+    the first ctx slots of its pages `table` (block ids, >= ceil(ctx / block_size) of them) in key/value_cache
+    [blocks, nkv, block_size, D], through F.scaled_dot_product_attention: the pages gathered into contiguous
+    [nkv, ctx, D] K and V, GQA by enable_gqa, the causal mask aligned to the last position (a chunk on a
+    cached prefix sees the whole prefix). Returns [L, nh, D]."""
+    L, nh, D = q.shape
+    nkv, bs = key_cache.shape[1], key_cache.shape[2]
+    nblk = -(-ctx // bs)
+    if L > ctx or table.numel() < nblk:
+        raise ValueError(f"sdpa_paged_prefill: {L} query tokens, context {ctx}, {table.numel()} pages of {bs}")
+    pages = table[:nblk].long()
+    k = key_cache.index_select(0, pages).transpose(0, 1).reshape(nkv, nblk * bs, D)[:, :ctx]
+    v = value_cache.index_select(0, pages).transpose(0, 1).reshape(nkv, nblk * bs, D)[:, :ctx]
+    qh = q.transpose(0, 1)[None]                                   # [1, nh, L, D]
+    if L == ctx:
+        o = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        from torch.nn.attention.bias import causal_lower_right
+        o = F.scaled_dot_product_attention(qh, k[None], v[None], attn_mask=causal_lower_right(L, ctx), scale=scale,
+                                           enable_gqa=True)
+    return o[0].transpose(0, 1)
+
+
+@dataclasses.dataclass
+class PrefillPlan:
+    """A prefill (or mixed) step's attention split: sequences whose query tokens x context tokens reach
+    PREFILL_SDPA_MIN_WORK go through sdpa_paged_prefill (`long`: (first row, end row, context, sequence index)); the others form a
+    sub-batch for the paged prefill kernel (its q rows `rows`, and its own query_start_loc, context_lens,
+    block_tables on the device), None when there are none."""
+    long: list
+    rows: torch.Tensor | None = None
+    query_start_loc: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    max_query_len: int = 0
+
+
+def plan_prefill(batch: Batch, device, min_work: int = PREFILL_SDPA_MIN_WORK) -> PrefillPlan | None:
+    """The PrefillPlan of a host Batch (None: every sequence stays on the kernel)."""
+    qsl = batch.query_start_loc.tolist()
+    ctx = batch.context_lens.tolist()
+    qlens = [b - a for a, b in zip(qsl, qsl[1:])]
+    sdpa = [n > 0 and n * c >= min_work for n, c in zip(qlens, ctx)]
+    long = [(qsl[i], qsl[i + 1], ctx[i], i) for i, take in enumerate(sdpa) if take]
+    if not long:
+        return None
+    short = [i for i, take in enumerate(sdpa) if not take]
+    if not short:
+        return PrefillPlan(long=long)
+    rows = torch.cat([torch.arange(qsl[i], qsl[i + 1]) for i in short])
+    sub_qsl = torch.zeros(len(short) + 1, dtype=torch.int32)
+    sub_qsl[1:] = torch.tensor([qlens[i] for i in short]).cumsum(0)
+    sel = torch.tensor(short)
+    return PrefillPlan(long=long, rows=rows.to(device, non_blocking=True),
+                       query_start_loc=sub_qsl.to(device, non_blocking=True),
+                       context_lens=batch.context_lens[sel].to(device, non_blocking=True),
+                       block_tables=batch.block_tables[sel].contiguous().to(device, non_blocking=True),
+                       max_query_len=max(qlens[i] for i in short))
 
 
 LAYER_FIELDS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "key_cache", "value_cache")  # pa.h
@@ -480,6 +550,7 @@ class CudaBatch(Batch):
     partition: int | None = None      # decode attention tokens per block (None: chosen per call)
     max_splits: int | None = None
     graph: "_DecodeGraph | None" = None
+    prefill: PrefillPlan | None = None  # prefill steps: which sequences SDPA takes (plan_prefill)
 
 
 class _DecodeGraph:
@@ -551,7 +622,8 @@ class CudaBackend(Backend):
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
-                 fuse_rope: bool = True, fuse_layers: bool = False, deep_gemv: tuple | None = None):
+                 fuse_rope: bool = True, fuse_layers: bool = False, deep_gemv: tuple | None = None,
+                 prefill_sdpa_min_work: int | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -587,6 +659,10 @@ class CudaBackend(Backend):
         self.fuse_layers = bool(fuse_layers)
         self._layer_stack: LayerStack | None = None       # built on first use; reset with weights or caches
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
+        # query x context tokens of a sequence's chunk from which prefill attention goes through SDPA
+        # (sdpa_paged_prefill); 1: every chunk; a number past any chunk: none
+        self.prefill_sdpa_min_work = PREFILL_SDPA_MIN_WORK if prefill_sdpa_min_work is None \
+            else int(prefill_sdpa_min_work)
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}
@@ -649,10 +725,12 @@ class CudaBackend(Backend):
         ids, pos, slots, qsl, ctx, rows, tables = ints.split(sizes)
         if batch.device_input_ids is not None:
             ids = batch.device_input_ids.to(torch.int32)
+        plan = plan_prefill(batch, self.device, self.prefill_sdpa_min_work) \
+            if batch.max_query_len * batch.max_context_len >= self.prefill_sdpa_min_work else None
         return CudaBatch(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl, context_lens=ctx,
                          block_tables=tables.view(batch.block_tables.shape), logits_indices=rows,
                          max_query_len=batch.max_query_len, max_context_len=batch.max_context_len,
-                         block_size=batch.block_size)
+                         block_size=batch.block_size, prefill=plan)
 
     # ---- ops -----------------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -672,12 +750,22 @@ class CudaBackend(Backend):
         self.kernels.write_kv(self.key_caches[layer], self.value_caches[layer], k, v, batch.slot_mapping)
 
     def paged_attention(self, layer, q, batch):
-        args = (q, self.key_caches[layer], self.value_caches[layer], batch.block_tables, batch.context_lens,
-                batch.query_start_loc, self.scale)
+        kc, vc = self.key_caches[layer], self.value_caches[layer]
+        args = (q, kc, vc, batch.block_tables, batch.context_lens, batch.query_start_loc, self.scale)
         if batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs:
             return self.kernels.paged_attention_decode(*args, batch.max_context_len, getattr(batch, "partition", None),
                                                        getattr(batch, "max_splits", None), impl=self.decode_impl)
-        return self.kernels.paged_attention_prefill(*args, batch.max_query_len)
+        plan = getattr(batch, "prefill", None)
+        if plan is None:
+            return self.kernels.paged_attention_prefill(*args, batch.max_query_len)
+        out = torch.empty_like(q)
+        for r0, r1, ctx, s in plan.long:           # long chunks: SDPA (tensor cores) over gathered pages
+            out[r0:r1] = sdpa_paged_prefill(q[r0:r1], kc, vc, batch.block_tables[s], ctx, self.scale)
+        if plan.rows is not None:                 # the rest: the paged kernel on their own sub-batch
+            out[plan.rows] = self.kernels.paged_attention_prefill(
+                q[plan.rows], kc, vc, plan.block_tables, plan.context_lens, plan.query_start_loc, self.scale,
+                plan.max_query_len)
+        return out
 
     def silu_mul(self, gate_up):
         return self.kernels.silu_mul(gate_up)
