@@ -1,6 +1,7 @@
 """CUDA backend: bf16 weights on the GPU, GEMMs through torch (cuBLAS) or our fused GEMVs (<= 8 rows), our
-kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4), KV write, RoPE,
-RMSNorm and SiLU-mul. Decode-only steps of <= 128 sequences replay one CUDA graph per padded batch size
+kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4; prefill chunks of
+>= 2^20 query x context tokens through torch SDPA over their gathered pages), KV write, RoPE, RMSNorm and
+SiLU-mul. Decode-only steps of <= 128 sequences replay one CUDA graph per padded batch size
 through Backend.forward_step (embedding, every layer, final norm and lm_head inside); logits stay on the
 GPU (float32) for the engine's sampler."""
 from __future__ import annotations
