@@ -46,6 +46,7 @@ def main() -> None:
     from torch.nn.attention.bias import causal_lower_right
 
     from engine.backends.cuda import PREFILL_SDPA_MIN_WORK, CudaKernels, sdpa_paged_prefill
+    from engine.backends.torch_ref import gather_pages
     kernels = CudaKernels()
     dt = torch.bfloat16
     lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
@@ -66,8 +67,8 @@ def main() -> None:
             ctx_t = torch.tensor([ctx], dtype=torch.int32, device="cuda")
             qsl = torch.tensor([0, L], dtype=torch.int32, device="cuda")
             scale = hd ** -0.5
-            k = kc[table.long()].transpose(0, 1).reshape(nkv, -1, hd)[:, :ctx].contiguous()[None]
-            v = vc[table.long()].transpose(0, 1).reshape(nkv, -1, hd)[:, :ctx].contiguous()[None]
+            k = gather_pages(kc, table.long(), ctx).contiguous()[None]
+            v = gather_pages(vc, table.long(), ctx).contiguous()[None]
             mask = None if L == ctx else causal_lower_right(L, ctx)
             qh = q.transpose(0, 1)[None].contiguous()
 

@@ -92,8 +92,9 @@ def test_cuda_backend_prefill_route_matches_kernel_and_reference(dtype, ctx_lens
     cfg = ModelConfig(vocab_size=64, hidden_size=nh * hd, intermediate_size=64, num_layers=1, num_heads=nh,
                       num_kv_heads=nkv, head_dim=hd, max_position_embeddings=4096)
     q, kc, vc, host = paged(ctx_lens, q_lens, nh, nkv, hd, 16, seed=sum(ctx_lens) + nh, device="cuda", dtype=dtype)
-    ref = paged_attention_ref(q.double().cpu(), torch.nan_to_num(kc.double().cpu()), torch.nan_to_num(vc.double().cpu()),
-                              host.block_tables, host.context_lens, host.query_start_loc, hd ** -0.5)
+    kd, vd = torch.nan_to_num(kc.double().cpu()), torch.nan_to_num(vc.double().cpu())
+    ref = paged_attention_ref(q.double().cpu(), kd, vd, host.block_tables, host.context_lens, host.query_start_loc,
+                              hd ** -0.5)
     outs = {}
     for route, min_work in (("sdpa", 256 * 256), ("kernel", 1 << 62)):
         be = CudaBackend(cfg, dtype=dtype, use_cuda_graphs=False, prefill_sdpa_min_work=min_work)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from engine import native
 from engine.backends.base import Backend
+from engine.backends.torch_ref import gather_pages
 from engine.batch import Batch
 from engine.config import ModelConfig
 
@@ -51,14 +52,12 @@ def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
     [blocks, nkv, block_size, D], through F.scaled_dot_product_attention: the pages gathered into contiguous
     [nkv, ctx, D] K and V, GQA by enable_gqa, the causal mask aligned to the last position (a chunk on a
     cached prefix sees the whole prefix). Returns [L, nh, D]."""
-    L, nh, D = q.shape
-    nkv, bs = key_cache.shape[1], key_cache.shape[2]
+    L, bs = q.shape[0], key_cache.shape[2]
     nblk = -(-ctx // bs)
     if L > ctx or table.numel() < nblk:
         raise ValueError(f"sdpa_paged_prefill: {L} query tokens, context {ctx}, {table.numel()} pages of {bs}")
     pages = table[:nblk].long()
-    k = key_cache.index_select(0, pages).transpose(0, 1).reshape(nkv, nblk * bs, D)[:, :ctx]
-    v = value_cache.index_select(0, pages).transpose(0, 1).reshape(nkv, nblk * bs, D)[:, :ctx]
+    k, v = gather_pages(key_cache, pages, ctx), gather_pages(value_cache, pages, ctx)   # [nkv, ctx, D]
     qh = q.transpose(0, 1)[None]                                   # [1, nh, L, D]
     if L == ctx:
         o = F.scaled_dot_product_attention(qh, k[None], v[None], is_causal=True, scale=scale, enable_gqa=True)
@@ -72,9 +71,9 @@ def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 @dataclasses.dataclass
 class PrefillPlan:
     """A prefill (or mixed) step's attention split: sequences whose query tokens x context tokens reach
-    PREFILL_SDPA_MIN_WORK go through sdpa_paged_prefill (`long`: (first row, end row, context, sequence index)); the others form a
-    sub-batch for the paged prefill kernel (its q rows `rows`, and its own query_start_loc, context_lens,
-    block_tables on the device), None when there are none."""
+    PREFILL_SDPA_MIN_WORK go through sdpa_paged_prefill (`long`: (first row, end row, context, sequence
+    index)); the others form a sub-batch for the paged prefill kernel (its q rows `rows`, and its own
+    query_start_loc, context_lens, block_tables on the device), None when there are none."""
     long: list
     rows: torch.Tensor | None = None
     query_start_loc: torch.Tensor | None = None

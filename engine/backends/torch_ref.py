@@ -45,6 +45,12 @@ def paged_decode_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_c
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
+def gather_pages(cache: torch.Tensor, pages: torch.Tensor, ctx: int) -> torch.Tensor:
+    """The first ctx slots of one sequence's pages (int64 block ids) of a paged cache [num_blocks, nkv,
+    block_size, hd], contiguous per kv head: [nkv, ctx, hd] (a view of the gathered copy)."""
+    return cache.index_select(0, pages).transpose(0, 1).reshape(cache.shape[1], -1, cache.shape[3])[:, :ctx]
+
+
 def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         query_start_loc: torch.Tensor, scale: float) -> torch.Tensor:
@@ -61,8 +67,7 @@ def paged_attention_ref(q: torch.Tensor, key_cache: torch.Tensor, value_cache: t
             continue
         nblk = (ctx + block_size - 1) // block_size
         table = block_tables[s, :nblk].long()
-        k = key_cache[table].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :ctx]
-        v = value_cache[table].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :ctx]
+        k, v = gather_pages(key_cache, table, ctx), gather_pages(value_cache, table, ctx)
         k = k.repeat_interleave(group, dim=0).to(q.dtype)                 # [nh, ctx, hd]
         v = v.repeat_interleave(group, dim=0).to(q.dtype)
         scores = torch.einsum("qhd,hkd->hqk", q_s, k) * scale             # [nh, qlen, ctx]
