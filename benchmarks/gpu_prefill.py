@@ -1,8 +1,9 @@
 """Prefill attention on the GPU, one sequence's chunk of L query tokens at the end of a ctx-token context over
-16-token pages: our CUDA-core paged prefill kernel, the SDPA route CudaBackend takes for chunks of
-query x context tokens >= PREFILL_SDPA_MIN_WORK (pages gathered, then F.scaled_dot_product_attention with a lower-right
-causal mask), and SDPA on K/V that are already contiguous (the peer: no gather). Times are medians of CUDA
-event pairs around single calls (ms); TFLOP/s counts the causal half of 4 x L x ctx x heads x head_dim.
+16-token pages: our paged prefill kernels (CUDA cores: simt; tensor cores: tc), the SDPA route CudaBackend
+takes for chunks of query x context tokens >= PREFILL_SDPA_MIN_WORK (pages gathered, then
+F.scaled_dot_product_attention with a lower-right causal mask), and SDPA on K/V that are already contiguous
+(the peer: no gather). Times are medians of CUDA event pairs around single calls (ms); TFLOP/s counts the
+causal half of 4 x L x ctx x heads x head_dim.
 
     python3 benchmarks/gpu_prefill.py [--out FILE]
 """
@@ -40,7 +41,7 @@ def timed(fn, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["llama1b", "smollm2"], choices=sorted(SHAPES))
+    ap.add_argument("--models", nargs="+", default=["llama1b", "smollm2", "llama3-8b"], choices=sorted(SHAPES))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from torch.nn.attention.bias import causal_lower_right
@@ -51,9 +52,9 @@ def main() -> None:
     dt = torch.bfloat16
     lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
              f"the backend takes SDPA from {PREFILL_SDPA_MIN_WORK} query x context tokens", "",
-             "| model (nh/nkv/hd) | L / ctx | kernel ms | SDPA route ms | contiguous SDPA ms | kernel / route | "
-             "route / contiguous | route TFLOP/s | rel err route vs kernel |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model (nh/nkv/hd) | L / ctx | simt ms | tc ms | SDPA route ms | contiguous SDPA ms | simt / tc | "
+             "route / tc | contiguous / tc | tc TFLOP/s | rel err tc vs route |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:
         nh, nkv, hd = SHAPES[model]
         for L, ctx in POINTS:
@@ -72,8 +73,11 @@ def main() -> None:
             mask = None if L == ctx else causal_lower_right(L, ctx)
             qh = q.transpose(0, 1)[None].contiguous()
 
-            def kernel():
-                return kernels.paged_attention_prefill(q, kc, vc, tables, ctx_t, qsl, scale, L)
+            def simt():
+                return kernels.paged_attention_prefill(q, kc, vc, tables, ctx_t, qsl, scale, L, impl="simt")
+
+            def tc():
+                return kernels.paged_attention_prefill(q, kc, vc, tables, ctx_t, qsl, scale, L, impl="tc")
 
             def route():
                 return sdpa_paged_prefill(q, kc, vc, table, ctx, scale)
@@ -83,17 +87,17 @@ def main() -> None:
                                                       enable_gqa=True)
 
             reps = 3 if L * ctx >= 1 << 24 else 10
-            tk = timed(kernel, reps)
+            ts, tt = timed(simt, reps), timed(tc, reps)
             try:
-                tr, tc = timed(route, reps), timed(contiguous, reps)
-                a, b = kernel().float(), route().float()
+                tr, tcont = timed(route, reps), timed(contiguous, reps)
+                a, b = tc().float(), route().float()
                 err = ((a - b).norm() / a.norm()).item()
             except Exception as exc:  # noqa: BLE001 - a backend without this mask / GQA mix: say so, go on
                 print(f"  {model} {L}/{ctx}: SDPA failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                tr = tc = err = float("nan")
+                tr = tcont = err = float("nan")
             flop = 4 * nh * hd * (L * ctx - L * (L - 1) / 2)
-            row = (f"| {model} ({nh}/{nkv}/{hd}) | {L} / {ctx} | {tk:.3f} | {tr:.3f} | {tc:.3f} | {tk / tr:.2f}x | "
-                   f"{tr / tc:.2f}x | {flop / tr / 1e9:.1f} | {err:.1e} |")
+            row = (f"| {model} ({nh}/{nkv}/{hd}) | {L} / {ctx} | {ts:.3f} | {tt:.3f} | {tr:.3f} | {tcont:.3f} | "
+                   f"{ts / tt:.2f}x | {tr / tt:.2f}x | {tcont / tt:.2f}x | {flop / tt / 1e9:.1f} | {err:.1e} |")
             print(row, flush=True)
             lines.append(row)
     if args.out:

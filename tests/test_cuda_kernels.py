@@ -25,7 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_decode_tc", "paged_attention_prefill", "gemv", "gemv_rope", "decode_layers", "abi_version",
+               "paged_attention_decode_tc", "paged_attention_prefill", "paged_attention_prefill_tc", "gemv", "gemv_rope", "decode_layers", "abi_version",
                "last_error"):
         assert f"pa_{op}_cuda" in names
 
@@ -312,6 +312,11 @@ PREFILL_CASES = [  # (context lens, query lens, head_dim, group)
     ([64, 2048], [32, 100], 128, 8),
     ([32768], [24], 128, 4),                      # a chunk on a 32k prefix
     ([129], [129], 64, 12),
+    ([1000, 65, 64, 63], [1000, 65, 64, 63], 128, 1),   # 64-key / 64-row tile boundaries +- 1
+    ([700], [300], 64, 5),                        # 12 tokens a 64-row tile (60 rows), on a 400-token prefix
+    ([2000, 5], [1500, 5], 128, 16),              # 4 tokens a tile
+    ([96, 40], [96, 1], 64, 32),                  # 2 tokens a tile; a decode row of 32 heads
+    ([77], [77], 128, 64),                        # one token a tile (the tensor-core kernel's largest group)
 ]
 
 
@@ -319,13 +324,44 @@ PREFILL_CASES = [  # (context lens, query lens, head_dim, group)
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ctx_lens,q_lens,hd,group", PREFILL_CASES)
-def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group):
+@pytest.mark.parametrize("impl", ["simt", "tc"])
+def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group, impl):
+    if impl == "simt" and group > 32:
+        pytest.skip("the CUDA-core prefill kernel takes groups of at most 32")
     nkv, bs = 2, 16
     g = gen(sum(ctx_lens) * 7 + group)
     q, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, q_lens, nkv * group, nkv, hd, bs, dtype, g)
     out = torch.full_like(q, float("nan"))
-    kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, hd ** -0.5, max(q_lens), out=out)
+    kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, hd ** -0.5, max(q_lens), out=out, impl=impl)
     assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("bs", [8, 32])
+def test_prefill_attention_tc_block_sizes_and_q_stride(kernels, bs):
+    """Pages of 8 and 32 tokens (a 64-key tile spans 8 or 2 of them) and q rows that are a view into a
+    wider qkv buffer (row stride > nh x hd), as the model passes them."""
+    nkv, group, hd = 4, 4, 128
+    g = gen(bs)
+    q, kc, vc, tables, ctx, qsl = paged_setup([300, 129], [200, 129], nkv * group, nkv, hd, bs, torch.bfloat16, g)
+    wide = torch.full((q.shape[0], q.shape[1] + 2 * nkv, hd), float("nan"), dtype=q.dtype, device=q.device)
+    wide[:, :q.shape[1]] = q
+    qv = wide[:, :q.shape[1]]
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_attention_prefill(qv, kc, vc, tables, ctx, qsl, hd ** -0.5, 200, out=out, impl="tc")
+    assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_prefill_attention_tc_rejects_groups_over_64(kernels):
+    g = gen(5)
+    q, kc, vc, tables, ctx, qsl = paged_setup([10], [10], 128, 1, 64, 16, torch.bfloat16, g)
+    with pytest.raises(native.NativeError, match="prefill_tc_kernel: 128 query heads per kv head"):
+        kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, 0.1, 10, impl="tc")
+    with pytest.raises(ValueError, match="impl"):
+        kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, 0.1, 10, impl="wgmma")
 
 
 GEMV_CASES = [  # (rows, n, k, mode)

@@ -26,7 +26,9 @@ def test_cpu_library_loads_and_exports_every_declared_symbol():
 
 def test_version_mismatch_is_refused(tmp_path, monkeypatch):
     header = tmp_path / "pa.h"
-    header.write_text(native.HEADER.read_text().replace("#define PA_ABI_VERSION", "#define PA_ABI_VERSION 9 //"))
+    text = native.HEADER.read_text()
+    wrong = native.header_abi_version(native.read_cdef()) + 1
+    header.write_text(text.replace("#define PA_ABI_VERSION", f"#define PA_ABI_VERSION {wrong} //"))
     monkeypatch.setattr(native, "HEADER", header)
     monkeypatch.setattr(native, "_loaded", {})
     with pytest.raises(native.NativeError, match="ABI version"):

@@ -24,6 +24,7 @@ GEMV_MAX_ROWS = 8
 GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GEMV_* flags in pa.h
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
+PREFILL_TC_MAX_GROUP = 64   # query heads per kv head the tensor-core prefill kernel takes (64 rows a block)
 # Work (query tokens x context tokens) of one sequence's chunk in a step from which its prefill attention
 # goes through torch SDPA (flash / cuDNN on the tensor cores, over its pages gathered into contiguous K/V:
 # sdpa_paged_prefill) instead of our CUDA-core paged prefill kernel; smaller chunks and decode rows of mixed
@@ -508,8 +509,14 @@ class CudaKernels:
         return out
 
     def paged_attention_prefill(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
-                                scale: float, max_query_len: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        op = "pa_paged_attention_prefill_cuda"
+                                scale: float, max_query_len: int, out: torch.Tensor | None = None,
+                                impl: str | None = None) -> torch.Tensor:
+        """Causal attention of each sequence's query rows (the last of its context) over its pages -> out
+        [T, nh, hd]. impl: 'tc' (tensor cores, the default for GQA groups <= 64) or 'simt' (CUDA cores)."""
+        impl = impl or ("tc" if q.shape[1] // max(1, key_cache.shape[1]) <= PREFILL_TC_MAX_GROUP else "simt")
+        if impl not in ("simt", "tc"):
+            raise ValueError(f"paged_attention_prefill: impl must be 'simt' or 'tc', got {impl!r}")
+        op = "pa_paged_attention_prefill_cuda" if impl == "simt" else "pa_paged_attention_prefill_tc_cuda"
         T, nh, hd = q.shape
         self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
         out = self._out(op, out, q)

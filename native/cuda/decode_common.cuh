@@ -1,9 +1,9 @@
 // decode_common.cuh -- pieces shared by the two decode-attention kernels (decode_attention.cu: CUDA
-// cores; decode_attention_tc.cu: tensor cores): their arguments, cp.async helpers, the final write of
+// cores; decode_attention_tc.cu: tensor cores): their arguments, the final write of
 // a block's merged result, and the kernel that merges a sequence's partitions by log-sum-exp.
 #pragma once
 
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace decode {
 
@@ -59,17 +59,6 @@ __device__ __forceinline__ int stage_table_then_wait(const DecodeArgs &a, const 
     const int first = stage_table(a, b, table, nthreads);
     pdl_wait();
     return first;
-}
-
-// cp.async of 16 bytes global -> shared; src_bytes 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src, int src_bytes) {
-    const unsigned dst = (unsigned)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src), "r"(src_bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // The end of a decode block: NW warps left their unnormalised outputs in red [NW][GP][D] and their

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 8
+#define PA_ABI_VERSION 9
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -244,6 +244,16 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
                                           int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
                                           int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
                                           void *stream);
+/* The same attention on the tensor cores (mma.sync; FlashAttention-2 tiling: 64 query rows x 64 keys, the
+ * kv head's query heads sharing each K/V tile): same arguments and results, groups of at most 64 query
+ * heads per kv head. */
+pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q, const void *key_cache,
+                                             const void *value_cache, const int32_t *block_tables,
+                                             const int32_t *context_lens, const int32_t *query_start_loc,
+                                             int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
+                                             int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
+                                             int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
+                                             void *stream);
 /* Small-batch GEMV (decode, num_rows <= 8): out[m, j] = sum_i x'[m, i] * weight[j, i] (+ residual[m, j]).
  * x' is x (PA_CUDA_GEMV_PLAIN; x [num_rows, k]); rms_norm(x) * norm_weight rounded as pa_rms_norm_cuda
  * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
