@@ -39,6 +39,20 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def case(nh: int, nkv: int, hd: int, L: int, ctx: int, dt=torch.bfloat16):
+    """One sequence's chunk: q [L, nh, hd], K/V pools of 16-token pages in a random order (+ 4 spare), its
+    block table [1, pages], context [1] and query_start_loc [2] (int32), all on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(L + ctx)
+    nblk = -(-ctx // BS)
+    kc = torch.randn(nblk + 4, nkv, BS, hd, generator=g, device="cuda", dtype=dt)
+    vc = torch.randn(nblk + 4, nkv, BS, hd, generator=g, device="cuda", dtype=dt)
+    table = torch.randperm(nblk + 4, generator=g, device="cuda")[:nblk].to(torch.int32)
+    q = torch.randn(L, nh, hd, generator=g, device="cuda", dtype=dt)
+    ctx_t = torch.tensor([ctx], dtype=torch.int32, device="cuda")
+    qsl = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+    return q, kc, vc, table[None].contiguous(), ctx_t, qsl
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["llama1b", "smollm2", "llama3-8b"], choices=sorted(SHAPES))
@@ -58,15 +72,8 @@ def main() -> None:
     for model in args.models:
         nh, nkv, hd = SHAPES[model]
         for L, ctx in POINTS:
-            g = torch.Generator(device="cuda").manual_seed(L + ctx)
-            nblk = -(-ctx // BS)
-            kc = torch.randn(nblk + 4, nkv, BS, hd, generator=g, device="cuda", dtype=dt)
-            vc = torch.randn(nblk + 4, nkv, BS, hd, generator=g, device="cuda", dtype=dt)
-            table = torch.randperm(nblk + 4, generator=g, device="cuda")[:nblk].to(torch.int32)
-            q = torch.randn(L, nh, hd, generator=g, device="cuda", dtype=dt)
-            tables = table[None].contiguous()
-            ctx_t = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-            qsl = torch.tensor([0, L], dtype=torch.int32, device="cuda")
+            q, kc, vc, tables, ctx_t, qsl = case(nh, nkv, hd, L, ctx, dt)
+            table = tables[0]
             scale = hd ** -0.5
             k = gather_pages(kc, table.long(), ctx).contiguous()[None]
             v = gather_pages(vc, table.long(), ctx).contiguous()[None]

@@ -17,27 +17,53 @@ namespace {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = kWarps * 16;        // query rows (token x head) a block
-constexpr int kKeys = 64;                 // keys a tile
+constexpr int kMaxGroup = 64;             // query heads a kv head (the smallest tile: 64 rows, one token)
 constexpr unsigned kFull = 0xffffffffu;
+
+// Per head_dim: MT m16 tiles a warp (rows a block = 64 MT), KEYS keys a tile, Q kept in registers or read
+// from shared memory by ldmatrix at each k-step (QSMEM: fewer registers, more shared-memory reads).
+#ifndef PF_TC_MT_64
+#define PF_TC_MT_64 1
+#endif
+#ifndef PF_TC_KEYS_64
+#define PF_TC_KEYS_64 64
+#endif
+#ifndef PF_TC_QSMEM_64
+#define PF_TC_QSMEM_64 0
+#endif
+#ifndef PF_TC_MT_128
+#define PF_TC_MT_128 1
+#endif
+#ifndef PF_TC_KEYS_128
+#define PF_TC_KEYS_128 64
+#endif
+#ifndef PF_TC_QSMEM_128
+#define PF_TC_QSMEM_128 0
+#endif
+#ifndef PF_TC_STAGES
+#define PF_TC_STAGES 2
+#endif
 
 struct PrefillTcArgs : PagedArgs {
     int tile_tokens;
 };
 
-template <int D, int kStages> __host__ __device__ constexpr int prefill_tc_smem() {
-    return kStages * 2 * kKeys * D * 2;
+template <int D, int MT, int KEYS, bool QSMEM, int kStages> __host__ __device__ constexpr int prefill_tc_smem() {
+    return kStages * 2 * KEYS * D * 2 + (QSMEM ? kWarps * MT * 16 * D * 2 : 0);
 }
 
-template <typename T, int D, int kStages>
+template <typename T, int D, int MT, int KEYS, bool QSMEM, int kStages>
 __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a) {
     constexpr int ROW = D * 2;                      // bytes of one key's K (or V) row
     constexpr int CPR = D / 8;                      // 16-byte pieces a row
-    constexpr int TILE_BYTES = kKeys * ROW;
-    constexpr int PIECES = kKeys * CPR / kThreads;  // pieces a thread per K (or V) tile
+    constexpr int TILE_BYTES = KEYS * ROW;
+    constexpr int PIECES = KEYS * CPR / kThreads;   // pieces a thread per K (or V) tile
     constexpr int KS = D / 16;                      // k-steps of Q . K^T
     constexpr int NT = D / 8;                       // n-tiles of O
-    constexpr int SN = kKeys / 8;                   // n-tiles of S
+    constexpr int SN = KEYS / 8;                    // n-tiles of S
+    constexpr int WROWS = MT * 16;                  // rows a warp
+    constexpr int ROWS = kWarps * WROWS;            // rows a block
+    static_assert(PIECES * kThreads == KEYS * CPR, "a tile's pieces spread evenly over the threads");
     extern __shared__ __align__(128) unsigned char pf_smem[];
 
     const int seq = blockIdx.z, kv_head = blockIdx.y;
@@ -49,17 +75,22 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a
     const int ntok = min(a.tile_tokens, qlen - tok0), nrows = ntok * a.group;
     const int first_pos = ctx - qlen + tok0;       // position of the tile's first query token
     const int kmax = first_pos + ntok;              // keys 0 .. kmax - 1 are visible to some row
-    const int ntiles = (kmax + kKeys - 1) / kKeys;
+    const int ntiles = (kmax + KEYS - 1) / KEYS;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     const int bs_mask = (1 << a.bs_log2) - 1;
     const int32_t *table = a.block_tables + (int64_t)seq * a.max_blocks;
     const T *kcache = (const T *)a.key_cache, *vcache = (const T *)a.value_cache;
+    unsigned char *qs = pf_smem + kStages * 2 * TILE_BYTES;   // QSMEM: the block's Q rows, swizzled
+    auto q_row = [&](int row) {                      // block row -> its q vector
+        return (const T *)a.q + (int64_t)(q_begin + tok0 + row / a.group) * a.q_stride +
+               (int64_t)(kv_head * a.group + row % a.group) * D;
+    };
     auto issue = [&](int t) {                       // key tile t -> stage t % kStages
         unsigned char *dst = pf_smem + (size_t)(t % kStages) * 2 * TILE_BYTES;
 #pragma unroll
         for (int p = 0; p < PIECES; ++p) {
-            const int idx = p * kThreads + tid, j = idx / CPR, ch = idx % CPR, key = t * kKeys + j;
+            const int idx = p * kThreads + tid, j = idx / CPR, ch = idx % CPR, key = t * KEYS + j;
             const bool ok = key < kmax;
             int64_t off = 0;
             if (ok) {
@@ -71,37 +102,52 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a
             cp_async16(dst + TILE_BYTES + soff, vcache + off, ok ? 16 : 0);
         }
     };
+    if constexpr (QSMEM) {                          // with the first tile's group; rows past nrows: zeros
+        for (int idx = tid; idx < ROWS * CPR; idx += kThreads) {
+            const int row = idx / CPR, ch = idx % CPR;
+            const bool ok = row < nrows;
+            cp_async16(qs + row * ROW + ((ch ^ (row & 7)) << 4), ok ? q_row(row) + ch * 8 : (const T *)a.q,
+                       ok ? 16 : 0);
+        }
+    }
 #pragma unroll
     for (int t = 0; t < kStages - 1; ++t) {
         if (t < ntiles) issue(t);
         cp_async_commit();
     }
 
-    // This lane's rows: r_lo = 16 warp + lane / 4 and r_hi = r_lo + 8 (the accumulator layout); a row is
-    // (token r / group, head r % group). Rows past nrows see every key (finite sums) and are not stored.
+    // This lane's rows: in m-tile mt, r_lo = warp rows + 16 mt + lane / 4 and r_hi = r_lo + 8 (the
+    // accumulator layout); a row is (token r / group, head r % group). Rows past nrows see every key
+    // (finite sums) and are not stored.
     const int r = lane >> 2, c2 = (lane & 3) * 2;
-    const int r_lo = warp * 16 + r, r_hi = r_lo + 8;
-    const int pos_lo = r_lo < nrows ? first_pos + r_lo / a.group : kmax - 1;
-    const int pos_hi = r_hi < nrows ? first_pos + r_hi / a.group : kmax - 1;
-    const bool warp_live = warp * 16 < nrows;
-    const int warp_first = first_pos + (warp * 16) / a.group;                     // smallest position
-    const int warp_last = first_pos + (min(warp * 16 + 15, nrows - 1)) / a.group;  // largest
-    const int warp_tiles = warp_live ? warp_last / kKeys + 1 : 0;
-
-    // Q as A fragments: rows r_lo, r_hi; columns c2, c2 + 1 (and + 8) of each k-step.
-    uint32_t qf[KS][4];
-    {
-        const T *qlo = (const T *)a.q + (int64_t)(q_begin + tok0 + r_lo / a.group) * a.q_stride +
-                       (int64_t)(kv_head * a.group + r_lo % a.group) * D;
-        const T *qhi = (const T *)a.q + (int64_t)(q_begin + tok0 + r_hi / a.group) * a.q_stride +
-                       (int64_t)(kv_head * a.group + r_hi % a.group) * D;
-        const bool lo = r_lo < nrows, hi = r_hi < nrows;
+    int pos[MT][2];
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            qf[ks][0] = lo ? *reinterpret_cast<const uint32_t *>(qlo + ks * 16 + c2) : 0u;
-            qf[ks][2] = lo ? *reinterpret_cast<const uint32_t *>(qlo + ks * 16 + 8 + c2) : 0u;
-            qf[ks][1] = hi ? *reinterpret_cast<const uint32_t *>(qhi + ks * 16 + c2) : 0u;
-            qf[ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qhi + ks * 16 + 8 + c2) : 0u;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = warp * WROWS + mt * 16 + h * 8 + r;
+            pos[mt][h] = row < nrows ? first_pos + row / a.group : kmax - 1;
+        }
+    const bool warp_live = warp * WROWS < nrows;
+    const int warp_first = first_pos + (warp * WROWS) / a.group;                        // smallest position
+    const int warp_last = first_pos + (min(warp * WROWS + WROWS - 1, nrows - 1)) / a.group;  // largest
+    const int warp_tiles = warp_live ? warp_last / KEYS + 1 : 0;
+
+    // Q as A fragments (registers): rows r_lo, r_hi of each m-tile; columns c2, c2 + 1 (and + 8).
+    uint32_t qf[QSMEM ? 1 : MT][QSMEM ? 1 : KS][4];
+    if constexpr (!QSMEM) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const int rl = warp * WROWS + mt * 16 + r, rh = rl + 8;
+            const bool lo = rl < nrows, hi = rh < nrows;
+            const T *qlo = q_row(lo ? rl : 0), *qhi = q_row(hi ? rh : 0);
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                qf[mt][ks][0] = lo ? *reinterpret_cast<const uint32_t *>(qlo + ks * 16 + c2) : 0u;
+                qf[mt][ks][2] = lo ? *reinterpret_cast<const uint32_t *>(qlo + ks * 16 + 8 + c2) : 0u;
+                qf[mt][ks][1] = hi ? *reinterpret_cast<const uint32_t *>(qhi + ks * 16 + c2) : 0u;
+                qf[mt][ks][3] = hi ? *reinterpret_cast<const uint32_t *>(qhi + ks * 16 + 8 + c2) : 0u;
+            }
         }
     }
 
@@ -109,124 +155,150 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a
     const int mi = lane >> 3;
     const int tok_k = ((mi >> 1) << 3) + (lane & 7), half_k = mi & 1;    // K: (n-tile, k half)
     const int tok_v = ((mi & 1) << 3) + (lane & 7), half_v = mi >> 1;    // V: (k half, n-tile)
+    const int row_q = ((mi & 1) << 3) + (lane & 7), half_q = mi >> 1;    // Q: (row half, k half)
     const unsigned ring = (unsigned)__cvta_generic_to_shared(pf_smem);
+    const unsigned qbase = (unsigned)__cvta_generic_to_shared(qs) + (unsigned)(warp * WROWS * ROW);
 
-    float o[NT][4];
+    float o[MT][NT][4];
+    float m[MT][2], l[MT][2];
 #pragma unroll
-    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m_lo = -INFINITY, m_hi = -INFINITY, l_lo = 0.f, l_hi = 0.f;
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int n = 0; n < NT; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.f;
+    }
 
     for (int t = 0; t < ntiles; ++t) {
         if (t + kStages - 1 < ntiles) issue(t + kStages - 1);
         cp_async_commit();
-        cp_async_wait<kStages - 1>();   // this thread's copies of tile t have landed ...
+        cp_async_wait<kStages - 1>();   // this thread's copies of tile t (and Q) have landed ...
         __syncthreads();                // ... and every thread's
         if (t < warp_tiles) {
-            const int k0 = t * kKeys;
+            const int k0 = t * KEYS;
             const unsigned kb = ring + (unsigned)((t % kStages) * 2 * TILE_BYTES), vb = kb + TILE_BYTES;
-            float s[SN][4];
+            float s[MT][SN][4];
 #pragma unroll
-            for (int n = 0; n < SN; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
+                for (int n = 0; n < SN; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t qa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if constexpr (QSMEM) {
+                        const int row = mt * 16 + row_q;
+                        ldsm_x4(qa[mt], qbase + row * ROW + (((ks * 2 + half_q) ^ (row & 7)) << 4));
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) qa[mt][i] = qf[QSMEM ? 0 : mt][QSMEM ? 0 : ks][i];
+                    }
+                }
 #pragma unroll
                 for (int np = 0; np < SN / 2; ++np) {
                     uint32_t b[4];
                     ldsm_x4(b, kb + (np * 16 + tok_k) * ROW + (((ks * 2 + half_k) ^ (tok_k & 7)) << 4));
-                    Mma<T>::run(s[2 * np], qf[ks], b[0], b[1]);
-                    Mma<T>::run(s[2 * np + 1], qf[ks], b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        Mma<T>::run(s[mt][2 * np], qa[mt], b[0], b[1]);
+                        Mma<T>::run(s[mt][2 * np + 1], qa[mt], b[2], b[3]);
+                    }
                 }
+            }
             // scale; the causal mask only where the tile reaches past the warp's first position
-            const bool masked = k0 + kKeys - 1 > warp_first;
+            const bool masked = k0 + KEYS - 1 > warp_first;
+            uint32_t pa[MT][KEYS / 16][4];
 #pragma unroll
-            for (int n = 0; n < SN; ++n)
+            for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + n * 8 + c2 + (e & 1);
-                    const int pos = e < 2 ? pos_lo : pos_hi;
-                    s[n][e] = !masked || key <= pos ? s[n][e] * a.scale_log2e : -INFINITY;
+                for (int n = 0; n < SN; ++n)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = k0 + n * 8 + c2 + (e & 1);
+                        s[mt][n][e] = !masked || key <= pos[mt][e >> 1] ? s[mt][n][e] * a.scale_log2e : -INFINITY;
+                    }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    float mx = -INFINITY;
+#pragma unroll
+                    for (int n = 0; n < SN; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
+                    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+                    mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+                    // finite: tile 0 holds key 0, which every row sees, so m is finite from the first tile on
+                    const float mn = fmaxf(m[mt][h], mx);
+                    const float al = exp2f(m[mt][h] - mn);
+                    m[mt][h] = mn;
+                    float ps = 0.f;
+#pragma unroll
+                    for (int n = 0; n < SN; ++n) {
+                        s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] - mn);
+                        s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] - mn);
+                        ps += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
+                    }
+                    l[mt][h] = l[mt][h] * al + ps;   // this lane's share; the quad is summed at the end
+#pragma unroll
+                    for (int n = 0; n < NT; ++n) {
+                        o[mt][n][2 * h] *= al;
+                        o[mt][n][2 * h + 1] *= al;
+                    }
                 }
-            float mx_lo = -INFINITY, mx_hi = -INFINITY;
 #pragma unroll
-            for (int n = 0; n < SN; ++n) {
-                mx_lo = fmaxf(mx_lo, fmaxf(s[n][0], s[n][1]));
-                mx_hi = fmaxf(mx_hi, fmaxf(s[n][2], s[n][3]));
-            }
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(kFull, mx_lo, 1));
-            mx_lo = fmaxf(mx_lo, __shfl_xor_sync(kFull, mx_lo, 2));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(kFull, mx_hi, 1));
-            mx_hi = fmaxf(mx_hi, __shfl_xor_sync(kFull, mx_hi, 2));
-            // finite: tile 0 holds key 0, which every row sees, so m is finite from the first tile on
-            const float mn_lo = fmaxf(m_lo, mx_lo), mn_hi = fmaxf(m_hi, mx_hi);
-            const float al_lo = exp2f(m_lo - mn_lo), al_hi = exp2f(m_hi - mn_hi);
-            m_lo = mn_lo;
-            m_hi = mn_hi;
-            float ps_lo = 0.f, ps_hi = 0.f;
-#pragma unroll
-            for (int n = 0; n < SN; ++n) {
-                s[n][0] = exp2f(s[n][0] - mn_lo);
-                s[n][1] = exp2f(s[n][1] - mn_lo);
-                s[n][2] = exp2f(s[n][2] - mn_hi);
-                s[n][3] = exp2f(s[n][3] - mn_hi);
-                ps_lo += s[n][0] + s[n][1];
-                ps_hi += s[n][2] + s[n][3];
-            }
-            l_lo = l_lo * al_lo + ps_lo;   // this lane's share; the quad is summed at the end
-            l_hi = l_hi * al_hi + ps_hi;
-#pragma unroll
-            for (int n = 0; n < NT; ++n) {
-                o[n][0] *= al_lo;
-                o[n][1] *= al_lo;
-                o[n][2] *= al_hi;
-                o[n][3] *= al_hi;
+                for (int kk = 0; kk < KEYS / 16; ++kk) {
+                    pa[mt][kk][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][kk][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][kk][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][kk][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
             }
             // O += P . V, 16 keys (two S n-tiles) a k-step
 #pragma unroll
-            for (int kk = 0; kk < kKeys / 16; ++kk) {
-                uint32_t pa[4];
-                pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-                pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-                pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            for (int kk = 0; kk < KEYS / 16; ++kk)
 #pragma unroll
                 for (int dp = 0; dp < D / 16; ++dp) {
                     uint32_t b[4];
                     ldsm_x4_trans(b, vb + (kk * 16 + tok_v) * ROW + (((dp * 2 + half_v) ^ (tok_v & 7)) << 4));
-                    Mma<T>::run(o[2 * dp], pa, b[0], b[1]);
-                    Mma<T>::run(o[2 * dp + 1], pa, b[2], b[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        Mma<T>::run(o[mt][2 * dp], pa[mt][kk], b[0], b[1]);
+                        Mma<T>::run(o[mt][2 * dp + 1], pa[mt][kk], b[2], b[3]);
+                    }
                 }
-            }
         }
         __syncthreads();   // every warp is done with this stage before it is refilled
     }
     cp_async_wait<0>();
     if (!warp_live) return;
 
-    l_lo += __shfl_xor_sync(kFull, l_lo, 1);
-    l_lo += __shfl_xor_sync(kFull, l_lo, 2);
-    l_hi += __shfl_xor_sync(kFull, l_hi, 1);
-    l_hi += __shfl_xor_sync(kFull, l_hi, 2);
-    const float inv_lo = 1.f / l_lo, inv_hi = 1.f / l_hi;
     T *out = (T *)a.out;
-    if (r_lo < nrows) {
-        T *dst = out + ((int64_t)(q_begin + tok0 + r_lo / a.group) * a.num_heads + kv_head * a.group + r_lo % a.group) * D;
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
-            *reinterpret_cast<uint32_t *>(dst + n * 8 + c2) = Mma<T>::pack(o[n][0] * inv_lo, o[n][1] * inv_lo);
-    }
-    if (r_hi < nrows) {
-        T *dst = out + ((int64_t)(q_begin + tok0 + r_hi / a.group) * a.num_heads + kv_head * a.group + r_hi % a.group) * D;
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int n = 0; n < NT; ++n)
-            *reinterpret_cast<uint32_t *>(dst + n * 8 + c2) = Mma<T>::pack(o[n][2] * inv_hi, o[n][3] * inv_hi);
-    }
+        for (int h = 0; h < 2; ++h) {
+            float sum = l[mt][h];
+            sum += __shfl_xor_sync(kFull, sum, 1);
+            sum += __shfl_xor_sync(kFull, sum, 2);
+            const int row = warp * WROWS + mt * 16 + h * 8 + r;
+            if (row >= nrows) continue;
+            const float inv = 1.f / sum;
+            T *dst = out + ((int64_t)(q_begin + tok0 + row / a.group) * a.num_heads + kv_head * a.group +
+                            row % a.group) * D;
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+                *reinterpret_cast<uint32_t *>(dst + n * 8 + c2) =
+                    Mma<T>::pack(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
+        }
 }
 
-template <typename T, int D, int kStages>
-pa_status launch_prefill_tc(const PrefillTcArgs &a, dim3 grid, cudaStream_t stream) {
-    constexpr int smem = prefill_tc_smem<D, kStages>();
-    if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<prefill_tc_kernel<T, D, kStages>>("prefill_tc_kernel")));
-    prefill_tc_kernel<T, D, kStages><<<grid, kThreads, smem, stream>>>(a);
+template <typename T, int D, int MT, int KEYS, bool QSMEM>
+pa_status launch_prefill_tc(PrefillTcArgs a, int max_query_len, int num_seqs, cudaStream_t stream) {
+    constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, PF_TC_STAGES>();
+    constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, PF_TC_STAGES>;
+    if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
+    a.tile_tokens = kWarps * MT * 16 / a.group;
+    if (a.tile_tokens < 1) a.tile_tokens = 1;
+    const dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, a.num_kv_heads, num_seqs);
+    kernel<<<grid, kThreads, smem, stream>>>(a);
     return check_launch("prefill_tc_kernel");
 }
 
@@ -246,14 +318,15 @@ extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q
                                      max_blocks_per_seq, q_stride, scale));
     if (max_query_len < 0) return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_query_len %d)", name,
                                             (int)max_query_len);
-    if (a.group > kRows)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, kRows);
+    if (a.group > kMaxGroup)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, kMaxGroup);
     if (num_seqs == 0 || max_query_len == 0) return PA_OK;
-    a.tile_tokens = kRows / a.group;
-    const dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, num_kv_heads, num_seqs);
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
-        return head_dim == 64 ? launch_prefill_tc<T, 64, 2>(a, grid, st) : launch_prefill_tc<T, 128, 2>(a, grid, st);
+        return head_dim == 64
+                   ? launch_prefill_tc<T, 64, PF_TC_MT_64, PF_TC_KEYS_64, PF_TC_QSMEM_64>(a, max_query_len, num_seqs, st)
+                   : launch_prefill_tc<T, 128, PF_TC_MT_128, PF_TC_KEYS_128, PF_TC_QSMEM_128>(a, max_query_len,
+                                                                                              num_seqs, st);
     });
 }
