@@ -265,11 +265,12 @@ def test_graph_variants(fused, runs, prompts):
                                      {"fuse_rope": False}, {"fuse_rope": True, "use_pdl": True},
                                      {"fuse_layers": True}, {"deep_gemv": ()},
                                      {"deep_gemv": ("qkv", "o", "gate_up", "down", "lm_head"), "use_pdl": False},
-                                     {"prefill_sdpa_min_work": 1}])
+                                     {"prefill_sdpa_min_work": 1}, {"prefill_impl": "simt"}])
 def test_tensor_core_attention_and_pdl_graphs(fused, runs, prompts, options):
     """The tensor-core decode kernel (SmolLM2's group of 3 padded into an m16 tile), PDL-launched GEMVs and
-    the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, and every prefill chunk (decode
-    rows of mixed steps too) through the SDPA route, against the float32 reference."""
+    the fused gate_up+SiLU GEMV in the decode graphs, eager and graph steps, every prefill chunk (decode
+    rows of mixed steps too) through the SDPA route, and the CUDA-core prefill kernel in place of the
+    tensor-core one, against the float32 reference."""
     from engine.backends.cuda import CudaBackend
     _, ref = runs
     cuda = CudaBackend(SMOL, **options)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backends.cuda import PrefillPlan, plan_prefill, sdpa_paged_prefill
+from engine.backends.cuda import PrefillPlan, plan_prefill, prefill_sdpa_min_work, prefill_work, sdpa_paged_prefill
 from engine.backends.torch_ref import paged_attention_ref
 from engine.batch import Batch
 
@@ -57,6 +57,14 @@ def test_sdpa_paged_prefill_matches_the_reference(ctx_lens, q_lens, nh, nkv, hd)
         torch.testing.assert_close(out, ref[r0:r1], rtol=1e-4, atol=1e-4)
 
 
+def test_default_route_threshold_follows_the_heads():
+    """SDPA from 64 GFLOP of causal prompt at head_dim 64 and 32 at 128 (measured crossovers, H200)."""
+    assert prefill_sdpa_min_work(32, 64) == 64e9 // (4 * 32 * 64)         # 1B-like: 7.8M pairs (~3,950^2 / 2)
+    assert prefill_sdpa_min_work(32, 128) == 32e9 // (4 * 32 * 128)       # Llama-3-8B: 1.95M pairs
+    assert prefill_work(8192, 8192) >= prefill_sdpa_min_work(9, 64) > prefill_work(4096, 4096)   # SmolLM2
+    assert prefill_work(2048, 8192) < prefill_sdpa_min_work(32, 64) < prefill_work(8192, 8192)
+
+
 def test_sdpa_paged_prefill_rejects_more_queries_than_context():
     q, kc, vc, batch = paged([40], [40], 2, 2, 32, 16, seed=1)
     with pytest.raises(ValueError, match="query tokens"):
@@ -65,8 +73,10 @@ def test_sdpa_paged_prefill_rejects_more_queries_than_context():
 
 def test_plan_prefill_splits_long_and_short_sequences():
     _, _, _, batch = paged([300, 5, 900, 64], [300, 1, 260, 64], 2, 2, 32, 16, seed=2)
-    assert plan_prefill(batch, "cpu", min_work=300 * 901) is None      # no chunk that big
-    plan = plan_prefill(batch, "cpu", min_work=300 * 300)              # 300 x 300 and 260 x 900 go
+    # prefill_work: 300 x 300 -> 45,150 causal pairs; 260 on a 640-token prefix -> 200,330 / 2 = 100,165
+    assert prefill_work(300, 300) == 45150 and prefill_work(260, 900) == 100165 and prefill_work(1, 5) == 2
+    assert plan_prefill(batch, "cpu", min_work=100166) is None         # no chunk that big
+    plan = plan_prefill(batch, "cpu", min_work=45150)                  # 300 x 300 and 260 x 900 go
     assert isinstance(plan, PrefillPlan)
     assert plan.long == [(0, 300, 300, 0), (301, 561, 900, 2)]
     assert plan.rows.tolist() == [300] + list(range(561, 625))      # the short sequences' q rows, in order

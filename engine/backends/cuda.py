@@ -25,14 +25,27 @@ GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GE
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
 PREFILL_TC_MAX_GROUP = 64   # query heads per kv head the tensor-core prefill kernel takes (64 rows a block)
-# Work (query tokens x context tokens) of one sequence's chunk in a step from which its prefill attention
-# goes through torch SDPA (flash / cuDNN on the tensor cores, over its pages gathered into contiguous K/V:
-# sdpa_paged_prefill) instead of our CUDA-core paged prefill kernel; smaller chunks and decode rows of mixed
-# steps stay on the kernel. The route costs ~0.2 ms a call whatever the size (gather, mask, launches); on
-# the H200 (benchmarks/gpu_prefill.py, results_cuda.md session 6 call 13), 1B-like heads: 512 x 512 kernel
-# 0.16 ms / route 0.21, 1024 x 1024 0.37 / 0.20, 2048 x 8192 5.7 / 0.72, 8192 x 8192 12.1 / 0.84;
-# SmolLM2's: 1024 x 1024 0.21 / 0.22, 2048 x 2048 0.44 / 0.20.
-PREFILL_SDPA_MIN_WORK = 1 << 20
+# From how much work a sequence's prefill chunk goes through torch SDPA (flash / cuDNN on wgmma, over its pages
+# gathered into contiguous K/V: sdpa_paged_prefill) instead of our tensor-core paged prefill kernel (mma.sync,
+# ~240 TFLOP/s at its best), in FLOP of a whole causal prompt by head_dim; a chunk on a cached prefix needs
+# twice as much (prefill_work: SDPA's lower-right-mask path runs ~1.5x slower than its causal one). The route
+# costs ~0.1 ms a call whatever the size (gather, mask, launches). Measured on the H200
+# (benchmarks/gpu_prefill.py, scripts/ab_prefill.py; results_cuda.md session 7), kernel / route ms: 1B-like
+# heads (32 / 8 x 64) 2048 x 2048 0.14 / 0.18, 2048 x 8192 0.58 / 0.63, 8192 x 8192 1.16 / 0.95; Llama-3-8B
+# heads (32 / 8 x 128) 1024 x 1024 0.09 / 0.13, 2048 x 2048 0.22 / 0.25, 8192 x 8192 2.4 / 1.2.
+PREFILL_SDPA_MIN_FLOP = {64: 64e9, 128: 32e9}
+
+
+def prefill_work(query_len: int, context_len: int) -> int:
+    """The measure PREFILL_SDPA_MIN_FLOP is compared with, in query-key pairs: the causal pairs of the chunk
+    (query_len x context_len less the upper triangle), halved for a chunk on a cached prefix."""
+    pairs = query_len * context_len - query_len * (query_len - 1) // 2
+    return pairs if query_len >= context_len else pairs // 2
+
+
+def prefill_sdpa_min_work(num_heads: int, head_dim: int) -> int:
+    """prefill_work from which a chunk goes through SDPA, for these attention heads."""
+    return int(PREFILL_SDPA_MIN_FLOP.get(head_dim, PREFILL_SDPA_MIN_FLOP[128]) / (4 * num_heads * head_dim))
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -71,8 +84,8 @@ def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: to
 
 @dataclasses.dataclass
 class PrefillPlan:
-    """A prefill (or mixed) step's attention split: sequences whose query tokens x context tokens reach
-    PREFILL_SDPA_MIN_WORK go through sdpa_paged_prefill (`long`: (first row, end row, context, sequence
+    """A prefill (or mixed) step's attention split: sequences whose prefill_work reaches the backend's
+    threshold go through sdpa_paged_prefill (`long`: (first row, end row, context, sequence
     index)); the others form a sub-batch for the paged prefill kernel (its q rows `rows`, and its own
     query_start_loc, context_lens, block_tables on the device), None when there are none."""
     long: list
@@ -83,12 +96,12 @@ class PrefillPlan:
     max_query_len: int = 0
 
 
-def plan_prefill(batch: Batch, device, min_work: int = PREFILL_SDPA_MIN_WORK) -> PrefillPlan | None:
+def plan_prefill(batch: Batch, device, min_work: int) -> PrefillPlan | None:
     """The PrefillPlan of a host Batch (None: every sequence stays on the kernel)."""
     qsl = batch.query_start_loc.tolist()
     ctx = batch.context_lens.tolist()
     qlens = [b - a for a, b in zip(qsl, qsl[1:])]
-    sdpa = [n > 0 and n * c >= min_work for n, c in zip(qlens, ctx)]
+    sdpa = [n > 0 and prefill_work(n, c) >= min_work for n, c in zip(qlens, ctx)]
     long = [(qsl[i], qsl[i + 1], ctx[i], i) for i, take in enumerate(sdpa) if take]
     if not long:
         return None
@@ -630,7 +643,7 @@ class CudaBackend(Backend):
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
                  fuse_rope: bool = True, fuse_layers: bool = False, deep_gemv: tuple | None = None,
-                 prefill_sdpa_min_work: int | None = None):
+                 prefill_sdpa_min_work: int | None = None, prefill_impl: str | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -666,10 +679,11 @@ class CudaBackend(Backend):
         self.fuse_layers = bool(fuse_layers)
         self._layer_stack: LayerStack | None = None       # built on first use; reset with weights or caches
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
-        # query x context tokens of a sequence's chunk from which prefill attention goes through SDPA
+        # prefill_work of a sequence's chunk from which prefill attention goes through SDPA
         # (sdpa_paged_prefill); 1: every chunk; a number past any chunk: none
-        self.prefill_sdpa_min_work = PREFILL_SDPA_MIN_WORK if prefill_sdpa_min_work is None \
-            else int(prefill_sdpa_min_work)
+        self.prefill_sdpa_min_work = prefill_sdpa_min_work(config.num_heads, config.head_dim) \
+            if prefill_sdpa_min_work is None else int(prefill_sdpa_min_work)
+        self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}
@@ -764,14 +778,14 @@ class CudaBackend(Backend):
                                                        getattr(batch, "max_splits", None), impl=self.decode_impl)
         plan = getattr(batch, "prefill", None)
         if plan is None:
-            return self.kernels.paged_attention_prefill(*args, batch.max_query_len)
+            return self.kernels.paged_attention_prefill(*args, batch.max_query_len, impl=self.prefill_impl)
         out = torch.empty_like(q)
         for r0, r1, ctx, s in plan.long:           # long chunks: SDPA (tensor cores) over gathered pages
             out[r0:r1] = sdpa_paged_prefill(q[r0:r1], kc, vc, batch.block_tables[s], ctx, self.scale)
         if plan.rows is not None:                 # the rest: the paged kernel on their own sub-batch
             out[plan.rows] = self.kernels.paged_attention_prefill(
                 q[plan.rows], kc, vc, plan.block_tables, plan.context_lens, plan.query_start_loc, self.scale,
-                plan.max_query_len)
+                plan.max_query_len, impl=self.prefill_impl)
         return out
 
     def silu_mul(self, gate_up):

@@ -2,12 +2,13 @@
 // (mma.sync m16n8k16), in the FlashAttention-2 pattern: prefill, chunked prefill on a cached prefix, and
 // the decode rows of mixed steps. Same entry arguments and results as prefill_attention.cu (CUDA cores).
 //
-// One block (4 warps) per (tile of query rows, kv head, sequence). A tile is 64 rows -- 64 / group
+// One block (4 warps) per (tile of query rows, kv head, sequence). A tile is 64 MT rows -- 64 MT / group
 // tokens x the group's query heads, so each K/V tile is read once for all heads of the kv head; warp w
-// owns rows 16w .. 16w + 15 as the M rows of its products. Keys go through shared memory 64 at a time
-// (cp.async, kStages tiles in flight, rows XOR-swizzled in 16-byte units as in decode_attention_tc.cu):
-//   S [16 rows x 64 keys] = Q [16 x D] . K^T      (D/16 k-steps x 8 n-tiles)
-//   O [16 rows x D]      += P [16 x 64] . V       (4 k-steps x D/8 n-tiles)
+// owns MT m16 tiles of rows as the M rows of its products (the K / V fragments it loads serve all MT).
+// Keys go through shared memory KEYS at a time (cp.async, STAGES tiles in flight, rows XOR-swizzled in
+// 16-byte units as in decode_attention_tc.cu):
+//   S [16 rows x KEYS] = Q [16 x D] . K^T      (D/16 k-steps x KEYS/8 n-tiles, per m-tile)
+//   O [16 rows x D]   += P [16 x KEYS] . V     (KEYS/16 k-steps x D/8 n-tiles)
 // with an online softmax (log2 domain) per row in between; S's accumulators become P's A fragments in
 // registers. A warp skips the key tiles past its rows' last position and masks only the tiles that
 // cross the diagonal; blocks run the longest query tiles (the last of a chunk) first.
@@ -21,15 +22,21 @@ constexpr int kMaxGroup = 64;             // query heads a kv head (the smallest
 constexpr unsigned kFull = 0xffffffffu;
 
 // Per head_dim: MT m16 tiles a warp (rows a block = 64 MT), KEYS keys a tile, Q kept in registers or read
-// from shared memory by ldmatrix at each k-step (QSMEM: fewer registers, more shared-memory reads).
+// from shared memory by ldmatrix at each k-step (QSMEM: fewer registers, more shared-memory reads), STAGES
+// key tiles in flight. Defaults: the best of six builds on the H200 (scripts/ab_prefill.py, results_cuda.md
+// session 7 call 2): head_dim 64 two m-tiles a warp (its 8192 x 8192 chunk 1.40 -> 1.16 ms), 128 one; three
+// stages for both; 64-key tiles and Q in registers.
 #ifndef PF_TC_MT_64
-#define PF_TC_MT_64 1
+#define PF_TC_MT_64 2
 #endif
 #ifndef PF_TC_KEYS_64
 #define PF_TC_KEYS_64 64
 #endif
 #ifndef PF_TC_QSMEM_64
 #define PF_TC_QSMEM_64 0
+#endif
+#ifndef PF_TC_STAGES_64
+#define PF_TC_STAGES_64 3
 #endif
 #ifndef PF_TC_MT_128
 #define PF_TC_MT_128 1
@@ -40,8 +47,8 @@ constexpr unsigned kFull = 0xffffffffu;
 #ifndef PF_TC_QSMEM_128
 #define PF_TC_QSMEM_128 0
 #endif
-#ifndef PF_TC_STAGES
-#define PF_TC_STAGES 2
+#ifndef PF_TC_STAGES_128
+#define PF_TC_STAGES_128 3
 #endif
 
 struct PrefillTcArgs : PagedArgs {
@@ -290,10 +297,10 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a
         }
 }
 
-template <typename T, int D, int MT, int KEYS, bool QSMEM>
+template <typename T, int D, int MT, int KEYS, bool QSMEM, int STAGES>
 pa_status launch_prefill_tc(PrefillTcArgs a, int max_query_len, int num_seqs, cudaStream_t stream) {
-    constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, PF_TC_STAGES>();
-    constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, PF_TC_STAGES>;
+    constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, STAGES>();
+    constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, STAGES>;
     if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
     a.tile_tokens = kWarps * MT * 16 / a.group;
     if (a.tile_tokens < 1) a.tile_tokens = 1;
@@ -325,8 +332,9 @@ extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q
     return dispatch_dtype(dtype, name, [&](auto tag) {
         using T = decltype(tag);
         return head_dim == 64
-                   ? launch_prefill_tc<T, 64, PF_TC_MT_64, PF_TC_KEYS_64, PF_TC_QSMEM_64>(a, max_query_len, num_seqs, st)
-                   : launch_prefill_tc<T, 128, PF_TC_MT_128, PF_TC_KEYS_128, PF_TC_QSMEM_128>(a, max_query_len,
-                                                                                              num_seqs, st);
+                   ? launch_prefill_tc<T, 64, PF_TC_MT_64, PF_TC_KEYS_64, PF_TC_QSMEM_64, PF_TC_STAGES_64>(
+                         a, max_query_len, num_seqs, st)
+                   : launch_prefill_tc<T, 128, PF_TC_MT_128, PF_TC_KEYS_128, PF_TC_QSMEM_128, PF_TC_STAGES_128>(
+                         a, max_query_len, num_seqs, st);
     });
 }
