@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels layers model attention e2e prefill ncu   (each stage under its own time limit, so a
+#   stages: info tests kernels layers model attention e2e prefill ttft ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
-#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, NCU_ARGS (the probe's batch and context))
+#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, TTFT_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
@@ -61,6 +61,11 @@ for stage in "$@"; do
     prefill)
         timeout "${STAGE_LIMIT_prefill:-120}" python3 benchmarks/gpu_prefill.py --out "$OUT/prefill.md" 2>&1 \
             | tee "$OUT/prefill.log" | tail -25
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
+        ;;
+    ttft)
+        timeout "${STAGE_LIMIT_ttft:-200}" python3 benchmarks/gpu_ttft.py ${TTFT_ARGS:-} --out "$OUT/ttft.md" 2>&1 \
+            | tee "$OUT/ttft.log" | tail -20
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     ncu)

@@ -1,0 +1,116 @@
+"""Time to first token on the GPU: one prompt of P tokens through LlamaModel + CudaBackend (bf16) in chunks of
+C tokens on the growing prefix (the Engine's max_batched_tokens, 512 by default; "all": one chunk), until the
+first token's logits, next to HF transformers' forward over the whole prompt (SDPA attention, bf16,
+logits_to_keep=1) on the same random weights, in the same run. Our prefill attention runs as the backend
+chooses (default: the tensor-core paged kernel, SDPA over gathered pages for big chunks), on the CUDA-core
+kernel (simt: the path before session 7) and on the SDPA route for every chunk (route). Times are medians
+of 5 runs (ms, host included: what a request waits for, less tokenization and sampling).
+
+    python3 benchmarks/gpu_ttft.py [--models smollm2 llama1b] [--prompts 2048 8192] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_e2e import BS, MODELS, hf_model  # noqa: E402
+
+from engine.batch import Batch  # noqa: E402
+from engine.model import LlamaModel, fuse_weights  # noqa: E402
+
+VARIANTS = {"default": {}, "simt": {"prefill_impl": "simt", "prefill_sdpa_min_work": 1 << 62},
+            "route": {"prefill_sdpa_min_work": 1}}
+
+
+def ttft(model: LlamaModel, prompt: list[int], chunk: int, reps: int = 5) -> float:
+    """Median ms to run the prompt's chunks and take the first token (greedy) to the host."""
+    table = list(range(-(-len(prompt) // BS)))
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for start in range(0, len(prompt), chunk):
+            piece = prompt[start:start + chunk]
+            last = start + len(piece) == len(prompt)
+            logits = model.forward(Batch.build([(piece, start, table)], BS, [last]))
+        int(logits.argmax(-1).item())
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
+def hf_ttft(hf, prompt: list[int], reps: int = 5) -> float:
+    ids = torch.tensor([prompt], device="cuda")
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits = hf(ids, logits_to_keep=1, use_cache=False).logits
+            int(logits[0, -1].argmax().item())
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=sorted(MODELS))
+    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--chunks", nargs="+", default=["512", "2048", "all"])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    from engine.backends.cuda import CudaBackend
+
+    lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}", "",
+             "| model | prompt | chunk | " + " | ".join(f"ours {v} ms" for v in VARIANTS) + " | HF ms | HF / ours |",
+             "|---|---|---|" + "---|" * len(VARIANTS) + "---|---|"]
+    for name in args.models:
+        cfg = MODELS[name]
+        hf = hf_model(cfg)
+        weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
+        hf = hf.to(torch.bfloat16)
+        backend = CudaBackend(cfg)
+        backend.load_weights(weights)
+        del weights
+        gc.collect()
+        torch.cuda.empty_cache()
+        backend.allocate_kv_cache(-(-max(args.prompts) // BS) + 1, BS)
+        model = LlamaModel(cfg, backend)
+        defaults = backend.prefill_impl, backend.prefill_sdpa_min_work
+        g = torch.Generator().manual_seed(0)
+        for P in args.prompts:
+            prompt = torch.randint(0, cfg.vocab_size, (P,), generator=g).tolist()
+            t_hf = hf_ttft(hf, prompt)
+            for c in args.chunks:
+                chunk = P if c == "all" else int(c)
+                if chunk > P:
+                    continue
+                cells = []
+                with torch.inference_mode():
+                    for options in VARIANTS.values():
+                        backend.prefill_impl, backend.prefill_sdpa_min_work = defaults
+                        for key, value in options.items():
+                            setattr(backend, key, value)
+                        cells.append(ttft(model, prompt, chunk))
+                row = (f"| {name} | {P} | {c} | " + " | ".join(f"{t:.2f}" for t in cells) +
+                       f" | {t_hf:.2f} | {t_hf / cells[0]:.2f}x |")
+                print(row, flush=True)
+                lines.append(row)
+        del hf, backend, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
