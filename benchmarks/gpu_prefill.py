@@ -1,6 +1,6 @@
 """Prefill attention on the GPU, one sequence's chunk of L query tokens at the end of a ctx-token context over
 16-token pages: our paged prefill kernels (CUDA cores: simt; tensor cores: tc), the SDPA route CudaBackend
-takes for big chunks (prefill_work >= prefill_sdpa_min_work: pages gathered, then
+takes for big chunks (prefill_work >= prefill_route_min_work: pages gathered, then
 F.scaled_dot_product_attention with a lower-right causal mask), and SDPA on K/V that are already contiguous
 (the peer: no gather). Times are medians of CUDA event pairs around single calls (ms); TFLOP/s counts the
 causal half of 4 x L x ctx x heads x head_dim.
@@ -60,12 +60,12 @@ def main() -> None:
     args = ap.parse_args()
     from torch.nn.attention.bias import causal_lower_right
 
-    from engine.backends.cuda import CudaKernels, prefill_sdpa_min_work, prefill_work, sdpa_paged_prefill
+    from engine.backends.cuda import CudaKernels, prefill_route_min_work, prefill_work, sdpa_paged_prefill
     from engine.backends.torch_ref import gather_pages
     kernels = CudaKernels()
     dt = torch.bfloat16
     lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"backend: the path CudaBackend takes (prefill_work against prefill_sdpa_min_work)", "",
+             f"backend: the path CudaBackend takes (prefill_work against prefill_route_min_work)", "",
              "| model (nh/nkv/hd) | L / ctx | simt ms | tc ms | SDPA route ms | contiguous SDPA ms | simt / tc | "
              "route / tc | contiguous / tc | tc TFLOP/s | backend | rel err tc vs route |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -103,7 +103,7 @@ def main() -> None:
                 print(f"  {model} {L}/{ctx}: SDPA failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 tr = tcont = err = float("nan")
             flop = 4 * nh * hd * (L * ctx - L * (L - 1) / 2)
-            path = "route" if prefill_work(L, ctx) >= prefill_sdpa_min_work(nh, hd) else "tc"
+            path = "route" if prefill_work(L, ctx) >= prefill_route_min_work(nh, hd) else "tc"
             row = (f"| {model} ({nh}/{nkv}/{hd}) | {L} / {ctx} | {ts:.3f} | {tt:.3f} | {tr:.3f} | {tcont:.3f} | "
                    f"{ts / tt:.2f}x | {tr / tt:.2f}x | {tcont / tt:.2f}x | {flop / tt / 1e9:.1f} | {path} | {err:.1e} |")
             print(row, flush=True)

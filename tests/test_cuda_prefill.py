@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.backends.cuda import PrefillPlan, plan_prefill, prefill_sdpa_min_work, prefill_work, sdpa_paged_prefill
+from engine.backends.cuda import PrefillPlan, plan_prefill, prefill_route_min_work, prefill_work, sdpa_paged_prefill
 from engine.backends.torch_ref import paged_attention_ref
 from engine.batch import Batch
 
@@ -59,10 +59,10 @@ def test_sdpa_paged_prefill_matches_the_reference(ctx_lens, q_lens, nh, nkv, hd)
 
 def test_default_route_threshold_follows_the_heads():
     """SDPA from 64 GFLOP of causal prompt at head_dim 64 and 32 at 128 (measured crossovers, H200)."""
-    assert prefill_sdpa_min_work(32, 64) == 64e9 // (4 * 32 * 64)         # 1B-like: 7.8M pairs (~3,950^2 / 2)
-    assert prefill_sdpa_min_work(32, 128) == 32e9 // (4 * 32 * 128)       # Llama-3-8B: 1.95M pairs
-    assert prefill_work(8192, 8192) >= prefill_sdpa_min_work(9, 64) > prefill_work(4096, 4096)   # SmolLM2
-    assert prefill_work(2048, 8192) < prefill_sdpa_min_work(32, 64) < prefill_work(8192, 8192)
+    assert prefill_route_min_work(32, 64) == 64e9 // (4 * 32 * 64)         # 1B-like: 7.8M pairs (~3,950^2 / 2)
+    assert prefill_route_min_work(32, 128) == 32e9 // (4 * 32 * 128)       # Llama-3-8B: 1.95M pairs
+    assert prefill_work(8192, 8192) >= prefill_route_min_work(9, 64) > prefill_work(4096, 4096)   # SmolLM2
+    assert prefill_work(2048, 8192) < prefill_route_min_work(32, 64) < prefill_work(8192, 8192)
 
 
 def test_sdpa_paged_prefill_rejects_more_queries_than_context():

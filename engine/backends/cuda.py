@@ -37,13 +37,13 @@ PREFILL_SDPA_MIN_FLOP = {64: 64e9, 128: 32e9}
 
 
 def prefill_work(query_len: int, context_len: int) -> int:
-    """The measure PREFILL_SDPA_MIN_FLOP is compared with, in query-key pairs: the causal pairs of the chunk
+    """A chunk's size against prefill_route_min_work, in query-key pairs: the causal pairs of the chunk
     (query_len x context_len less the upper triangle), halved for a chunk on a cached prefix."""
     pairs = query_len * context_len - query_len * (query_len - 1) // 2
     return pairs if query_len >= context_len else pairs // 2
 
 
-def prefill_sdpa_min_work(num_heads: int, head_dim: int) -> int:
+def prefill_route_min_work(num_heads: int, head_dim: int) -> int:
     """prefill_work from which a chunk goes through SDPA, for these attention heads."""
     return int(PREFILL_SDPA_MIN_FLOP.get(head_dim, PREFILL_SDPA_MIN_FLOP[128]) / (4 * num_heads * head_dim))
 
@@ -681,7 +681,7 @@ class CudaBackend(Backend):
         self.decode_impl = decode_impl          # 'simt' / 'tc' decode attention; None: by GQA group
         # prefill_work of a sequence's chunk from which prefill attention goes through SDPA
         # (sdpa_paged_prefill); 1: every chunk; a number past any chunk: none
-        self.prefill_sdpa_min_work = prefill_sdpa_min_work(config.num_heads, config.head_dim) \
+        self.prefill_sdpa_min_work = prefill_route_min_work(config.num_heads, config.head_dim) \
             if prefill_sdpa_min_work is None else int(prefill_sdpa_min_work)
         self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: by GQA group
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
