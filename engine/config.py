@@ -75,7 +75,7 @@ class EngineConfig:
     num_blocks: int | None = None          # None: derive from kv_cache_mb
     kv_cache_mb: float = 256.0
     max_num_seqs: int = 32
-    max_batched_tokens: int = 512
+    max_batched_tokens: int | None = None  # prompt tokens a step; None: the backend's default_max_batched_tokens
     max_model_len: int | None = None       # None: the model's context length
     enable_prefix_caching: bool = True
     num_threads: int | None = None         # torch / native threads; None: all cores
@@ -87,6 +87,8 @@ class EngineConfig:
             raise ValueError(f"engine config: backend must be one of {BACKENDS}, got {self.backend!r}")
         for key in ("block_size", "max_num_seqs", "max_batched_tokens"):
             value = getattr(self, key)
+            if key == "max_batched_tokens" and value is None:
+                continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"engine config: {key} must be a positive integer, got {value!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):

@@ -1,6 +1,8 @@
 """Engine: submit/cancel, the step loop on its own thread, and per-request output queues."""
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import queue
@@ -32,6 +34,8 @@ class Engine(PipelinedDecode):
     def __init__(self, model_config: ModelConfig, backend: Backend, config: EngineConfig | None = None,
                  tokenizer=None):
         self.config = config or EngineConfig()
+        if self.config.max_batched_tokens is None:
+            self.config = dataclasses.replace(self.config, max_batched_tokens=backend.default_max_batched_tokens)
         self.model_config = model_config
         self.backend = backend
         self.tokenizer = tokenizer

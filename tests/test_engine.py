@@ -151,3 +151,21 @@ def test_background_thread_serves_concurrent_requests():
     finally:
         eng.stop()
     assert_all_free(eng)
+
+
+def test_max_batched_tokens_defaults_to_the_backend():
+    """EngineConfig.max_batched_tokens None (the shipped YAML's null) takes the backend's chunk budget: 512
+    on the CPU backends; a backend with a larger default (CUDA: 8192) gets it; a set value wins."""
+    from engine.backends.torch_ref import TorchRefBackend
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+
+    class BigChunks(TorchRefBackend):
+        default_max_batched_tokens = 8192
+
+    assert Engine(TINY, TorchRefBackend(TINY), EngineConfig(num_blocks=8)).config.max_batched_tokens == 512
+    assert Engine(TINY, BigChunks(TINY), EngineConfig(num_blocks=8)).config.max_batched_tokens == 8192
+    assert Engine(TINY, BigChunks(TINY), EngineConfig(num_blocks=8, max_batched_tokens=64)).scheduler.config \
+        .max_batched_tokens == 64
+    with pytest.raises(ValueError, match="max_batched_tokens"):
+        EngineConfig(max_batched_tokens=0)

@@ -45,6 +45,9 @@ class Backend(ABC):
     # prepare() honours Batch.device_input_ids and the device runs asynchronously to the host, so the
     # engine may launch a decode step from the previous one's device-side argmax (Engine.step)
     supports_async = False
+    # Prompt tokens a step (chunked prefill) when EngineConfig.max_batched_tokens is None: small chunks keep
+    # the decode steps that share a step with a prompt chunk short on a CPU.
+    default_max_batched_tokens = 512
 
     def __init__(self, config: ModelConfig):
         self.config = config

@@ -638,6 +638,11 @@ class CudaBackend(Backend):
 
     name = "cuda"
     supports_async = True                       # decode steps pipelined on the device argmax (Engine.step)
+    # Prompt tokens a step: a chunk costs ~0.4 ms of host work a layer whatever its size (eager prefill), so
+    # 512-token chunks put an 8192-token prompt's first token at 195 ms with SmolLM2 against 18 ms in one
+    # chunk and 34 ms for HF's forward (benchmarks/gpu_ttft.py, H200, results_cuda.md session 7); 8192 is
+    # also what vLLM takes for its server on GPUs of >= 70 GB.
+    default_max_batched_tokens = 8192
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
