@@ -305,6 +305,16 @@ def test_decode_attention_block_size_8_and_fp16_scale(kernels):
     assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
 
 
+@pytest.mark.cuda
+@needs_gpu
+def test_launches_go_to_torchs_current_stream(kernels):
+    """_stream() is torch's current stream, on the default stream and inside a side stream's context."""
+    assert int(kernels.ffi.cast("uintptr_t", kernels._stream())) == torch.cuda.current_stream().cuda_stream
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert int(kernels.ffi.cast("uintptr_t", kernels._stream())) == side.cuda_stream != 0
+
+
 PREFILL_CASES = [  # (context lens, query lens, head_dim, group)
     ([1], [1], 64, 1),
     ([37, 16, 100], [37, 16, 50], 64, 3),         # whole prompts; chunk on a cached prefix

@@ -48,6 +48,11 @@ def prefill_route_min_work(num_heads: int, head_dim: int) -> int:
     return int(PREFILL_SDPA_MIN_FLOP.get(head_dim, PREFILL_SDPA_MIN_FLOP[128]) / (4 * num_heads * head_dim))
 
 
+# The current stream's cudaStream_t for a device index, and the current device (CUDA builds of torch).
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_CUDA_DEVICE = getattr(torch._C, "_cuda_getDevice", None)
+
+
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     """argmax over the last dim of [n, V] (first maximum, as torch.argmax), in two passes over 256-wide
     slices: torch's one-pass kernel puts a whole row on one block (27 us for V = 128256 on the H200)."""
@@ -167,6 +172,11 @@ class CudaKernels:
         return self.ffi.NULL if t is None else self.ffi.cast("void *", t.data_ptr())
 
     def _stream(self):
+        """torch's current stream on the current device, read as inductor reads it: torch.cuda.current_stream()
+        builds a Stream object and resolves the device in Python, ~1/4 of an eager prefill chunk's host time
+        (scripts/profile_prefill.py, H200 host)."""
+        if _RAW_STREAM is not None:
+            return self.ffi.cast("void *", _RAW_STREAM(_CUDA_DEVICE()))
         return self.ffi.cast("void *", torch.cuda.current_stream().cuda_stream)
 
     def _call(self, op: str, *args) -> None:
