@@ -143,6 +143,21 @@ static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *ou
     return PA_OK;
 }
 
+// What both prefill kernels (CUDA cores, tensor cores) take: query tokens a block besides PagedArgs.
+struct PrefillArgs : PagedArgs {
+    int tile_tokens;
+};
+
+// The prefill exports' own checks after fill_paged_args: max_query_len, and at most max_group query heads
+// per kv head (the rows one block holds for a single token).
+static inline pa_status check_prefill(const char *name, const PagedArgs &a, int32_t max_query_len, int max_group) {
+    if (max_query_len < 0)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_query_len %d)", name, (int)max_query_len);
+    if (a.group > max_group)
+        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, max_group);
+    return PA_OK;
+}
+
 // ---- element types --------------------------------------------------------------------------
 // 8 elements of a 16-bit type in one 16-byte vector.
 template <typename T> struct Vec;

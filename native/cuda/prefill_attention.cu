@@ -15,10 +15,6 @@ constexpr int kRows = 32;                 // query rows per block
 constexpr int kRowsPerWarp = kRows / kWarps;
 constexpr int kKeys = 32;                 // keys per tile
 
-struct PrefillArgs : PagedArgs {
-    int tile_tokens;
-};
-
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(PrefillArgs a) {
     constexpr int VPR = D / 8;            // 16-byte vectors per row
@@ -174,10 +170,7 @@ extern "C" pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, c
     PA_RETURN_IF_ERR(fill_paged_args(a, name, out, q, key_cache, value_cache, block_tables, context_lens,
                                      query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                      max_blocks_per_seq, q_stride, scale));
-    if (max_query_len < 0) return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_query_len %d)", name,
-                                            (int)max_query_len);
-    if (a.group > kRows)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, kRows);
+    PA_RETURN_IF_ERR(check_prefill(name, a, max_query_len, kRows));
     if (num_seqs == 0 || max_query_len == 0) return PA_OK;
     a.tile_tokens = kRows / a.group;
     dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, num_kv_heads, num_seqs);

@@ -51,16 +51,12 @@ constexpr unsigned kFull = 0xffffffffu;
 #define PF_TC_STAGES_128 3
 #endif
 
-struct PrefillTcArgs : PagedArgs {
-    int tile_tokens;
-};
-
 template <int D, int MT, int KEYS, bool QSMEM, int kStages> __host__ __device__ constexpr int prefill_tc_smem() {
     return kStages * 2 * KEYS * D * 2 + (QSMEM ? kWarps * MT * 16 * D * 2 : 0);
 }
 
 template <typename T, int D, int MT, int KEYS, bool QSMEM, int kStages>
-__global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a) {
+__global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) {
     constexpr int ROW = D * 2;                      // bytes of one key's K (or V) row
     constexpr int CPR = D / 8;                      // 16-byte pieces a row
     constexpr int TILE_BYTES = KEYS * ROW;
@@ -298,7 +294,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillTcArgs a
 }
 
 template <typename T, int D, int MT, int KEYS, bool QSMEM, int STAGES>
-pa_status launch_prefill_tc(PrefillTcArgs a, int max_query_len, int num_seqs, cudaStream_t stream) {
+pa_status launch_prefill_tc(PrefillArgs a, int max_query_len, int num_seqs, cudaStream_t stream) {
     constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, STAGES>();
     constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, STAGES>;
     if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
@@ -319,14 +315,11 @@ extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q
                                                         int32_t max_blocks_per_seq, int32_t max_query_len,
                                                         int64_t q_stride, float scale, int32_t dtype, void *stream) {
     const char *name = "prefill_tc_kernel";
-    PrefillTcArgs a;
+    PrefillArgs a;
     PA_RETURN_IF_ERR(fill_paged_args(a, name, out, q, key_cache, value_cache, block_tables, context_lens,
                                      query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                      max_blocks_per_seq, q_stride, scale));
-    if (max_query_len < 0) return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (max_query_len %d)", name,
-                                            (int)max_query_len);
-    if (a.group > kMaxGroup)
-        return cuda_fail(PA_ERR_UNSUPPORTED, "%s: %d query heads per kv head (at most %d)", name, a.group, kMaxGroup);
+    PA_RETURN_IF_ERR(check_prefill(name, a, max_query_len, kMaxGroup));
     if (num_seqs == 0 || max_query_len == 0) return PA_OK;
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {
