@@ -53,6 +53,13 @@ def child(variant: str) -> None:
     print("RESULT", variant, " | ".join(cells), flush=True)
 
 
+def child_cells(script: str, lib: str, env: dict | None = None) -> str:
+    """Run `script --child lib` in its own process; its RESULT line's cells, or why it failed."""
+    out = subprocess.run([sys.executable, script, "--child", lib], capture_output=True, text=True, env=env)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    return line.split(" ", 2)[2] if line else f"failed: {(out.stderr or out.stdout)[-400:]!r}"
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--child":
         child(sys.argv[2])
@@ -62,6 +69,4 @@ if __name__ == "__main__":
     for v in sys.argv[1:]:
         lib, _, splits = v.partition("@")
         env = dict(os.environ, AB_SPLIT=splits) if splits else None
-        out = subprocess.run([sys.executable, __file__, "--child", lib], capture_output=True, text=True, env=env)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")]
-        print(f"| {v} | " + (line[0].split(" ", 2)[2] if line else "failed: " + out.stderr[-400:]) + " |", flush=True)
+        print(f"| {v} | {child_cells(__file__, lib, env)} |", flush=True)

@@ -5,7 +5,6 @@ each; an output off SDPA's on contiguous K/V by > 2e-2 is flagged.
     python3 scripts/ab_prefill.py base variant ...
 """
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -68,10 +67,6 @@ if __name__ == "__main__":
     head = " | ".join(f"{m} {L}/{c}" for m in MODELS for L, c in POINTS)
     print(f"| build | {head} |  (ms (TFLOP/s))")
     print("|---" * (1 + len(MODELS) * len(POINTS)) + "|")
+    from ab_attention import child_cells       # scripts/ is on sys.path when this script runs
     for name in sys.argv[1:]:
-        res = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True)
-        line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")), None)
-        if line is None:
-            print(f"| {name} | failed: {(res.stderr or res.stdout)[-400:]!r} |", flush=True)
-        else:
-            print(f"| {name} | {line.split(' ', 2)[2]} |", flush=True)
+        print(f"| {name} | {child_cells(__file__, name)} |", flush=True)

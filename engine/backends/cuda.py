@@ -1,6 +1,6 @@
 """CUDA backend: bf16 weights on the GPU, GEMMs through torch (cuBLAS) or our fused GEMVs (<= 8 rows), our
-kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4; prefill chunks of
->= 2^20 query x context tokens through torch SDPA over their gathered pages), KV write, RoPE, RMSNorm and
+kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4; prefill on the tensor
+cores, the biggest chunks through torch SDPA over their gathered pages), KV write, RoPE, RMSNorm and
 SiLU-mul. Decode-only steps of <= 128 sequences replay one CUDA graph per padded batch size
 through Backend.forward_step (embedding, every layer, final norm and lm_head inside); logits stay on the
 GPU (float32) for the engine's sampler."""
@@ -24,7 +24,6 @@ GEMV_MAX_ROWS = 8
 GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GEMV_* flags in pa.h
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TC_MIN_GROUP = 4        # GQA group from which decode attention runs on the tensor cores
-PREFILL_TC_MAX_GROUP = 64   # query heads per kv head the tensor-core prefill kernel takes (64 rows a block)
 # From how much work a sequence's prefill chunk goes through torch SDPA (flash / cuDNN on wgmma, over its pages
 # gathered into contiguous K/V: sdpa_paged_prefill) instead of our tensor-core paged prefill kernel (mma.sync,
 # ~240 TFLOP/s at its best), in FLOP of a whole causal prompt by head_dim; a chunk on a cached prefix needs
@@ -535,8 +534,8 @@ class CudaKernels:
                                 scale: float, max_query_len: int, out: torch.Tensor | None = None,
                                 impl: str | None = None) -> torch.Tensor:
         """Causal attention of each sequence's query rows (the last of its context) over its pages -> out
-        [T, nh, hd]. impl: 'tc' (tensor cores, the default for GQA groups <= 64) or 'simt' (CUDA cores)."""
-        impl = impl or ("tc" if q.shape[1] // max(1, key_cache.shape[1]) <= PREFILL_TC_MAX_GROUP else "simt")
+        [T, nh, hd]. impl: 'tc' (tensor cores, the default; GQA groups <= 64) or 'simt' (CUDA cores; <= 32)."""
+        impl = impl or "tc"
         if impl not in ("simt", "tc"):
             raise ValueError(f"paged_attention_prefill: impl must be 'simt' or 'tc', got {impl!r}")
         op = "pa_paged_attention_prefill_cuda" if impl == "simt" else "pa_paged_attention_prefill_tc_cuda"
@@ -698,7 +697,7 @@ class CudaBackend(Backend):
         # (sdpa_paged_prefill); 1: every chunk; a number past any chunk: none
         self.prefill_sdpa_min_work = prefill_route_min_work(config.num_heads, config.head_dim) \
             if prefill_sdpa_min_work is None else int(prefill_sdpa_min_work)
-        self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: by GQA group
+        self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: 'tc'
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}

@@ -298,8 +298,7 @@ pa_status launch_prefill_tc(PrefillArgs a, int max_query_len, int num_seqs, cuda
     constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, STAGES>();
     constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, STAGES>;
     if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
-    a.tile_tokens = kWarps * MT * 16 / a.group;
-    if (a.tile_tokens < 1) a.tile_tokens = 1;
+    a.tile_tokens = kWarps * MT * 16 / a.group;     // >= 1: check_prefill took groups <= kMaxGroup
     const dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, a.num_kv_heads, num_seqs);
     kernel<<<grid, kThreads, smem, stream>>>(a);
     return check_launch("prefill_tc_kernel");
