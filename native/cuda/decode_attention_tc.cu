@@ -15,6 +15,36 @@
 
 using namespace decode;
 
+// PA_STAMPS (diagnostic builds only, scripts/stamps_attention.py): thread 0 of each block records %smid and
+// %globaltimer at entry, after the PDL wait, after its first chunk, a quarter and half way through warp 0's
+// chunks, after every warp's loop and at exit; pa_debug_stamps copies them out (the last launch's, 8
+// words a block, blocks in linear grid order).
+#ifdef PA_STAMPS
+__device__ unsigned long long pa_stamps_buf[16384 * 8];
+#define PA_STAMP(k, v)                                                                                          \
+    do {                                                                                                      \
+        if (threadIdx.x == 0) {                                                                               \
+            const long b_ = blockIdx.x + (long)gridDim.x * (blockIdx.y + (long)gridDim.y * blockIdx.z);       \
+            if (b_ < 16384) pa_stamps_buf[b_ * 8 + (k)] = (v);                                                \
+        }                                                                                                     \
+    } while (0)
+__device__ __forceinline__ unsigned long long stamp_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %globaltimer;\n" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ unsigned long long stamp_smid() {
+    unsigned r;
+    asm volatile("mov.u32 %0, %smid;\n" : "=r"(r));
+    return r;
+}
+extern "C" int pa_debug_stamps(void *dst, long words) {
+    return (int)cudaMemcpyFromSymbol(dst, pa_stamps_buf, words * 8);
+}
+#else
+#define PA_STAMP(k, v)
+#endif
+
 namespace {
 
 constexpr int kChunk = 16;
@@ -47,6 +77,8 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     // Launched as a programmatic dependent of the kernel before it (the qkv GEMV): the block table is
     // staged while that kernel drains, everything it produces (q, the new token's K/V) read after the
     // wait; a PDL-launched kernel after this one (the o GEMV) may start at once and prefetch weights.
+    PA_STAMP(1, stamp_now());
+    PA_STAMP(0, stamp_smid());
     const DecodeBlock blk = decode_block_pdl(a);
     if (!blk.live) return;
     const int seq = blk.seq, split = blk.split, kv_head = blk.kv_head, hg = blk.hg, q_row = blk.q_row;
@@ -105,6 +137,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
         cp_async_commit();
     }
     pdl_wait();
+    PA_STAMP(2, stamp_now());
 
     if (ctx <= 0) {
         for (int i = tid; i < nheads * D; i += kThreads) out[i] = from_f<T>(0.f);
@@ -223,6 +256,11 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
             Mma<T>::run(o[2 * dp + 1], pa, b[2], b[3]);
         }
         __syncwarp();   // every lane is done reading this stage before it is refilled
+#ifdef PA_STAMPS
+        if (j == 0) PA_STAMP(3, stamp_now());
+        if (j + 1 == mine / 4) PA_STAMP(6, stamp_now());
+        if (j + 1 == mine / 2) PA_STAMP(7, stamp_now());
+#endif
     }
     cp_async_wait<0>();
 
@@ -232,6 +270,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     l_hi += __shfl_xor_sync(kFull, l_hi, 1);
     l_hi += __shfl_xor_sync(kFull, l_hi, 2);
     __syncthreads();   // every warp is done with its stages: reuse them
+    PA_STAMP(4, stamp_now());
     float *red = reinterpret_cast<float *>(tc_smem);   // [warp][GP][D]
     float *wml = red + kWarps * GP * D;                 // [warp][GP][2]
 #pragma unroll
@@ -253,6 +292,7 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
     }
     __syncthreads();
     finish_block<T, D, GP, kWarps, kThreads>(a, red, wml, out, seq, h0, nheads, split, direct);
+    PA_STAMP(5, stamp_now());
     if (direct || a.counters == nullptr) return;
 
     // The last partition of this (sequence, head group) to finish merges them all (no merge launch): the
