@@ -335,14 +335,28 @@ pa_status launch_tc_stages(const DecodeArgs &a, int num_seqs, cudaStream_t strea
 // session 4), so each SM has twice the warps to hide the per-chunk latency and 16 chunks in flight.
 // Otherwise 4-warp blocks with three stages (96 KB at D = 128: two blocks an SM, which is also the
 // register limit).
+// Block shape switches for A/B builds (scripts/build_ab.sh NAME -DTC_SMALL_WARPS=4 ...): session 8 call 8
+// found every shape of 4 / 8 warps x 2-6 stages within 1 % of these at batch >= 16 (results_cuda.md).
+#ifndef TC_SMALL_WARPS
+#define TC_SMALL_WARPS 8
+#endif
+#ifndef TC_SMALL_STAGES
+#define TC_SMALL_STAGES 3
+#endif
+#ifndef TC_BIG_WARPS
+#define TC_BIG_WARPS 4
+#endif
+#ifndef TC_BIG_STAGES
+#define TC_BIG_STAGES 3
+#endif
 template <typename T, int D, int GP>
 pa_status launch_tc(const DecodeArgs &a, int num_seqs, cudaStream_t stream) {
     const int num_sms = device_sms();
     // Units, not blocks: a decode graph sizes its grid for its longest context (max_splits), while the
     // live blocks of a step are the units times the partitions its contexts fill.
     const long units = (long)a.num_kv_heads * a.head_groups * num_seqs;
-    return units < num_sms ? launch_tc_stages<T, D, GP, 3, 8>(a, num_seqs, stream)
-                           : launch_tc_stages<T, D, GP, 3, 4>(a, num_seqs, stream);
+    return units < num_sms ? launch_tc_stages<T, D, GP, TC_SMALL_STAGES, TC_SMALL_WARPS>(a, num_seqs, stream)
+                           : launch_tc_stages<T, D, GP, TC_BIG_STAGES, TC_BIG_WARPS>(a, num_seqs, stream);
 }
 
 }  // namespace
