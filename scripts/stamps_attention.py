@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--lib", default="stamps")
     ap.add_argument("--points", nargs="+", default=["16x4096", "16x16384", "64x4096", "64x16384"])
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--chunks", action="store_true",
+                    help="also every chunk's time (lane 0 of each warp): the rate the call consumes K/V at")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -37,6 +39,7 @@ def main() -> None:
     kernels = CudaKernels()
     dbg = ctypes.CDLL(str(native.LIB_DIR / "libpa_cuda.so"))
     dbg.pa_debug_stamps.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    dbg.pa_debug_chunks.argtypes = [ctypes.c_void_p, ctypes.c_long]
     dump = {}
     for pt in args.points:
         b, ctx = (int(x) for x in pt.split("x"))
@@ -62,10 +65,54 @@ def main() -> None:
                            "bytes": ntok * ga.HD * 2 * 2})
         dump[pt] = {"us_per_call": t * 1e6, "partition": part, "blocks": blocks}
         summarize(pt, t, part, blocks)
+        if args.chunks:
+            nw = 8 if b * ga.NKV < kernels.num_sms else 4
+            cbuf = (ctypes.c_ulonglong * (nblocks * 8 * 256))()
+            assert dbg.pa_debug_chunks(ctypes.addressof(cbuf), nblocks * 8 * 256) == 0
+            times = []
+            for i in range(nblocks):
+                split = i % splits
+                nch = -(-min(part, ctx - split * part) // 16)
+                for w in range(nw):
+                    mine = max(0, -(-(nch - w) // nw))
+                    base = (i * 8 + w) * 256
+                    times += [(cbuf[base + j] - t0) / 1e3 for j in range(min(mine, 256))]
+            dump[pt]["chunks"] = times
+            if args.json:
+                args.json.write_text(json.dumps(dump))
+            chunk_curve(pt, times, ga.HD * 2 * 2 * 16, t)
         del case
         torch.cuda.empty_cache()
     if args.json:
         args.json.write_text(json.dumps(dump))
+
+
+def chunk_curve(pt, times, chunk_bytes, t_call) -> None:
+    """Bytes consumed over the call from every chunk's time: where the time a constant rate would not need
+    goes (before 10 % of the bytes, between 10 and 90 %, after 90 %)."""
+    times = sorted(times)
+    n = len(times)
+    first, last = times[0], times[-1]
+    w = 0.5
+    nbin = int((last - first) / w) + 1
+    cnt = [0] * nbin
+    for x in times:
+        cnt[min(nbin - 1, int((x - first) / w))] += 1
+    rate = [c * chunk_bytes / (w * 1e6) for c in cnt]          # TB/s
+    i10, i90 = times[n // 10], times[9 * n // 10]
+    if i90 <= i10:
+        print(f"  chunks: {n}; 10 % and 90 % of them at the same time {i10:.2f} us: no curve")
+        return
+    mid = (0.8 * n * chunk_bytes) / ((i90 - i10) * 1e6)
+    need = n * chunk_bytes / (mid * 1e6)
+    print(f"  chunks: {n} x {chunk_bytes // 1024} KB; first {first:.2f} us, last {last:.2f} us after the first entry; "
+          f"5/50/95/99 % of bytes at {times[n // 20]:.2f} / {times[n // 2]:.2f} / {times[19 * n // 20]:.2f} / "
+          f"{times[99 * n // 100]:.2f} us")
+    print(f"  rate between 10 and 90 % of the bytes {mid:.2f} TB/s; first-to-last {last - first:.1f} us against "
+          f"{need:.1f} at that rate: ramp (to 10 %) {i10 - first - 0.1 * need:.1f} us, tail (from 90 %) "
+          f"{last - i90 - 0.1 * need:.1f} us; call (graph) {t_call * 1e6:.1f} us")
+    step = max(1, nbin // 40)
+    print("  TB/s by 0.5 us bin (every " + str(step) + "): " + " ".join(f"{r:.1f}" for r in rate[::step]))
 
 
 def pct(xs, q):

@@ -38,8 +38,14 @@ __device__ __forceinline__ unsigned long long stamp_smid() {
     asm volatile("mov.u32 %0, %smid;\n" : "=r"(r));
     return r;
 }
+// and lane 0 of each warp the time each of its chunks is ready to compute (at most 256 chunks a warp):
+// pa_chunk_buf[(block * 8 + warp) * 256 + j]
+__device__ unsigned long long pa_chunk_buf[16384 * 8 * 256 / 16];
 extern "C" int pa_debug_stamps(void *dst, long words) {
     return (int)cudaMemcpyFromSymbol(dst, pa_stamps_buf, words * 8);
+}
+extern "C" int pa_debug_chunks(void *dst, long words) {
+    return (int)cudaMemcpyFromSymbol(dst, pa_chunk_buf, words * 8);
 }
 #else
 #define PA_STAMP(k, v)
@@ -257,6 +263,10 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
         }
         __syncwarp();   // every lane is done reading this stage before it is refilled
 #ifdef PA_STAMPS
+        if (lane == 0 && j < 256) {
+            const long b_ = blockIdx.x + (long)gridDim.x * (blockIdx.y + (long)gridDim.y * blockIdx.z);
+            if ((b_ * 8 + warp) * 256 + j < 16384L * 8 * 256 / 16) pa_chunk_buf[(b_ * 8 + warp) * 256 + j] = stamp_now();
+        }
         if (j == 0) PA_STAMP(3, stamp_now());
         if (j + 1 == mine / 4) PA_STAMP(6, stamp_now());
         if (j + 1 == mine / 2) PA_STAMP(7, stamp_now());
