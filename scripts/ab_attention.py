@@ -27,14 +27,20 @@ def partition(ctx: int):
     return -(-(-(-ctx // int(spec)) // 16)) * 16
 
 
-def child(variant: str) -> None:
+def ab_kernels(variant: str):
+    """CudaKernels over ab/<variant>/libpa_cuda.so, with the repo and benchmarks/ importable (the A/B
+    drivers' children and scripts/stamps_attention.py)."""
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from engine import native
     native.LIB_DIR = ROOT / "ab" / variant
-    import gpu_attention as ga
     from engine.backends.cuda import CudaKernels
-    k = CudaKernels()
+    return CudaKernels()
+
+
+def child(variant: str) -> None:
+    k = ab_kernels(variant)
+    import gpu_attention as ga
     cells = []
     for b, ctx in POINTS:
         per_set = 2 * b * ctx * ga.NKV * ga.HD * 2

@@ -6,26 +6,20 @@ each; an output off SDPA's on contiguous K/V by > 2e-2 is flagged.
 """
 import statistics
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 MODELS = ["llama1b", "llama3-8b", "smollm2"]
 POINTS = [(512, 512), (1024, 1024), (2048, 2048), (2048, 8192), (8192, 8192)]
 
 
 def child(variant: str) -> None:
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from ab_attention import ab_kernels
+    kernels = ab_kernels(variant)
+    import gpu_prefill as gp
     import torch
     import torch.nn.functional as F
     from torch.nn.attention.bias import causal_lower_right
 
-    from engine import native
-    native.LIB_DIR = ROOT / "ab" / variant
-    import gpu_prefill as gp
-    from engine.backends.cuda import CudaKernels
     from engine.backends.torch_ref import gather_pages
-    kernels = CudaKernels()
     cells = []
     for model in MODELS:
         nh, nkv, hd = gp.SHAPES[model]

@@ -16,7 +16,6 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 WORDS = 8
 
 
@@ -28,15 +27,12 @@ def main() -> None:
     ap.add_argument("--chunks", action="store_true",
                     help="also every chunk's time (lane 0 of each warp): the rate the call consumes K/V at")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from engine import native
-    native.LIB_DIR = ROOT / "ab" / args.lib
+    from ab_attention import ab_kernels
+    kernels = ab_kernels(args.lib)
     import gpu_attention as ga
     import torch
 
-    from engine.backends.cuda import CudaKernels
-    kernels = CudaKernels()
+    from engine import native
     dbg = ctypes.CDLL(str(native.LIB_DIR / "libpa_cuda.so"))
     dbg.pa_debug_stamps.argtypes = [ctypes.c_void_p, ctypes.c_long]
     dbg.pa_debug_chunks.argtypes = [ctypes.c_void_p, ctypes.c_long]
@@ -66,7 +62,7 @@ def main() -> None:
         dump[pt] = {"us_per_call": t * 1e6, "partition": part, "blocks": blocks}
         summarize(pt, t, part, blocks)
         if args.chunks:
-            nw = 8 if b * ga.NKV < kernels.num_sms else 4
+            nw = 8 if b * ga.NKV < kernels.num_sms else 4     # launch_tc's choice (decode_attention_tc.cu)
             cbuf = (ctypes.c_ulonglong * (nblocks * 8 * 256))()
             assert dbg.pa_debug_chunks(ctypes.addressof(cbuf), nblocks * 8 * 256) == 0
             times = []

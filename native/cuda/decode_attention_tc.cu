@@ -20,13 +20,14 @@ using namespace decode;
 // chunks, after every warp's loop and at exit; pa_debug_stamps copies them out (the last launch's, 8
 // words a block, blocks in linear grid order).
 #ifdef PA_STAMPS
-__device__ unsigned long long pa_stamps_buf[16384 * 8];
+constexpr long kStampBlocks = 16384, kChunkStampBlocks = 1024;   // blocks the two buffers have room for
+__device__ unsigned long long pa_stamps_buf[kStampBlocks * 8];
+__device__ __forceinline__ long stamp_block() {   // the block's index in linear grid order
+    return blockIdx.x + (long)gridDim.x * (blockIdx.y + (long)gridDim.y * blockIdx.z);
+}
 #define PA_STAMP(k, v)                                                                                          \
     do {                                                                                                      \
-        if (threadIdx.x == 0) {                                                                               \
-            const long b_ = blockIdx.x + (long)gridDim.x * (blockIdx.y + (long)gridDim.y * blockIdx.z);       \
-            if (b_ < 16384) pa_stamps_buf[b_ * 8 + (k)] = (v);                                                \
-        }                                                                                                     \
+        if (threadIdx.x == 0 && stamp_block() < kStampBlocks) pa_stamps_buf[stamp_block() * 8 + (k)] = (v);  \
     } while (0)
 __device__ __forceinline__ unsigned long long stamp_now() {
     unsigned long long t;
@@ -40,7 +41,7 @@ __device__ __forceinline__ unsigned long long stamp_smid() {
 }
 // and lane 0 of each warp the time each of its chunks is ready to compute (at most 256 chunks a warp):
 // pa_chunk_buf[(block * 8 + warp) * 256 + j]
-__device__ unsigned long long pa_chunk_buf[16384 * 8 * 256 / 16];
+__device__ unsigned long long pa_chunk_buf[kChunkStampBlocks * 8 * 256];
 extern "C" int pa_debug_stamps(void *dst, long words) {
     return (int)cudaMemcpyFromSymbol(dst, pa_stamps_buf, words * 8);
 }
@@ -263,10 +264,8 @@ __global__ void __launch_bounds__(NW * 32, 8 / NW) decode_tc_kernel(DecodeArgs a
         }
         __syncwarp();   // every lane is done reading this stage before it is refilled
 #ifdef PA_STAMPS
-        if (lane == 0 && j < 256) {
-            const long b_ = blockIdx.x + (long)gridDim.x * (blockIdx.y + (long)gridDim.y * blockIdx.z);
-            if ((b_ * 8 + warp) * 256 + j < 16384L * 8 * 256 / 16) pa_chunk_buf[(b_ * 8 + warp) * 256 + j] = stamp_now();
-        }
+        if (lane == 0 && j < 256 && stamp_block() < kChunkStampBlocks)
+            pa_chunk_buf[(stamp_block() * 8 + warp) * 256 + j] = stamp_now();
         if (j == 0) PA_STAMP(3, stamp_now());
         if (j + 1 == mine / 4) PA_STAMP(6, stamp_now());
         if (j + 1 == mine / 2) PA_STAMP(7, stamp_now());
