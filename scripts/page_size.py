@@ -23,6 +23,9 @@ def main() -> None:
                     help="instead: 16-token pages scattered within groups of G MB of the pool (a sequence's "
                          "consecutive pages drawn from one group), G in --group-mb, against the whole pool")
     ap.add_argument("--group-mb", type=float, nargs="+", default=[2, 32])
+    ap.add_argument("--interleave", action="store_true",
+                    help="instead: K and V of a block side by side in one pool ([blocks, 2, heads, bs, hd], "
+                         "passed as two views one block apart with even block ids) against two pools")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -34,6 +37,8 @@ def main() -> None:
     k = CudaKernels()
     if args.groups:
         return groups(args, ga, torch, k)
+    if args.interleave:
+        return interleave(args, ga, torch, k)
     cols = [f"{h} head{'s' if h > 1 else ''}, bs {bs}" for bs in args.block_sizes for h in (8, 1)]
     print("| point | cuDNN | " + " | ".join(cols) + " |")
     print("|---|" + "---|" * (len(cols) + 1))
@@ -113,6 +118,50 @@ def groups(args, ga, torch, k) -> None:
                     else:
                         group = int(mb * 2**20) // (nkv * bs * ga.HD * 2)
                         perm = grouped_perm(n, group, g, torch)
+                    tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
+                    q = torch.randn(seqs, ga.NH * nkv // ga.NKV, ga.HD, generator=g, device="cuda", dtype=ga.DT)
+                    calls.append(lambda q=q, kc=kc, vc=vc, t=tables, cl=ctx_lens, qs=qsl: k.paged_attention_decode(
+                        q, kc, vc, t, cl, qs, ga.HD ** -0.5, ctx, ctx, impl="tc"))
+                cells.append(ga.timed(calls)[0])
+                del calls
+                torch.cuda.empty_cache()
+        print(f"| {b} / {ctx // 1024}k | " + " | ".join(f"{c * 1e6:.1f}" for c in cells) + " |", flush=True)
+
+
+def interleave(args, ga, torch, k) -> None:
+    """16-token pages scattered over the pool, K and V in two pools (the benchmark) or side by side."""
+    from torch.nn.attention import SDPBackend
+    bs = 16
+    cols = [f"{h} head{'s' if h > 1 else ''}, {lay}" for lay in ("two pools", "K|V a block") for h in (8, 1)]
+    print("| point | cuDNN | " + " | ".join(cols) + " |")
+    print("|---|" + "---|" * (len(cols) + 1))
+    for pt in args.points:
+        b, ctx = (int(x) for x in pt.split("x"))
+        per_set = 2 * b * ctx * ga.NKV * ga.HD * 2
+        n_sets = max(1, min(32, math.ceil(ga.ROTATE_BYTES / per_set)))
+        case = ga.Case(b, ctx, n_sets=n_sets)
+        calls, conts = ga.run_sdpa(case, SDPBackend.CUDNN_ATTENTION)
+        cells = [ga.timed(calls)[0]]
+        del calls, conts, case
+        torch.cuda.empty_cache()
+        for lay in ("two pools", "K|V a block"):
+            for heads in (8, 1):
+                g = torch.Generator(device="cuda").manual_seed(0)
+                seqs, nkv = (b, ga.NKV) if heads == 8 else (b * ga.NKV, 1)
+                nblk = ctx // bs
+                n = seqs * nblk
+                ctx_lens = torch.full((seqs,), ctx, dtype=torch.int32, device="cuda")
+                qsl = torch.arange(seqs + 1, dtype=torch.int32, device="cuda")
+                calls = []
+                for _ in range(n_sets):
+                    perm = torch.randperm(n, generator=g, device="cuda")
+                    if lay == "two pools":
+                        kc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
+                        vc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
+                    else:   # block p's K at pool row 2p, its V at 2p + 1: vc is the pool one row on
+                        kv = torch.randn(2 * n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
+                        kc, vc = kv[:-1], kv[1:]
+                        perm = perm * 2
                     tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
                     q = torch.randn(seqs, ga.NH * nkv // ga.NKV, ga.HD, generator=g, device="cuda", dtype=ga.DT)
                     calls.append(lambda q=q, kc=kc, vc=vc, t=tables, cl=ctx_lens, qs=qsl: k.paged_attention_decode(
