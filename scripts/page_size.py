@@ -14,6 +14,7 @@ Modes (times in us, medians of graph replays over rotated sets):
                 side in one pool ([blocks, 2, heads, 16, 128], passed as two views one block apart, even
                 block ids).
     python3 scripts/page_size.py [--points 16x16384 64x4096] [--block-sizes 16 256 | --groups | --interleave]
+                                 [--lib NAME]
 Results: benchmarks/results_cuda.md session 9 (and session 8 call 6, which ran the in-order case)."""
 import argparse
 import math
@@ -70,16 +71,22 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--groups", action="store_true", help="pages within groups of --group-mb MB, or in order")
     mode.add_argument("--interleave", action="store_true", help="K and V of a block side by side in one pool")
-    ap.add_argument("--group-mb", type=float, nargs="+", default=[2, 32])
+    ap.add_argument("--group-mb", type=float, nargs="*", default=[2, 32])
+    ap.add_argument("--lib", default=None, help="the kernel of ab/LIB/libpa_cuda.so (scripts/build_ab.sh)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "scripts"))
     import gpu_attention as ga
     import torch
     from torch.nn.attention import SDPBackend
 
-    from engine.backends.cuda import CudaKernels
-    kernels = CudaKernels()
+    if args.lib:
+        from ab_attention import ab_kernels
+        kernels = ab_kernels(args.lib)
+    else:
+        from engine.backends.cuda import CudaKernels
+        kernels = CudaKernels()
     if args.groups:         # (label, block size, pages, group MB)
         layouts = ([("pool", 16, "pool", 0.0)] + [(f"{mb:g} MB", 16, "group", mb) for mb in args.group_mb]
                    + [("in order", 16, "order", 0.0)])
