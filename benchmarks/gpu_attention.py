@@ -24,6 +24,11 @@ DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20          # at least this much K/V across rotated sets (L2 is 60 MB)
 
 
+def rotated_sets(batch: int, ctx: int) -> int:
+    """How many independent K/V sets a (batch, ctx) point cycles through: ROTATE_BYTES' worth, 1 to 32."""
+    return max(1, min(32, math.ceil(ROTATE_BYTES / (2 * batch * ctx * NKV * HD * DT.itemsize))))
+
+
 def timed(calls, min_calls: int = 40, replays: int = 15) -> tuple[float, str]:
     """Median seconds per call: a CUDA graph of >= min_calls calls cycling the sets, replayed."""
     for c in calls:
@@ -233,8 +238,7 @@ def main() -> None:
     rows = []
     for b in args.batches:
         for ctx in args.contexts:
-            per_set = 2 * b * ctx * NKV * HD * DT.itemsize
-            case = Case(b, ctx, n_sets=max(1, min(32, math.ceil(ROTATE_BYTES / per_set))), pages=args.pages)
+            case = Case(b, ctx, n_sets=rotated_sets(b, ctx), pages=args.pages)
             r = {"batch": b, "ctx": ctx, "mb": case.kv_bytes / 2**20, "sets": case.n_sets}
             # ours: each kernel at the heuristic's partition, then a partition sweep of the tensor-core one
             ref = None

@@ -7,7 +7,6 @@ batch >= 16 into S partitions, NAME@tN into a tail of ctx / N tokens after the r
 
 Session 6 used it with builds that skipped the PDL wait, the arrival + merge, or only the merge, to find
 what the batch-1 fixed cost is made of (benchmarks/results_cuda.md)."""
-import math
 import os
 import subprocess
 import sys
@@ -43,8 +42,7 @@ def child(variant: str) -> None:
     import gpu_attention as ga
     cells = []
     for b, ctx in POINTS:
-        per_set = 2 * b * ctx * ga.NKV * ga.HD * 2
-        case = ga.Case(b, ctx, n_sets=max(1, min(32, math.ceil(ga.ROTATE_BYTES / per_set))))
+        case = ga.Case(b, ctx, n_sets=ga.rotated_sets(b, ctx))
         out = ga.run_ours(case, k, impl="tc")[0]()
         kk, vv = case.contiguous(case.sets[0])
         err = ga.rel_err(out, ga.sdpa(case.sets[0]["q"], kk, vv))

@@ -17,7 +17,6 @@ Modes (times in us, medians of graph replays over rotated sets):
                                  [--lib NAME]
 Results: benchmarks/results_cuda.md session 9 (and session 8 call 6, which ran the in-order case)."""
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -36,7 +35,8 @@ def grouped_perm(n: int, group: int, g, torch):
 def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, bs: int, pages: str,
                  group_mb: float = 0.0) -> list:
     """n_sets decode calls over pools of one layout. pages: 'pool' (scattered), 'group' (scattered within
-    group_mb MB), 'order' or 'kv' (scattered, K|V of a block side by side in one pool)."""
+    group_mb MB), 'order' (each unit's pages in order) or 'kv' (scattered, K|V of a block side by side in
+    one pool)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     seqs, nkv = (b, ga.NKV) if heads == ga.NKV else (b * ga.NKV, 1)
     nblk = ctx // bs
@@ -100,7 +100,7 @@ def main() -> None:
     print("|---|" + "---|" * (len(cols) + 1))
     for pt in args.points:
         b, ctx = (int(x) for x in pt.split("x"))
-        n_sets = max(1, min(32, math.ceil(ga.ROTATE_BYTES / (2 * b * ctx * ga.NKV * ga.HD * 2))))
+        n_sets = ga.rotated_sets(b, ctx)
         case = ga.Case(b, ctx, n_sets=n_sets)
         calls, conts = ga.run_sdpa(case, SDPBackend.CUDNN_ATTENTION)
         cells = [ga.timed(calls)[0]]

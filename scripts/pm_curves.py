@@ -19,7 +19,8 @@ HEAD, TAIL = 15, 8
 
 def curves(path: str) -> dict[str, list[float]]:
     """kernel name -> the DRAM read samples from its first to its last one above 1 %."""
-    rows = list(csv.reader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     col = rows[0].index(READ)
     out = {}
     for r in rows[2:]:

@@ -39,8 +39,7 @@ def main() -> None:
     dump = {}
     for pt in args.points:
         b, ctx = (int(x) for x in pt.split("x"))
-        per_set = 2 * b * ctx * ga.NKV * ga.HD * 2
-        case = ga.Case(b, ctx, n_sets=max(1, min(32, math.ceil(ga.ROTATE_BYTES / per_set))))
+        case = ga.Case(b, ctx, n_sets=ga.rotated_sets(b, ctx))
         part = kernels.decode_partition_tc(b, ga.NKV, ctx)
         splits = -(-ctx // part)
         nblocks = splits * ga.NKV * b
