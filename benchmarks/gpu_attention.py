@@ -19,9 +19,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.kv_layout import layout_stats, served_tables  # noqa: E402
+
 NH, NKV, HD, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20          # at least this much K/V across rotated sets (L2 is 60 MB)
+SERVED_EXTENT = 2 * 2**20 // (NKV * BS * HD * DT.itemsize)   # the engine's 2 MB extents: 64 pages
 
 
 def rotated_sets(batch: int, ctx: int) -> int:
@@ -98,14 +101,20 @@ class Case:
         self.batch, self.ctx, self.n_sets = batch, ctx, n_sets
         nblk = ctx // BS
         self.num_blocks = batch * nblk
-        self.sets = []
-        for _ in range(n_sets):
+        self.sets, self.layouts = [], []
+        for i in range(n_sets):
+            if pages.startswith("served"):     # what the engine's BlockManager hands out on a busy pool
+                extent = SERVED_EXTENT if pages == "served" else 0
+                tables, self.num_blocks = served_tables(batch, ctx, BS, extent, seed=seed + i)
+                self.layouts.append(layout_stats(tables, SERVED_EXTENT))
+                tables = torch.tensor(tables, dtype=torch.int32, device="cuda")        # [batch, nblk]
+            elif pages == "sequential":        # a diagnostic: each sequence's pages in order, back to back
+                tables = torch.arange(self.num_blocks, device="cuda", dtype=torch.int32).view(batch, nblk)
+            else:                              # a random permutation of the pool: the worst case
+                perm = torch.randperm(self.num_blocks, generator=g, device="cuda").to(torch.int32)
+                tables = perm.view(batch, nblk).contiguous()
             kc = torch.randn(self.num_blocks, NKV, BS, HD, generator=g, device="cuda", dtype=DT)
             vc = torch.randn(self.num_blocks, NKV, BS, HD, generator=g, device="cuda", dtype=DT)
-            perm = torch.randperm(self.num_blocks, generator=g, device="cuda").to(torch.int32)
-            if pages == "sequential":          # a diagnostic: each sequence's pages in order, back to back
-                perm = torch.arange(self.num_blocks, device="cuda", dtype=torch.int32)
-            tables = perm.view(batch, nblk).contiguous()                                 # scattered pages
             q = torch.randn(batch, NH, HD, generator=g, device="cuda", dtype=DT)
             self.sets.append({"kc": kc, "vc": vc, "tables": tables, "q": q})
         self.ctx_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
@@ -213,8 +222,10 @@ def main() -> None:
     ap.add_argument("--flex", choices=["none", "some", "all"], default="none",
                     help="FlexAttention points (compiling each shape takes a while): some = the target points")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--pages", choices=["scattered", "sequential"], default="scattered",
-                    help="block tables: a random permutation of the pool (the default), or in order (diagnostic)")
+    ap.add_argument("--pages", choices=["scattered", "served", "served-fifo", "sequential"], default="scattered",
+                    help="block tables: a random permutation of the pool (the default, the worst case); what the "
+                         "engine's allocator hands out on a busy pool (benchmarks/kv_layout.py), with its 2 MB extents "
+                         "or without (free list + LRU order); or each sequence's pages in order (diagnostic)")
     ap.add_argument("--probe", action="store_true",
                     help="one call of ours and of cuDNN SDPA at the first batch/context, for ncu")
     args = ap.parse_args()
@@ -240,6 +251,11 @@ def main() -> None:
         for ctx in args.contexts:
             case = Case(b, ctx, n_sets=rotated_sets(b, ctx), pages=args.pages)
             r = {"batch": b, "ctx": ctx, "mb": case.kv_bytes / 2**20, "sets": case.n_sets}
+            if case.layouts:
+                r["layout"] = {k: statistics.mean(x[k] for x in case.layouts) for k in case.layouts[0]}
+                print(f"B={b} ctx={ctx} pages {args.pages}: pool {case.num_blocks} blocks; a sequence's "
+                      f"{r['layout']['blocks']} pages in {r['layout']['runs']:.1f} runs, "
+                      f"{r['layout']['switches']:.1f} visits to 2 MB groups (fewest {r['layout']['min_groups']})")
             # ours: each kernel at the heuristic's partition, then a partition sweep of the tensor-core one
             ref = None
             r["p_auto"] = kernels.decode_partition_tc(b, NKV, ctx)
@@ -317,7 +333,7 @@ def main() -> None:
     copy_after = copy_bandwidth()
     print(f"device-to-device copy again: {copy_after / 1e12:.2f} TB/s")
     lines = [f"Copy bandwidth {copy_bw / 1e12:.2f} TB/s (before) / {copy_after / 1e12:.2f} TB/s (after); % copy uses "
-             f"the first. Times in us (median of graph replays).", "",
+             f"the first. Times in us (median of graph replays). Block tables: --pages {args.pages}.", "",
              "| batch | ctx | K+V MB | tc best us (P) | TB/s | % copy | tc auto-P us (P) | simt auto-P us |"
              " SDPA us (backend) | SDPA/tc | SDPA/simt | gather+SDPA us | gather/tc | flex us | flex/tc |"
              " err tc / simt vs SDPA | cuDNN us | flash us | SDPA default us | default / tc auto-P |"

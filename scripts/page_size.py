@@ -10,17 +10,22 @@ Modes (times in us, medians of graph replays over rotated sets):
   --groups      16-token pages scattered over the pool, only within groups of --group-mb MB (a sequence's
                 consecutive pages drawn, shuffled, from one group: the same runs, fewer translation pages),
                 or in order (each unit's K/V contiguous, as cuDNN reads them);
+  --served      16-token pages as the engine's BlockManager places them on a busy pool (benchmarks/kv_layout.py),
+                with its 2 MB extents and without, next to scattered and in order (cells: us (cuDNN / it));
   --interleave  16-token pages scattered, K and V in two pools (the benchmark) or a block's K and V side by
                 side in one pool ([blocks, 2, heads, 16, 128], passed as two views one block apart, even
                 block ids).
-    python3 scripts/page_size.py [--points 16x16384 64x4096] [--block-sizes 16 256 | --groups | --interleave]
-                                 [--lib NAME]
+    python3 scripts/page_size.py [--points 16x16384 64x4096] [--block-sizes 16 256 | --groups | --interleave |
+                                 --served] [--rounds N] [--lib NAME]
 Results: benchmarks/results_cuda.md session 9 (and session 8 call 6, which ran the in-order case)."""
 import argparse
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.kv_layout import served_tables  # noqa: E402
 
 
 def grouped_perm(n: int, group: int, g, torch):
@@ -35,8 +40,8 @@ def grouped_perm(n: int, group: int, g, torch):
 def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, bs: int, pages: str,
                  group_mb: float = 0.0) -> list:
     """n_sets decode calls over pools of one layout. pages: 'pool' (scattered), 'group' (scattered within
-    group_mb MB), 'order' (each unit's pages in order) or 'kv' (scattered, K|V of a block side by side in
-    one pool)."""
+    group_mb MB), 'order' (each unit's pages in order), 'kv' (scattered, K|V of a block side by side in
+    one pool) or 'served' / 'served-fifo' (the engine's allocator, with 2 MB extents / without)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     seqs, nkv = (b, ga.NKV) if heads == ga.NKV else (b * ga.NKV, 1)
     nblk = ctx // bs
@@ -45,19 +50,25 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
     qsl = torch.arange(seqs + 1, dtype=torch.int32, device="cuda")
     calls = []
     for _ in range(n_sets):
+        if pages.startswith("served"):   # the engine's BlockManager on a busy pool (benchmarks/kv_layout.py)
+            tables, n = served_tables(seqs, ctx, bs, ga.SERVED_EXTENT if pages == "served" else 0,
+                                      seed=len(calls))
         if pages == "kv":       # block p's K at pool row 2p, its V at 2p + 1: vc is the pool one row on
             kv = torch.randn(2 * n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             kc, vc = kv[:-1], kv[1:]
         else:
             kc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             vc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
-        if pages == "order":
+        if pages.startswith("served"):
+            tables = torch.tensor(tables, dtype=torch.int32, device="cuda")
+        elif pages == "order":
             perm = torch.arange(n, device="cuda")
         elif pages == "group":
             perm = grouped_perm(n, int(group_mb * 2**20) // (nkv * bs * ga.HD * 2), g, torch)
         else:
             perm = torch.randperm(n, generator=g, device="cuda") * (2 if pages == "kv" else 1)
-        tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
+        if not pages.startswith("served"):
+            tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
         q = torch.randn(seqs, ga.NH * nkv // ga.NKV, ga.HD, generator=g, device="cuda", dtype=ga.DT)
         calls.append(lambda q=q, kc=kc, vc=vc, t=tables: kernels.paged_attention_decode(
             q, kc, vc, t, ctx_lens, qsl, ga.HD ** -0.5, ctx, ctx, impl="tc"))
@@ -71,6 +82,9 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--groups", action="store_true", help="pages within groups of --group-mb MB, or in order")
     mode.add_argument("--interleave", action="store_true", help="K and V of a block side by side in one pool")
+    mode.add_argument("--served", action="store_true",
+                      help="what the engine's allocator hands out on a busy pool, with and without 2 MB extents")
+    ap.add_argument("--rounds", type=int, default=1, help="time every column this many times, in turn")
     ap.add_argument("--group-mb", type=float, nargs="*", default=[2, 32])
     ap.add_argument("--lib", default=None, help="the kernel of ab/LIB/libpa_cuda.so (scripts/build_ab.sh)")
     args = ap.parse_args()
@@ -90,28 +104,34 @@ def main() -> None:
     if args.groups:         # (label, block size, pages, group MB)
         layouts = ([("pool", 16, "pool", 0.0)] + [(f"{mb:g} MB", 16, "group", mb) for mb in args.group_mb]
                    + [("in order", 16, "order", 0.0)])
+    elif args.served:
+        layouts = [("scattered", 16, "pool", 0.0), ("served, free list + LRU", 16, "served-fifo", 0.0),
+                   ("served, 2 MB extents", 16, "served", 0.0), ("in order", 16, "order", 0.0)]
     elif args.interleave:
         layouts = [("two pools", 16, "pool", 0.0), ("K|V a block", 16, "kv", 0.0)]
     else:
         layouts = [(f"bs {bs}", bs, "pool", 0.0) for bs in args.block_sizes]
     cols = [(f"{h} head{'s' if h > 1 else ''}, {label}", h, bs, pages, mb)
-            for label, bs, pages, mb in layouts for h in (ga.NKV, 1)]
+            for label, bs, pages, mb in layouts for h in ((ga.NKV,) if args.served else (ga.NKV, 1))]
     print("| point | cuDNN | " + " | ".join(c[0] for c in cols) + " |")
     print("|---|" + "---|" * (len(cols) + 1))
     for pt in args.points:
         b, ctx = (int(x) for x in pt.split("x"))
         n_sets = ga.rotated_sets(b, ctx)
-        case = ga.Case(b, ctx, n_sets=n_sets)
-        calls, conts = ga.run_sdpa(case, SDPBackend.CUDNN_ATTENTION)
-        cells = [ga.timed(calls)[0]]
-        del calls, conts, case
-        torch.cuda.empty_cache()
-        for _, heads, bs, pages, mb in cols:
-            calls = layout_calls(ga, torch, kernels, b, ctx, n_sets, heads, bs, pages, mb)
-            cells.append(ga.timed(calls)[0])
-            del calls
+        for _ in range(args.rounds):
+            case = ga.Case(b, ctx, n_sets=n_sets)
+            calls, conts = ga.run_sdpa(case, SDPBackend.CUDNN_ATTENTION)
+            cells = [ga.timed(calls)[0]]
+            del calls, conts, case
             torch.cuda.empty_cache()
-        print(f"| {b} / {ctx // 1024}k | " + " | ".join(f"{c * 1e6:.1f}" for c in cells) + " |", flush=True)
+            for _, heads, bs, pages, mb in cols:
+                calls = layout_calls(ga, torch, kernels, b, ctx, n_sets, heads, bs, pages, mb)
+                cells.append(ga.timed(calls)[0])
+                del calls
+                torch.cuda.empty_cache()
+            print(f"| {b} / {ctx // 1024}k | " + " | ".join(f"{c * 1e6:.1f} ({cells[0] / c:.3f}x)" if i else
+                                                           f"{c * 1e6:.1f}" for i, c in enumerate(cells)) + " |",
+                  flush=True)
 
 
 if __name__ == "__main__":
