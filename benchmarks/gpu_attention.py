@@ -24,7 +24,7 @@ from benchmarks.kv_layout import layout_stats, served_tables  # noqa: E402
 NH, NKV, HD, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 ROTATE_BYTES = 256 << 20          # at least this much K/V across rotated sets (L2 is 60 MB)
-SERVED_EXTENT = 2 * 2**20 // (NKV * BS * HD * DT.itemsize)   # the engine's 2 MB extents: 64 pages
+GROUP_PAGES = 2 * 2**20 // (NKV * BS * HD * DT.itemsize)     # one kv head's pages in 2 MB of a pool: 64
 
 
 def rotated_sets(batch: int, ctx: int) -> int:
@@ -103,10 +103,9 @@ class Case:
         self.num_blocks = batch * nblk
         self.sets, self.layouts = [], []
         for i in range(n_sets):
-            if pages.startswith("served"):     # what the engine's BlockManager hands out on a busy pool
-                extent = SERVED_EXTENT if pages == "served" else 0
-                tables, self.num_blocks = served_tables(batch, ctx, BS, extent, seed=seed + i)
-                self.layouts.append(layout_stats(tables, SERVED_EXTENT))
+            if pages == "served":              # what the engine's BlockManager hands out on a busy pool
+                tables, self.num_blocks = served_tables(batch, ctx, BS, seed=seed + i)
+                self.layouts.append(layout_stats(tables, GROUP_PAGES))
                 tables = torch.tensor(tables, dtype=torch.int32, device="cuda")        # [batch, nblk]
             elif pages == "sequential":        # a diagnostic: each sequence's pages in order, back to back
                 tables = torch.arange(self.num_blocks, device="cuda", dtype=torch.int32).view(batch, nblk)
@@ -222,10 +221,10 @@ def main() -> None:
     ap.add_argument("--flex", choices=["none", "some", "all"], default="none",
                     help="FlexAttention points (compiling each shape takes a while): some = the target points")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--pages", choices=["scattered", "served", "served-fifo", "sequential"], default="scattered",
+    ap.add_argument("--pages", choices=["scattered", "served", "sequential"], default="scattered",
                     help="block tables: a random permutation of the pool (the default, the worst case); what the "
-                         "engine's allocator hands out on a busy pool (benchmarks/kv_layout.py), with its 2 MB extents "
-                         "or without (free list + LRU order); or each sequence's pages in order (diagnostic)")
+                         "engine's allocator hands out on a busy pool (benchmarks/kv_layout.py); or each sequence's "
+                         "pages in order (diagnostic)")
     ap.add_argument("--probe", action="store_true",
                     help="one call of ours and of cuDNN SDPA at the first batch/context, for ncu")
     args = ap.parse_args()

@@ -14,7 +14,10 @@ serving for a while:
 
 The pool has `headroom` more blocks than the batch needs. Run it alone for the layout statistics:
 
-    python3 benchmarks/kv_layout.py [--batch 16] [--ctx 16384] [--extent-blocks 0 64]
+    python3 benchmarks/kv_layout.py [--batch 16 64] [--ctx 4096 16384]
+
+Results: benchmarks/results_cuda.md session 11 (with a trial allocator that kept pages in 2 MB extents: it
+cut the 2 MB-group changes of a sequence 5x and bought nothing measurable on the GPU, so it was not kept).
 """
 from __future__ import annotations
 
@@ -64,13 +67,13 @@ class _Background:
             self.appended += len(prompt)
 
 
-def served_tables(batch: int, ctx: int, block_size: int = 16, extent_blocks: int = 64, headroom: float = 0.25,
-                  turnover: float = 2.0, seed: int = 0) -> tuple[list[list[int]], int]:
+def served_tables(batch: int, ctx: int, block_size: int = 16, headroom: float = 0.25, turnover: float = 2.0,
+                  seed: int = 0) -> tuple[list[list[int]], int]:
     """(the batch's block tables, pool size in blocks) after the three phases in the module docstring."""
     rng = random.Random(seed)
     nblk = ctx // block_size
     num_blocks = int(batch * nblk * (1 + headroom))
-    bm = BlockManager(num_blocks, block_size, True, extent_blocks)
+    bm = BlockManager(num_blocks, block_size, True)
     bg = _Background(bm, rng, block_size)
     while bg.appended < turnover * num_blocks * block_size:          # 1. churn
         bg.step(room=0)
@@ -114,7 +117,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384])
-    ap.add_argument("--extent-blocks", type=int, nargs="+", default=[0, 64])
     ap.add_argument("--group-blocks", type=int, default=64, help="2 MB of one Llama-3-8B layer's K: 64 pages")
     args = ap.parse_args()
     print("| batch | ctx | pages | blocks a seq | runs a seq | 2 MB groups a seq | group changes a seq"
@@ -126,9 +128,7 @@ def main() -> None:
             perm = list(range(b * nblk))
             random.Random(0).shuffle(perm)
             layouts = [("scattered (gpu_attention default)", [perm[i * nblk:(i + 1) * nblk] for i in range(b)])]
-            for e in args.extent_blocks:
-                layouts.append((f"served, extents of {e}" if e else "served, free list + LRU",
-                                served_tables(b, ctx, extent_blocks=e)[0]))
+            layouts.append(("served (free list + LRU)", served_tables(b, ctx)[0]))
             for name, tables in layouts:
                 s = layout_stats(tables, args.group_blocks)
                 print(f"| {b} | {ctx} | {name} | {s['blocks']} | {s['runs']:.1f} | {s['groups']:.1f} | "

@@ -9,19 +9,10 @@ A cached block is a full, computed block registered under the chained hash of (p
 Its registration keeps the tokens and the uid of its parent's registration, so a lookup compares
 tokens and the exact parent, never trusting a hash alone. Dropping a registration drops its
 descendants too (nothing could reach them any more), so every cached block's parent is cached.
-
-Placement (extent_blocks > 0): the pool is cut into extents of extent_blocks consecutive blocks (the engine
-makes one ~2 MB of a layer's K or V: a GPU translation page). A table grows into the first available block
-after its last one inside that block's extent (then before it); when its extent has none left it moves to
-the extent with the most available blocks, preferring one that no other table is growing into. So a
-sequence's pages are runs inside few extents instead of 4 KB pages strewn over the pool, and sequences
-decoding in lockstep do not interleave (benchmarks/kv_layout.py measures it on a busy pool). Placement
-outranks LRU order: the chosen block may be a cached one that a plain LRU would have kept longer.
-extent_blocks = 0: the free list, then the LRU, as vLLM does.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 _ROOT_HASH = 0x9E3779B97F4A7C15   # the chain's start, a fixed odd constant
@@ -46,27 +37,14 @@ class _CachedBlock:
 class BlockManager:
     """Block tables, ref counts and the prefix cache for num_blocks blocks of block_size slots."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 extent_blocks: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"block manager: {name} must be a positive integer, got {value!r}")
-        if not isinstance(extent_blocks, int) or isinstance(extent_blocks, bool) or extent_blocks < 0:
-            raise ValueError(f"block manager: extent_blocks must be an integer >= 0, got {extent_blocks!r}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = bool(enable_prefix_caching)
-        self.extent_blocks = extent_blocks
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))   # first = next out
-        # extent -> its blocks with ref 0 (free or evictable); extents by that count, each bucket oldest first
-        num_extents = -(-num_blocks // extent_blocks) if extent_blocks else 0
-        self._available = [self._extent_size(e) for e in range(num_extents)]
-        self._buckets: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(extent_blocks + 1)]
-        for extent, count in enumerate(self._available):
-            self._buckets[count][extent] = None
-        self._best = extent_blocks                      # no bucket above it is non-empty
-        self._grower: dict[int, int] = {}               # extent -> the seq that last moved into it
-        self._growing: dict[int, int] = {}              # and back
+        self._free: deque[int] = deque(range(num_blocks))
         self._evictable: OrderedDict[int, None] = OrderedDict()   # first = least recently freed
         self._ref = [0] * num_blocks
         self._tables: dict[int, list[int]] = {}
@@ -132,11 +110,8 @@ class BlockManager:
         for block in hits:                  # revive first, so taking new blocks cannot evict them
             if self._ref[block] == 0:
                 del self._evictable[block]
-                self._acquired(block)
             self._ref[block] += 1
-        table = list(hits)
-        for _ in range(self._blocks_for(num_slots) - len(hits)):
-            table.append(self._take_block(table[-1] if table else None, seq_id))
+        table = hits + [self._take_block() for _ in range(self._blocks_for(num_slots) - len(hits))]
         self._tables[seq_id] = table
         self._num_slots[seq_id] = num_slots
         self._prefix_queries += len(token_ids)
@@ -161,12 +136,11 @@ class BlockManager:
         table = self._tables[seq_id]
         copies = []
         if cow_index is not None:
-            src, dst = table[cow_index], self._take_block(table[cow_index - 1] if cow_index else None, seq_id)
+            src, dst = table[cow_index], self._take_block()
             self._ref[src] -= 1             # still > 0: it was shared
             table[cow_index] = dst
             copies.append((src, dst))
-        for _ in range(num_new):
-            table.append(self._take_block(table[-1] if table else None, seq_id))
+        table.extend(self._take_block() for _ in range(num_new))
         self._num_slots[seq_id] = max(self._num_slots[seq_id], num_total_tokens)
         return copies
 
@@ -186,17 +160,13 @@ class BlockManager:
         if table is None:
             return
         del self._num_slots[seq_id]
-        self._release_extent(seq_id)
-        freed = []
         for block in reversed(table):
             self._ref[block] -= 1
             if self._ref[block] == 0:
                 if block in self._cached:
                     self._evictable[block] = None
                 else:
-                    freed.append(block)
-                self._released(block)
-        self._free.update((block, None) for block in reversed(freed))   # in table order: runs stay runs
+                    self._free.append(block)
 
     # ----------------------------------------------------------- prefix cache
     def mark_computed(self, seq_id: int, token_ids: list[int], num_computed_tokens: int) -> None:
@@ -229,7 +199,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         """Forget every registration; evictable blocks become free."""
-        self._free.update(self._evictable)
+        self._free.extend(self._evictable)
         self._evictable.clear()
         self._cached.clear()
         self._hash_to_block.clear()
@@ -287,7 +257,7 @@ class BlockManager:
             for child in self._children.pop(entry.uid, ()):
                 if self._ref[child] == 0:
                     del self._evictable[child]
-                    self._free[child] = None
+                    self._free.append(child)
                 stack.append(child)
 
     # ---------------------------------------------------------------- helpers
@@ -300,74 +270,15 @@ class BlockManager:
     def _blocks_for(self, num_slots: int) -> int:
         return -(-num_slots // self.block_size)
 
-    def _take_block(self, after: int | None = None, seq_id: int | None = None) -> int:
-        """A block with ref 1 to follow block `after` in seq_id's table (None: a table's first block)."""
-        block = self._placed_block(after, seq_id) if self.extent_blocks else None
-        if block is None:
-            block = next(iter(self._free)) if self._free else next(iter(self._evictable))
-        if block in self._free:
-            del self._free[block]
+    def _take_block(self) -> int:
+        """A block with ref 1: from the free list, else the least recently freed evictable one."""
+        if self._free:
+            block = self._free.popleft()
         else:
-            del self._evictable[block]
+            block, _ = self._evictable.popitem(last=False)
             self._uncache(block)
-        self._acquired(block)
         self._ref[block] = 1
         return block
-
-    def _placed_block(self, after: int | None, seq_id: int | None) -> int | None:
-        """The extent rule's choice (module docstring), or None when no block is available."""
-        size = self.extent_blocks
-        if after is not None:                           # the first available block after `after`, then
-            first = after // size * size                # before it, inside its extent
-            last = min(first + size, self.num_blocks)
-            for block in (*range(after + 1, last), *range(after - 1, first - 1, -1)):
-                if self._ref[block] == 0:
-                    return block
-        while self._best > 0 and not self._buckets[self._best]:
-            self._best -= 1
-        fallback = None
-        for count in range(self._best, 0, -1):          # the most available extent no other table grows
-            for extent in self._buckets[count]:         # into (oldest first), else the most available one
-                owner = self._grower.get(extent)
-                if owner is None or owner == seq_id:
-                    return self._first_available(extent, seq_id)
-                fallback = extent if fallback is None else fallback
-            if fallback is not None:
-                return self._first_available(fallback, seq_id)
-        return None
-
-    def _first_available(self, extent: int, seq_id: int | None) -> int:
-        if seq_id is not None:                          # seq_id now grows into extent, and only there
-            self._release_extent(seq_id)
-            if extent not in self._grower:
-                self._grower[extent], self._growing[seq_id] = seq_id, extent
-        first = extent * self.extent_blocks
-        return next(b for b in range(first, first + self._extent_size(extent)) if self._ref[b] == 0)
-
-    def _release_extent(self, seq_id: int) -> None:
-        extent = self._growing.pop(seq_id, None)
-        if extent is not None and self._grower.get(extent) == seq_id:
-            del self._grower[extent]
-
-    def _extent_size(self, extent: int) -> int:
-        return min(self.extent_blocks, self.num_blocks - extent * self.extent_blocks)
-
-    def _acquired(self, block: int) -> None:
-        """Book keeping for a block leaving ref 0 (taken or revived)."""
-        if self.extent_blocks:
-            self._move(block // self.extent_blocks, -1)
-
-    def _released(self, block: int) -> None:
-        """Book keeping for a block back at ref 0."""
-        if self.extent_blocks:
-            self._move(block // self.extent_blocks, +1)
-
-    def _move(self, extent: int, delta: int) -> None:
-        count = self._available[extent]
-        del self._buckets[count][extent]
-        self._available[extent] = count + delta
-        self._buckets[count + delta][extent] = None     # last: the most recent to reach this count
-        self._best = max(self._best, count + delta)
 
     def _allocation_plan(self, token_ids: list[int], num_tokens: int | None) -> tuple[list[int], int, int]:
         """(prefix hit blocks, slots of the new table, free-count units it consumes)."""
@@ -412,16 +323,6 @@ class BlockManager:
                 assert block in evictable_set, f"cached block {block} with ref 0 not evictable"
             else:
                 assert block in free_set, f"block {block} leaked"
-        if self.extent_blocks:
-            for extent, available in enumerate(self._available):
-                first = extent * self.extent_blocks
-                count = sum(self._ref[b] == 0 for b in range(first, first + self._extent_size(extent)))
-                assert available == count, f"extent {extent}: {available} available booked, {count} real"
-                assert extent in self._buckets[count], f"extent {extent} not in bucket {count}"
-            assert sum(map(len, self._buckets)) == len(self._available), "an extent in two buckets"
-            assert not any(self._buckets[self._best + 1:]), "a bucket above _best is not empty"
-            assert all(self._grower[e] == s for s, e in self._growing.items()), "grower maps disagree"
-            assert set(self._growing) <= set(self._tables), "a freed seq still grows into an extent"
         self._check_cache()
 
     def _check_cache(self) -> None:

@@ -74,8 +74,6 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None          # None: derive from kv_cache_mb
     kv_cache_mb: float = 256.0
-    kv_extent_mb: float = 2.0              # keep a sequence's pages in runs within extents of this much of
-                                           # one layer's K (or V); 0: plain free-list order (block_manager.py)
     max_num_seqs: int = 32
     max_batched_tokens: int | None = None  # prompt tokens a step; None: the backend's default_max_batched_tokens
     max_model_len: int | None = None       # None: the model's context length
@@ -97,9 +95,6 @@ class EngineConfig:
             raise ValueError(f"engine config: num_blocks must be an integer >= 2, got {self.num_blocks!r}")
         if not (isinstance(self.kv_cache_mb, (int, float)) and self.kv_cache_mb > 0):
             raise ValueError(f"engine config: kv_cache_mb must be positive, got {self.kv_cache_mb!r}")
-        if not (isinstance(self.kv_extent_mb, (int, float)) and not isinstance(self.kv_extent_mb, bool)
-                and self.kv_extent_mb >= 0):
-            raise ValueError(f"engine config: kv_extent_mb must be >= 0, got {self.kv_extent_mb!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ValueError(f"engine config: max_model_len must be a positive integer, got {self.max_model_len!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads <= 0):

@@ -46,11 +46,7 @@ class Engine(PipelinedDecode):
         backend.allocate_kv_cache(self.num_blocks, self.block_size)
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, self.num_blocks * self.block_size)
-        # one layer's K (or V) page: the unit the kernels read; extents hold ~kv_extent_mb of them
-        page_bytes = backend.kv_bytes_per_block(self.block_size) / (2 * model_config.num_layers)
-        extent_blocks = int(self.config.kv_extent_mb * 2**20 // page_bytes)
-        self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching,
-                                   extent_blocks if extent_blocks > 1 else 0)
+        self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.sampler = Sampler(argmax=backend.argmax)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) if tokenizer else tuple(model_config.eos_token_ids)

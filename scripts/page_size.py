@@ -11,7 +11,7 @@ Modes (times in us, medians of graph replays over rotated sets):
                 consecutive pages drawn, shuffled, from one group: the same runs, fewer translation pages),
                 or in order (each unit's K/V contiguous, as cuDNN reads them);
   --served      16-token pages as the engine's BlockManager places them on a busy pool (benchmarks/kv_layout.py),
-                with its 2 MB extents and without, next to scattered and in order (cells: us (cuDNN / it));
+                next to scattered and in order (cells: us (cuDNN / it));
   --interleave  16-token pages scattered, K and V in two pools (the benchmark) or a block's K and V side by
                 side in one pool ([blocks, 2, heads, 16, 128], passed as two views one block apart, even
                 block ids).
@@ -41,7 +41,7 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
                  group_mb: float = 0.0) -> list:
     """n_sets decode calls over pools of one layout. pages: 'pool' (scattered), 'group' (scattered within
     group_mb MB), 'order' (each unit's pages in order), 'kv' (scattered, K|V of a block side by side in
-    one pool) or 'served' / 'served-fifo' (the engine's allocator, with 2 MB extents / without)."""
+    one pool) or 'served' (the engine's allocator on a busy pool)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     seqs, nkv = (b, ga.NKV) if heads == ga.NKV else (b * ga.NKV, 1)
     nblk = ctx // bs
@@ -50,16 +50,15 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
     qsl = torch.arange(seqs + 1, dtype=torch.int32, device="cuda")
     calls = []
     for _ in range(n_sets):
-        if pages.startswith("served"):   # the engine's BlockManager on a busy pool (benchmarks/kv_layout.py)
-            tables, n = served_tables(seqs, ctx, bs, ga.SERVED_EXTENT if pages == "served" else 0,
-                                      seed=len(calls))
+        if pages == "served":   # the engine's BlockManager on a busy pool (benchmarks/kv_layout.py)
+            tables, n = served_tables(seqs, ctx, bs, seed=len(calls))
         if pages == "kv":       # block p's K at pool row 2p, its V at 2p + 1: vc is the pool one row on
             kv = torch.randn(2 * n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             kc, vc = kv[:-1], kv[1:]
         else:
             kc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             vc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
-        if pages.startswith("served"):
+        if pages == "served":
             tables = torch.tensor(tables, dtype=torch.int32, device="cuda")
         elif pages == "order":
             perm = torch.arange(n, device="cuda")
@@ -67,7 +66,7 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
             perm = grouped_perm(n, int(group_mb * 2**20) // (nkv * bs * ga.HD * 2), g, torch)
         else:
             perm = torch.randperm(n, generator=g, device="cuda") * (2 if pages == "kv" else 1)
-        if not pages.startswith("served"):
+        if pages != "served":
             tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
         q = torch.randn(seqs, ga.NH * nkv // ga.NKV, ga.HD, generator=g, device="cuda", dtype=ga.DT)
         calls.append(lambda q=q, kc=kc, vc=vc, t=tables: kernels.paged_attention_decode(
@@ -83,7 +82,7 @@ def main() -> None:
     mode.add_argument("--groups", action="store_true", help="pages within groups of --group-mb MB, or in order")
     mode.add_argument("--interleave", action="store_true", help="K and V of a block side by side in one pool")
     mode.add_argument("--served", action="store_true",
-                      help="what the engine's allocator hands out on a busy pool, with and without 2 MB extents")
+                      help="what the engine's allocator hands out on a busy pool, next to scattered and in order")
     ap.add_argument("--rounds", type=int, default=1, help="time every column this many times, in turn")
     ap.add_argument("--group-mb", type=float, nargs="*", default=[2, 32])
     ap.add_argument("--lib", default=None, help="the kernel of ab/LIB/libpa_cuda.so (scripts/build_ab.sh)")
@@ -105,8 +104,7 @@ def main() -> None:
         layouts = ([("pool", 16, "pool", 0.0)] + [(f"{mb:g} MB", 16, "group", mb) for mb in args.group_mb]
                    + [("in order", 16, "order", 0.0)])
     elif args.served:
-        layouts = [("scattered", 16, "pool", 0.0), ("served, free list + LRU", 16, "served-fifo", 0.0),
-                   ("served, 2 MB extents", 16, "served", 0.0), ("in order", 16, "order", 0.0)]
+        layouts = [("scattered", 16, "pool", 0.0), ("served", 16, "served", 0.0), ("in order", 16, "order", 0.0)]
     elif args.interleave:
         layouts = [("two pools", 16, "pool", 0.0), ("K|V a block", 16, "kv", 0.0)]
     else:

@@ -31,8 +31,6 @@ def _snapshot(bm: BlockManager) -> dict:
     ({"num_blocks": 4.0, "block_size": 16}, "num_blocks"),
     ({"num_blocks": 4, "block_size": 0}, "block_size"),
     ({"num_blocks": 4, "block_size": True}, "block_size"),
-    ({"num_blocks": 4, "block_size": 4, "extent_blocks": -1}, "extent_blocks"),
-    ({"num_blocks": 4, "block_size": 4, "extent_blocks": 2.0}, "extent_blocks"),
 ])
 def test_constructor_validates(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -48,44 +46,6 @@ def test_allocate_sizes_table_and_counts():
     assert len(bm.get_block_table(2)) == 1
     with pytest.raises(ValueError, match="already"):
         bm.allocate(1, [1])
-    bm.check_invariants()
-
-
-def _runs(table: list[int]) -> int:
-    """Maximal runs of consecutive block ids in a table."""
-    return 1 + sum(b != a + 1 for a, b in zip(table, table[1:]))
-
-
-def test_extents_keep_lockstep_decode_from_interleaving():
-    def lockstep(extent_blocks):
-        bm = BlockManager(64, 2, extent_blocks=extent_blocks)
-        for seq_id in range(4):
-            bm.allocate(seq_id, [1, 2, 3])               # 2 blocks each
-        for total in range(4, 17):                       # grow all four a token at a time
-            for seq_id in range(4):
-                bm.append_slots(seq_id, total)
-                bm.check_invariants()
-        return [bm.get_block_table(s) for s in range(4)]
-
-    fifo = lockstep(0)
-    assert fifo[0][:2] == [0, 1] and fifo[0][2:4] == [8, 12]      # 4 sequences take turns
-    placed = lockstep(16)
-    assert placed == [list(range(16 * s, 16 * s + 8)) for s in range(4)]   # one run each, own extent
-
-
-def test_extents_place_a_new_table_on_the_most_available_extent():
-    bm = BlockManager(12, 1, enable_prefix_caching=False, extent_blocks=4)
-    for seq_id in range(3):
-        bm.allocate(seq_id, [7] * 3)                     # extents 0, 1, 2, three blocks each
-    assert [bm.get_block_table(s) for s in range(3)] == [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
-    bm.allocate(3, [7] * 2)                              # one block left in each, each grown into
-    assert bm.get_block_table(3) == [3, 7]
-    bm.free(1)                                           # extent 1 has 4, 5, 6 again
-    bm.allocate(4, [7] * 4)
-    assert bm.get_block_table(4) == [4, 5, 6, 11]        # the run, then the most available extent
-    bm.free(3)
-    bm.append_slots(0, 4)                                # 3 is back: seq 0 grows into its own extent
-    assert bm.get_block_table(0) == [0, 1, 2, 3]
     bm.check_invariants()
 
 
@@ -348,11 +308,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
     """Drives the manager like a scheduler + backend, with a shadow of the KV cache contents."""
 
     @initialize(num_blocks=st.integers(1, 12), block_size=st.integers(1, 4),
-                caching=st.sampled_from([True, True, True, False]), colliding=st.booleans(),
-                extent_blocks=st.sampled_from([0, 0, 1, 2, 3, 5]))
-    def setup(self, num_blocks, block_size, caching, colliding, extent_blocks):
+                caching=st.sampled_from([True, True, True, False]), colliding=st.booleans())
+    def setup(self, num_blocks, block_size, caching, colliding):
         cls = CollidingBlockManager if colliding else BlockManager
-        self.bm = cls(num_blocks, block_size, caching, extent_blocks)
+        self.bm = cls(num_blocks, block_size, caching)
         self.real_hash = not colliding
         self.bs = block_size
         self.shadow = {b: [None] * block_size for b in range(num_blocks)}   # block -> tokens written
