@@ -5,9 +5,9 @@ default) is the worst case: every 16-token page of every sequence somewhere else
 the best. This module produces what the engine's allocator actually hands out on a pool that has been
 serving for a while:
 
-1. churn: background requests (prompts of 16-2048 tokens, at most a quarter of the pool, 16-1024 generated, random tokens, prefix caching
-   on, so finished blocks go to the LRU as in the server) are admitted, decoded a token a step and freed,
-   until the pool has turned over `turnover` times;
+1. churn: background requests (prompts of 16-2048 tokens, at most a quarter of the pool, 16-1024 generated,
+   random tokens, prefix caching on, so finished blocks go to the LRU as in the server) are admitted,
+   decoded a token a step and freed, until the pool has turned over `turnover` times;
 2. the measured batch arrives: each of `batch` sequences gets a prompt of ctx / 2 tokens, prefilled in
    8192-token chunks, while the background keeps decoding, finishing and arriving in what room is left;
 3. the batch decodes in lockstep up to ctx tokens; then its block tables are returned.
@@ -127,8 +127,8 @@ def main() -> None:
             nblk = ctx // 16
             perm = list(range(b * nblk))
             random.Random(0).shuffle(perm)
-            layouts = [("scattered (gpu_attention default)", [perm[i * nblk:(i + 1) * nblk] for i in range(b)])]
-            layouts.append(("served (free list + LRU)", served_tables(b, ctx)[0]))
+            layouts = [("scattered (gpu_attention default)", [perm[i * nblk:(i + 1) * nblk] for i in range(b)]),
+                       ("served (free list + LRU)", served_tables(b, ctx)[0])]
             for name, tables in layouts:
                 s = layout_stats(tables, args.group_blocks)
                 print(f"| {b} | {ctx} | {name} | {s['blocks']} | {s['runs']:.1f} | {s['groups']:.1f} | "

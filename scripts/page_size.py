@@ -50,23 +50,24 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
     qsl = torch.arange(seqs + 1, dtype=torch.int32, device="cuda")
     calls = []
     for _ in range(n_sets):
+        served = None
         if pages == "served":   # the engine's BlockManager on a busy pool (benchmarks/kv_layout.py)
-            tables, n = served_tables(seqs, ctx, bs, seed=len(calls))
+            served, n = served_tables(seqs, ctx, bs, seed=len(calls))
         if pages == "kv":       # block p's K at pool row 2p, its V at 2p + 1: vc is the pool one row on
             kv = torch.randn(2 * n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             kc, vc = kv[:-1], kv[1:]
         else:
             kc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
             vc = torch.randn(n, nkv, bs, ga.HD, generator=g, device="cuda", dtype=ga.DT)
-        if pages == "served":
-            tables = torch.tensor(tables, dtype=torch.int32, device="cuda")
-        elif pages == "order":
-            perm = torch.arange(n, device="cuda")
-        elif pages == "group":
-            perm = grouped_perm(n, int(group_mb * 2**20) // (nkv * bs * ga.HD * 2), g, torch)
+        if served is not None:
+            tables = torch.tensor(served, dtype=torch.int32, device="cuda")
         else:
-            perm = torch.randperm(n, generator=g, device="cuda") * (2 if pages == "kv" else 1)
-        if pages != "served":
+            if pages == "order":
+                perm = torch.arange(n, device="cuda")
+            elif pages == "group":
+                perm = grouped_perm(n, int(group_mb * 2**20) // (nkv * bs * ga.HD * 2), g, torch)
+            else:
+                perm = torch.randperm(n, generator=g, device="cuda") * (2 if pages == "kv" else 1)
             tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
         q = torch.randn(seqs, ga.NH * nkv // ga.NKV, ga.HD, generator=g, device="cuda", dtype=ga.DT)
         calls.append(lambda q=q, kc=kc, vc=vc, t=tables: kernels.paged_attention_decode(
