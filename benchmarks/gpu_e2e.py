@@ -359,10 +359,12 @@ def main() -> None:
             extra += [f"GEMVs of {name}, batch 1:", ""] + gemv_bandwidth(cfg, backend) + [""]
             print("\n".join(extra[-10:]), flush=True)
         if args.layers_profile:
-            backend.fuse_layers, backend._graphs = True, {}
+            backend.fuse_layers = True
+            backend.reset_graphs()
             with torch.inference_mode():
                 extra += layers_profile(Runner(model, 1, args.prompt_len, args.steps)) + [""]
-            backend.fuse_layers, backend._graphs = defaults[2], {}
+            backend.fuse_layers = defaults[2]
+            backend.reset_graphs()
             print("\n".join(extra[-9:]), flush=True)
         for b in args.batches:
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
@@ -391,7 +393,7 @@ def main() -> None:
                         backend.deep_gemv = ()
                     elif t.startswith("deep:"):                # deep:down/o -- those GEMVs
                         backend.deep_gemv = tuple(t[5:].split("/"))
-                backend._graphs.clear()
+                backend.reset_graphs()
                 with torch.inference_mode():
                     fwd = Runner(model, b, args.prompt_len, args.steps).run()
                     multi = Runner(model, b, args.prompt_len, args.steps).run_multistep()

@@ -1,12 +1,15 @@
 """Time to first token on the GPU: one prompt of P tokens through LlamaModel + CudaBackend (bf16) in chunks of
 C tokens on the growing prefix (the Engine's max_batched_tokens, 512 by default; "all": one chunk), until the
 first token's logits, next to HF transformers' forward over the whole prompt (SDPA attention, bf16,
-logits_to_keep=1) on the same random weights, in the same run. Our prefill attention runs as the backend
-chooses (default: the tensor-core paged kernel, SDPA over gathered pages for big chunks), on the CUDA-core
-kernel (simt: the path before session 7) and on the SDPA route for every chunk (route). Times are medians
-of 5 runs (ms, host included: what a request waits for, less tokenization and sampling).
+logits_to_keep=1) on the same random weights, in the same run. Our steps run as the backend chooses
+(default: a CUDA graph per (tokens, sequences) bucket up to prefill_graph_tokens, prefill attention on the
+tensor-core paged kernel, SDPA over gathered pages for big chunks, which stay eager), without prefill graphs
+(eager: every layer launched from Python, the path before session 12), on the CUDA-core kernel (simt: the
+path before session 7) and on the SDPA route for every chunk (route). Times are medians of 5 runs after a
+first one that captures the graphs (ms, host included: what a request waits for, less tokenization and
+sampling).
 
-    python3 benchmarks/gpu_ttft.py [--models smollm2 llama1b] [--prompts 2048 8192] [--out FILE]
+    python3 benchmarks/gpu_ttft.py [--models smollm2 llama1b] [--prompts 128 512 2048 8192] [--out FILE]
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from gpu_e2e import BS, MODELS, hf_model  # noqa: E402
 from engine.batch import Batch  # noqa: E402
 from engine.model import LlamaModel, fuse_weights  # noqa: E402
 
-VARIANTS = {"default": {}, "simt": {"prefill_impl": "simt", "prefill_sdpa_min_work": 1 << 62},
+VARIANTS = {"default": {}, "eager": {"prefill_graph_tokens": 0},
+            "simt": {"prefill_impl": "simt", "prefill_sdpa_min_work": 1 << 62},
             "route": {"prefill_sdpa_min_work": 1}}
 
 
@@ -63,7 +67,7 @@ def hf_ttft(hf, prompt: list[int], reps: int = 5) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["smollm2", "llama1b"], choices=sorted(MODELS))
-    ap.add_argument("--prompts", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[128, 512, 2048, 8192])
     ap.add_argument("--chunks", nargs="+", default=["512", "2048", "all"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -84,7 +88,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         backend.allocate_kv_cache(-(-max(args.prompts) // BS) + 1, BS)
         model = LlamaModel(cfg, backend)
-        defaults = backend.prefill_impl, backend.prefill_sdpa_min_work
+        defaults = {k: getattr(backend, k) for k in ("prefill_impl", "prefill_sdpa_min_work", "prefill_graph_tokens")}
         g = torch.Generator().manual_seed(0)
         for P in args.prompts:
             prompt = torch.randint(0, cfg.vocab_size, (P,), generator=g).tolist()
@@ -96,9 +100,9 @@ def main() -> None:
                 cells = []
                 with torch.inference_mode():
                     for options in VARIANTS.values():
-                        backend.prefill_impl, backend.prefill_sdpa_min_work = defaults
-                        for key, value in options.items():
+                        for key, value in {**defaults, **options}.items():
                             setattr(backend, key, value)
+                        backend.reset_graphs()          # graphs bake in the options above
                         cells.append(ttft(model, prompt, chunk))
                 row = (f"| {name} | {P} | {c} | " + " | ".join(f"{t:.2f}" for t in cells) +
                        f" | {t_hf:.2f} | {t_hf / cells[0]:.2f}x |")

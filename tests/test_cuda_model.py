@@ -211,6 +211,7 @@ def runs(hf_fp32, fused, prompts):
     r["hf-fp32"] = hf_generate(hf_fp32, prompts)
     r["hf-bf16"] = hf_generate(copy.deepcopy(hf_fp32).to(torch.bfloat16), prompts)
     r["_graphs"] = sorted(cuda._graphs)
+    r["_prefill_graphs"] = sorted(cuda._prefill_graphs)
     return r, ref
 
 
@@ -243,7 +244,66 @@ def test_fp16_greedy_tokens(runs, prompts):
 def test_graphs_were_used(runs):
     r, _ = runs
     print("captured decode graphs (bucket, split, kind):", r["_graphs"])
+    print("captured prefill graphs (tokens, sequences):", r["_prefill_graphs"])
     assert (8, False, "logits") in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
+    # the first step: 8 prompts' first chunks (5 + 16 + 17 + 31 + 4 x 48 = 261 rows); later mixed steps
+    assert (512, 8) in r["_prefill_graphs"], "the first prefill step did not replay a graph"
+    assert len(r["_prefill_graphs"]) >= 2, "mixed prefill + decode steps did not replay a graph"
+
+
+@pytest.mark.parametrize("options, graphs", [({"prefill_graph_tokens": 0}, False),
+                                             ({"prefill_sdpa_min_work": 1}, False),
+                                             ({"prefill_graph_tokens": 64}, True)])
+def test_prefill_graphs_left_out(fused, runs, prompts, options, graphs):
+    """No prefill graph when they are switched off or when every chunk takes the SDPA route (its shapes
+    follow the context); with a 64-token limit only the small steps replay one. Eager prefill steps
+    among graph ones give the reference's tokens."""
+    from engine.backends.cuda import CudaBackend
+    _, ref = runs
+    cuda = CudaBackend(SMOL, **options)
+    cuda.load_weights(fused)
+    outs, logits = greedy(cuda, prompts)
+    print(options, "prefill graphs:", sorted(cuda._prefill_graphs))
+    assert bool(cuda._prefill_graphs) == graphs, sorted(cuda._prefill_graphs)
+    assert all(t <= cuda.prefill_graph_tokens for t, _ in cuda._prefill_graphs)
+    rel, _ = check_against_ref(f"cuda-{options}", teacher_forced(ref, prompts, outs), outs, logits)
+    assert rel < 0.1
+
+
+def test_prefill_graph_logits_equal_eager(fused, prompts):
+    """A prefill graph step (rows and sequences padded to the bucket) and the same step eager: the same
+    KV written (padding rows write none), logits within bf16 GEMM noise: two chunks of one sequence (the
+    second on the cached prefix), 19 prompts at once, then a mixed step of 19 decode rows and a chunk."""
+    from engine.backends.cuda import CudaBackend
+    backends = []
+    for tokens in (None, 0):
+        b = CudaBackend(SMOL, prefill_graph_tokens=tokens)
+        b.load_weights(fused)
+        b.allocate_kv_cache(64 * 21 + 1, BLOCK)
+        backends.append((b, LlamaModel(SMOL, b)))
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, SMOL.vocab_size, (n,), generator=g).tolist() for n in [70] + [3 + 7 * i for i in range(19)]]
+    tables = [list(range(s * 64, (s + 1) * 64)) for s in range(len(seqs))]
+    steps = [[(seqs[0][:40], 0, tables[0][:3])], [(seqs[0][40:], 40, tables[0][:5])],
+             [(s[:-1], 0, t[:-(-(len(s) - 1) // BLOCK)]) for s, t in zip(seqs[1:], tables[1:]) if len(s) > 1],
+             [(s[-1:], len(s) - 1, t[:-(-len(s) // BLOCK)]) for s, t in zip(seqs[1:], tables[1:])]
+             + [([5, 6, 7], 70, tables[0][:5])]]
+    for i, items in enumerate(steps):
+        batch = Batch.build(items, BLOCK, [True] * len(items))
+        (gb, gm), (eb, em) = backends
+        got, want = gm.forward(batch), em.forward(batch)
+        assert gb._prefill_graphs and not eb._prefill_graphs
+        assert torch.isfinite(got).all()
+        err = ((got - want).abs().amax() / want.abs().amax()).item()
+        print(f"step {i}: {batch.num_tokens} rows, {batch.num_seqs} sequences, graph vs eager rel err {err:.2e}")
+        assert err < 2e-2, f"step {i}: graph logits differ from eager by {err:.3e}"
+    for layer in range(SMOL.num_layers):
+        for cg, ce in ((gb.key_caches[layer], eb.key_caches[layer]), (gb.value_caches[layer], eb.value_caches[layer])):
+            assert ((cg.float() - ce.float()).abs().amax() <= 2e-2 * ce.float().abs().amax()).item(), layer
+    assert sorted(gb._prefill_graphs) == [(32, 1), (32, 32), (64, 1), (2048, 32)], sorted(gb._prefill_graphs)
+    gb.reset_graphs()                        # a new pool: capturing into the dropped graphs' pool would fail
+    batch = Batch.build(steps[0], BLOCK, [True])
+    assert torch.equal(gm.forward(batch), gm.forward(batch)) and list(gb._prefill_graphs) == [(64, 1)]
 
 
 def test_graph_variants(fused, runs, prompts):

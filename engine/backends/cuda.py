@@ -2,8 +2,9 @@
 kernels (native/cuda) for attention (decode on the tensor cores for GQA groups >= 4; prefill on the tensor
 cores, the biggest chunks through torch SDPA over their gathered pages), KV write, RoPE, RMSNorm and
 SiLU-mul. Decode-only steps of <= 128 sequences replay one CUDA graph per padded batch size
-through Backend.forward_step (embedding, every layer, final norm and lm_head inside); logits stay on the
-GPU (float32) for the engine's sampler."""
+through Backend.forward_step (embedding, every layer, final norm and lm_head inside); so do prefill and
+mixed steps of <= prefill_graph_tokens tokens, per (tokens, sequences) bucket, unless a chunk takes the SDPA
+route. Logits stay on the GPU (float32) for the engine's sampler."""
 from __future__ import annotations
 
 import dataclasses
@@ -121,6 +122,40 @@ def plan_prefill(batch: Batch, device, min_work: int) -> PrefillPlan | None:
                        context_lens=batch.context_lens[sel].to(device, non_blocking=True),
                        block_tables=batch.block_tables[sel].contiguous().to(device, non_blocking=True),
                        max_query_len=max(qlens[i] for i in short))
+
+
+def any_routed(batch: Batch, min_work: int) -> bool:
+    """Whether plan_prefill would send any of the host batch's sequences through SDPA."""
+    qsl, ctx = batch.query_start_loc.tolist(), batch.context_lens.tolist()
+    return any(b > a and prefill_work(b - a, c) >= min_work for a, b, c in zip(qsl, qsl[1:], ctx))
+
+
+# An eager prefill chunk costs ~0.4 ms of host work a layer whatever its size (scripts/profile_prefill.py,
+# H200 host), which a graph replay saves; padding a chunk to its bucket costs GEMM time. Graphs are worth it
+# while a bucket's GEMMs take no longer than that host work, at ~400 TFLOP/s.
+PREFILL_HOST_S_PER_LAYER = 0.4e-3
+PREFILL_GEMM_FLOPS = 400e12
+PREFILL_GRAPH_MIN_TOKENS = 16
+
+
+def prefill_graph_default(config: ModelConfig) -> int:
+    """The largest power-of-two bucket whose GEMMs take about the host time a graph saves (16 .. 8192)."""
+    c = config
+    per_token = 2 * c.num_layers * (c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+                                     + 3 * c.hidden_size * c.intermediate_size)
+    tokens = c.num_layers * PREFILL_HOST_S_PER_LAYER * PREFILL_GEMM_FLOPS / per_token
+    return 1 << max(PREFILL_GRAPH_MIN_TOKENS.bit_length() - 1, min(13, int(math.log2(max(tokens, 1)))))
+
+
+def prefill_graph_bucket(num_tokens: int, num_seqs: int, max_tokens: int) -> tuple[int, int] | None:
+    """(tokens, sequences) a prefill graph pads a step to: powers of two from 16 tokens (at least the
+    sequences, so every padded sequence's logits row exists) and GRAPH_BATCH_SIZES; None past max_tokens or
+    the largest batch size."""
+    seqs = next((s for s in GRAPH_BATCH_SIZES if s >= num_seqs), None)
+    if seqs is None or num_tokens > max_tokens:
+        return None
+    tokens = max(PREFILL_GRAPH_MIN_TOKENS, 1 << max(0, num_tokens - 1).bit_length(), seqs)
+    return (tokens, seqs) if tokens <= max_tokens else None
 
 
 LAYER_FIELDS = ("input_norm", "qkv", "o", "post_norm", "gate_up", "down", "key_cache", "value_cache")  # pa.h
@@ -578,72 +613,86 @@ class CudaBatch(Batch):
 
     partition: int | None = None      # decode attention tokens per block (None: chosen per call)
     max_splits: int | None = None
-    graph: "_DecodeGraph | None" = None
+    graph: "_StepGraph | None" = None
     prefill: PrefillPlan | None = None  # prefill steps: which sequences SDPA takes (plan_prefill)
 
 
-class _DecodeGraph:
-    """Static int32 inputs of one captured decode step: ids, positions, slots, context_lens,
-    logits rows, query_start_loc, block tables ([B, W]); padding rows have slot -1 and context 0."""
+class _StepGraph:
+    """Static int32 inputs of one captured step of `tokens` query rows over `seqs` sequences: ids, positions,
+    slots ([tokens]), context_lens, logits rows ([seqs]), query_start_loc ([seqs + 1]), block tables
+    ([seqs, width]). A decode graph has one row a sequence (tokens == seqs); its padding rows have slot -1
+    and context 0. A prefill graph (prefill=True: chunks of any length, decode rows among them) pads
+    with rows of slot -1 that no sequence owns and with sequences of no rows and context 0."""
 
-    def __init__(self, size: int, width: int, block_size: int, partition: int, max_splits: int, device):
-        B, self.size, self.width = size, size, width
-        # layout: ids [B] | positions [B] | slots [B] | context_lens [B] | logits rows [B] | qsl [B+1] | tables
-        self.host = torch.empty(6 * B + 1 + B * width, dtype=torch.int32, pin_memory=True)
+    def __init__(self, size: int, width: int, block_size: int, partition: int | None, max_splits: int | None,
+                 device, tokens: int | None = None, prefill: bool = False):
+        S, T = size, size if tokens is None else tokens
+        self.size, self.num_rows, self.width, self.prefill = S, T, width, prefill
+        # layout: ids [T] | positions [T] | slots [T] | context_lens [S] | logits rows [S] | qsl [S+1] | tables
+        self._ctx, self._rows, self._qsl, self._tables = 3 * T, 3 * T + S, 3 * T + 2 * S, 3 * T + 3 * S + 1
+        self.host = torch.empty(self._tables + S * width, dtype=torch.int32, pin_memory=True)
         self.ints = torch.empty(self.host.shape, dtype=torch.int32, device=device)
         self.copied = torch.cuda.Event()
         self.load_padding()
         d = self.ints
         self.batch = CudaBatch(
-            input_ids=d[:B], positions=d[B:2 * B], slot_mapping=d[2 * B:3 * B], context_lens=d[3 * B:4 * B],
-            logits_indices=d[4 * B:5 * B], query_start_loc=d[5 * B:6 * B + 1],
-            block_tables=d[6 * B + 1:].view(B, width), max_query_len=1, max_context_len=width * block_size,
-            block_size=block_size, partition=partition, max_splits=max_splits)
+            input_ids=d[:T], positions=d[T:2 * T], slot_mapping=d[2 * T:3 * T], context_lens=d[self._ctx:self._rows],
+            logits_indices=d[self._rows:self._qsl], query_start_loc=d[self._qsl:self._tables],
+            block_tables=d[self._tables:].view(S, width), max_query_len=T if prefill else 1,
+            max_context_len=width * block_size, block_size=block_size, partition=partition, max_splits=max_splits)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None     # what the captured run returned (logits graphs: [B, vocab]
+        self.logits: torch.Tensor | None = None     # what the captured run returned (logits graphs: [S, vocab]
                                                     # float32; tokens graphs: next_tokens), rewritten by each replay
-        self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, B] int32 chosen tokens
+        self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, S] int32 chosen tokens
         self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU (int32 [1])
-        self.next_tokens: torch.Tensor | None = None    # tokens / greedy graphs: [B] int32, each replay's argmax
+        self.next_tokens: torch.Tensor | None = None    # tokens / greedy graphs: [S] int32, each replay's argmax
 
     def load_padding(self) -> None:
-        """Every row a padding row (slot -1, context 0); synchronous."""
-        B, h = self.size, self.host
+        """Every row a padding row (slot -1); every sequence of context 0 -- one row each in a decode graph,
+        none in a prefill graph; synchronous."""
+        S, T, h = self.size, self.num_rows, self.host
         self.copied.synchronize()
         h.zero_()
-        h[2 * B:3 * B] = -1
-        h[4 * B:5 * B] = torch.arange(B, dtype=torch.int32)
-        h[5 * B:6 * B + 1] = torch.arange(B + 1, dtype=torch.int32)
-        h[6 * B + 1:] = -1
+        h[2 * T:3 * T] = -1
+        h[self._rows:self._qsl] = torch.arange(S, dtype=torch.int32)
+        if not self.prefill:
+            h[self._qsl:self._tables] = torch.arange(S + 1, dtype=torch.int32)
+        h[self._tables:] = -1
         self.ints.copy_(h)
         self.copied.record()
         self.copied.synchronize()
 
     def load(self, batch: Batch) -> CudaBatch:
-        """Copy a decode batch of n <= size rows into the static inputs; returns its view of them."""
-        B, n, L = self.size, batch.num_seqs, batch.logits_indices.shape[0]
+        """Copy a batch of n <= size sequences (t <= tokens rows) into the static inputs; returns its view of
+        them."""
+        S, T, n, t, L = self.size, self.num_rows, batch.num_seqs, batch.num_tokens, batch.logits_indices.shape[0]
         w = min(self.width, batch.block_tables.shape[1])
         h = self.host.numpy()                   # numpy views: far cheaper per assignment than torch's
         self.copied.synchronize()               # the previous step's copy has left the pinned buffer
-        for i, (src, pad) in enumerate(((batch.input_ids, 0), (batch.positions, 0), (batch.slot_mapping, -1),
-                                        (batch.context_lens, 0))):
-            h[i * B:i * B + n] = src.numpy()
-            h[i * B + n:(i + 1) * B] = pad
-        h[4 * B:4 * B + L] = batch.logits_indices.numpy()
-        h[6 * B + 1:].reshape(B, self.width)[:n, :w] = batch.block_tables[:, :w].numpy()
-        end = 6 * B + 1 + n * self.width
+        for i, (src, pad) in enumerate(((batch.input_ids, 0), (batch.positions, 0), (batch.slot_mapping, -1))):
+            h[i * T:i * T + t] = src.numpy()
+            h[i * T + t:(i + 1) * T] = pad
+        h[self._ctx:self._ctx + n] = batch.context_lens.numpy()
+        h[self._ctx + n:self._rows] = 0
+        h[self._rows:self._rows + L] = batch.logits_indices.numpy()
+        if self.prefill:                        # sequences past n: no rows
+            h[self._qsl:self._qsl + n + 1] = batch.query_start_loc.numpy()
+            h[self._qsl + n + 1:self._tables] = t
+        h[self._tables:].reshape(S, self.width)[:n, :w] = batch.block_tables[:, :w].numpy()
+        end = self._tables + n * self.width
         self.ints[:end].copy_(self.host[:end], non_blocking=True)
         self.copied.record()
         g = self.batch
         return dataclasses.replace(
-            g, input_ids=g.input_ids[:n], positions=g.positions[:n], slot_mapping=g.slot_mapping[:n],
+            g, input_ids=g.input_ids[:t], positions=g.positions[:t], slot_mapping=g.slot_mapping[:t],
             context_lens=g.context_lens[:n], logits_indices=g.logits_indices[:L],
             query_start_loc=g.query_start_loc[:n + 1], block_tables=g.block_tables[:n],
-            max_context_len=batch.max_context_len, graph=self)
+            max_query_len=batch.max_query_len, max_context_len=batch.max_context_len, graph=self)
 
 
 class CudaBackend(Backend):
-    """bf16 (or fp16) on one GPU; decode-only steps of up to 128 sequences replay a CUDA graph."""
+    """bf16 (or fp16) on one GPU; decode-only steps of up to 128 sequences replay a CUDA graph, and so do
+    prefill / mixed steps of up to prefill_graph_tokens tokens."""
 
     name = "cuda"
     supports_async = True                       # decode steps pipelined on the device argmax (Engine.step)
@@ -657,7 +706,8 @@ class CudaBackend(Backend):
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
                  use_pdl: bool | tuple | None = None, decode_impl: str | None = None, fuse_silu: bool = True,
                  fuse_rope: bool = True, fuse_layers: bool = False, deep_gemv: tuple | None = None,
-                 prefill_sdpa_min_work: int | None = None, prefill_impl: str | None = None):
+                 prefill_sdpa_min_work: int | None = None, prefill_impl: str | None = None,
+                 prefill_graph_tokens: int | None = None):
         super().__init__(config)
         if not torch.cuda.is_available():
             raise native.NativeError("backend 'cuda' needs a CUDA GPU; none is visible to torch")
@@ -699,11 +749,17 @@ class CudaBackend(Backend):
             if prefill_sdpa_min_work is None else int(prefill_sdpa_min_work)
         self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: 'tc'
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
+        # Prefill (and mixed) steps of up to this many tokens replay a graph too, padded to a power of two
+        # (prefill_graph_bucket); 0: none. None: prefill_graph_default(config).
+        self.prefill_graph_tokens = prefill_graph_default(config) if prefill_graph_tokens is None \
+            else int(prefill_graph_tokens)
         self.scale = config.head_dim ** -0.5
         self.w: dict[str, torch.Tensor] = {}
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
-        self._graphs: dict[tuple, _DecodeGraph] = {}
+        self._graphs: dict[tuple, _StepGraph] = {}                  # decode: (size, split, kind)
+        self._prefill_graphs: dict[tuple[int, int], _StepGraph] = {}   # (tokens, sequences)
+        self._prefill_pool = None       # one memory pool for every prefill graph (they replay one at a time)
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
         self._logit_bufs: list[torch.Tensor | None] = [None, None]
@@ -714,7 +770,14 @@ class CudaBackend(Backend):
         self.w = {n: t.to(self.device, self.dtype).contiguous() for n, t in weights.items() if n != "lm_head"}
         tied = weights["lm_head"] is weights["embed"]
         self.w["lm_head"] = self.w["embed"] if tied else weights["lm_head"].to(self.device, self.dtype).contiguous()
+        self.reset_graphs()
+
+    def reset_graphs(self) -> None:
+        """Drop every captured graph (and the layer table): after new weights or caches, or after changing
+        an option a graph has baked in (prefill_impl, decode_impl, use_pdl, ...)."""
         self._graphs.clear()
+        self._prefill_graphs.clear()
+        self._prefill_pool = None       # the old pool goes with its graphs: capturing into it again fails
         self._layer_stack = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -729,8 +792,7 @@ class CudaBackend(Backend):
         self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
-        self._graphs.clear()
-        self._layer_stack = None
+        self.reset_graphs()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
@@ -740,7 +802,8 @@ class CudaBackend(Backend):
             cache[idx[:, 1]] = cache[idx[:, 0]]
 
     def prepare(self, batch: Batch) -> CudaBatch:
-        """Upload the index tensors once (one copy from pinned memory); decode steps go to a graph."""
+        """Upload the index tensors once (one copy from pinned memory); steps a graph takes (_graph_for) go
+        into its static inputs instead."""
         graph = self._graph_for(batch)
         if graph is not None:
             return self._load_graph(graph, batch)
@@ -810,8 +873,9 @@ class CudaBackend(Backend):
         return self._layer(layer, h, residual, batch)
 
     def forward_step(self, batch: Batch) -> torch.Tensor | None:
-        """A decode step that prepare() gave a CUDA graph: replay it (embedding, every layer, final norm and
-        lm_head inside) -> float32 logits [len(logits_indices), vocab] on the GPU; None: model.py composes."""
+        """A step that prepare() gave a CUDA graph (decode, or prefill / mixed): replay it (embedding, every
+        layer, final norm and lm_head inside) -> float32 logits [len(logits_indices), vocab] on the GPU;
+        None: model.py composes."""
         g = getattr(batch, "graph", None)
         if g is None:
             return None
@@ -900,23 +964,26 @@ class CudaBackend(Backend):
     GRAPH_KINDS = ("logits", "tokens", "greedy")
 
     @staticmethod
-    def _load_graph(g: _DecodeGraph, batch: Batch) -> CudaBatch:
+    def _load_graph(g: _StepGraph, batch: Batch) -> CudaBatch:
         """The batch into g's static inputs; device input ids copied after the host ids, on the same stream."""
         loaded = g.load(batch)
         if batch.device_input_ids is not None:
             loaded.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
         return loaded
 
-    def _graph_for(self, batch: Batch, kind: str = "logits") -> _DecodeGraph | None:
-        """The captured graph for this decode step's padded size (capturing it the first time), or None.
-        kind: 'logits' (forward_step), 'tokens' (forward_tokens) or 'greedy' (greedy_steps)."""
+    def _graph_for(self, batch: Batch, kind: str = "logits") -> _StepGraph | None:
+        """The captured graph for this step's padded size (capturing it the first time), or None. kind:
+        'logits' (forward_step), 'tokens' (forward_tokens) or 'greedy' (greedy_steps); prefill and mixed
+        steps (_prefill_graph_for) only replay 'logits' graphs."""
         if kind not in self.GRAPH_KINDS:
             raise ValueError(f"graph kind must be one of {self.GRAPH_KINDS}, got {kind!r}")
-        if not self.use_cuda_graphs or batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
+        if not self.use_cuda_graphs or not self.key_caches:
             return None
+        if batch.max_query_len != 1 or batch.num_tokens != batch.num_seqs:
+            return self._prefill_graph_for(batch) if kind == "logits" else None
         n = batch.num_seqs
         size = next((s for s in GRAPH_BATCH_SIZES if s >= n), None)
-        if size is None or batch.max_context_len > self.graph_max_context or not self.key_caches:
+        if size is None or batch.max_context_len > self.graph_max_context:
             return None
         part = self._graph_partition(size)
         split = kind == "greedy" or batch.max_context_len > part
@@ -925,10 +992,29 @@ class CudaBackend(Backend):
             self._graphs[key] = self._capture(size, part, split, kind)
         return self._graphs[key]
 
-    def _capture(self, size: int, partition: int, split: bool, kind: str) -> _DecodeGraph:
+    def _prefill_graph_for(self, batch: Batch) -> _StepGraph | None:
+        """The prefill graph of this step's (tokens, sequences) bucket, or None: too many tokens or
+        sequences, a context past graph_max_context, or a chunk the SDPA route takes (its shapes follow
+        the context: plan_prefill)."""
+        bucket = prefill_graph_bucket(batch.num_tokens, batch.num_seqs, self.prefill_graph_tokens)
+        if bucket is None or batch.max_context_len > self.graph_max_context or batch.device_input_ids is not None \
+                or batch.logits_indices.shape[0] > bucket[1]:
+            return None
+        if batch.max_query_len * batch.max_context_len >= self.prefill_sdpa_min_work and \
+                any_routed(batch, self.prefill_sdpa_min_work):
+            return None
+        if bucket not in self._prefill_graphs:
+            self._prefill_graphs[bucket] = self._capture(bucket[1], None, False, "logits", tokens=bucket[0])
+        return self._prefill_graphs[bucket]
+
+    def _capture(self, size: int, partition: int | None, split: bool, kind: str,
+                 tokens: int | None = None) -> _StepGraph:
+        """A graph of `size` sequences: a decode step, or with tokens a prefill step of that many rows
+        (captured into the prefill graphs' shared memory pool)."""
         width = -(-self.graph_max_context // self.block_size)
-        max_splits = -(-self.graph_max_context // partition) if split else 1
-        g = _DecodeGraph(size, width, self.block_size, partition, max_splits, self.device)
+        max_splits = None if partition is None else -(-self.graph_max_context // partition) if split else 1
+        prefill = tokens is not None
+        g = _StepGraph(size, width, self.block_size, partition, max_splits, self.device, tokens, prefill)
         if kind != "logits":
             g.next_tokens = torch.zeros(size, dtype=torch.int32, device=self.device)
         if kind == "greedy":
@@ -944,22 +1030,25 @@ class CudaBackend(Backend):
         torch.cuda.current_stream().wait_stream(side)
         g.load_padding()                             # the warm-up of a greedy graph advanced the inputs
         g.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g.graph), torch.inference_mode():
+        if prefill and self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(g.graph, pool=self._prefill_pool if prefill else None), torch.inference_mode():
             g.logits = run(g)
         return g
 
-    def _run_layers(self, g: _DecodeGraph):
-        """All layers of a decode step on the graph's static inputs -> (h, residual); residual None on the
-        GEMV path, where h is already the residual stream."""
+    def _run_layers(self, g: _StepGraph):
+        """All layers of a graph step on its static inputs -> (h, residual); residual None on the GEMV path
+        (decode steps of <= gemv_max_rows rows), where h is already the residual stream."""
         batch = g.batch
         h, residual = F.embedding(batch.input_ids, self.w["embed"]), None
-        if batch.num_seqs <= self.gemv_max_rows and self.fuse_layers:
+        gemv = batch.num_tokens <= self.gemv_max_rows
+        if gemv and self.fuse_layers:
             c = self.config
             h = self.kernels.decode_layers(h, self.layer_stack(), batch.positions, batch.slot_mapping,
                                            batch.block_tables, batch.context_lens, c.rms_norm_eps, c.rope_theta,
                                            self.scale)
             return h, None
-        if batch.num_seqs <= self.gemv_max_rows:
+        if gemv:
             for i in range(self.config.num_layers):
                 h = self._layer_gemv(i, h, batch)
             return h, None
@@ -967,7 +1056,7 @@ class CudaBackend(Backend):
             h, residual = self._layer(i, h, residual, batch)
         return h, residual
 
-    def _final_norm_lm_head(self, g: _DecodeGraph, pick_rows: bool, tokens: torch.Tensor | None = None):
+    def _final_norm_lm_head(self, g: _StepGraph, pick_rows: bool, tokens: torch.Tensor | None = None):
         """The final norm and lm_head of a graph step: float32 logits of the rows logits_indices names
         (pick_rows; else of every row in order); with tokens (every row) also their argmax into tokens,
         fused into the lm_head GEMV on the GEMV path (the logits then stay bf16)."""
@@ -988,17 +1077,17 @@ class CudaBackend(Backend):
             tokens.copy_(argmax_rows(logits))
         return logits
 
-    def _run_step(self, g: _DecodeGraph, pick_rows: bool = True) -> torch.Tensor:
+    def _run_step(self, g: _StepGraph, pick_rows: bool = True) -> torch.Tensor:
         """A whole decode step on the graph's static inputs -> float32 logits [B, vocab] of the rows
         logits_indices names (pick_rows; else of every row in order)."""
         return self._final_norm_lm_head(g, pick_rows)
 
-    def _run_tokens(self, g: _DecodeGraph) -> torch.Tensor:
+    def _run_tokens(self, g: _StepGraph) -> torch.Tensor:
         """A whole decode step -> its greedy tokens [B] (int32, g.next_tokens)."""
         self._final_norm_lm_head(g, False, g.next_tokens)
         return g.next_tokens
 
-    def _run_greedy(self, g: _DecodeGraph):
+    def _run_greedy(self, g: _StepGraph):
         """A decode step that picks its argmax and advances the static inputs to the next step."""
         b = g.batch
         logits = self._final_norm_lm_head(g, False, g.next_tokens)

@@ -1,0 +1,48 @@
+"""The CUDA backend's prefill graph buckets and their default limit (pure arithmetic: runs without a GPU)."""
+from __future__ import annotations
+
+import pytest
+
+from engine.backends.cuda import GRAPH_BATCH_SIZES, prefill_graph_bucket, prefill_graph_default
+from engine.config import ModelConfig
+
+
+def config(hidden, inter, layers, heads, kv_heads, head_dim) -> ModelConfig:
+    return ModelConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_layers=layers,
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, rope_theta=1e4, rms_norm_eps=1e-5,
+                       max_position_embeddings=8192, tie_word_embeddings=True, name="t")
+
+
+@pytest.mark.parametrize("tokens, seqs, want", [
+    (1, 1, (16, 1)), (16, 1, (16, 1)), (17, 1, (32, 1)), (261, 8, (512, 8)), (600, 101, (1024, 128)),
+    (22, 20, (32, 32)), (20, 20, (32, 32)), (1024, 1, (1024, 1)), (1025, 3, (2048, 4)),
+    (8192, 1, (8192, 1)), (8193, 1, None), (200, 129, None)])
+def test_bucket(tokens, seqs, want):
+    assert prefill_graph_bucket(tokens, seqs, 8192) == want
+
+
+def test_bucket_holds_the_step():
+    for tokens in range(1, 3000, 7):
+        for seqs in (1, 2, 3, 5, 8, 9, 31, 64, 100, 128):
+            if seqs > tokens:
+                continue
+            b = prefill_graph_bucket(tokens, seqs, 4096)
+            assert b is not None and b[0] >= tokens and b[1] >= seqs and b[0] >= b[1] and b[1] in GRAPH_BATCH_SIZES
+            assert b[0] & (b[0] - 1) == 0 and (b[0] == 16 or b[0] < 2 * max(tokens, b[1]))
+
+
+def test_limit_caps_the_bucket():
+    assert prefill_graph_bucket(600, 1, 1000) is None          # its bucket (1024) is past the limit
+    assert prefill_graph_bucket(500, 1, 1000) == (512, 1)
+    assert prefill_graph_bucket(1, 1, 0) is None
+
+
+def test_default_limit_follows_the_model_size():
+    smol = config(576, 1536, 30, 9, 3, 64)                     # ~0.2 GFLOP a token: host-bound up to 8k
+    llama1b = config(2048, 8192, 16, 32, 8, 64)
+    llama8b = config(4096, 14336, 32, 32, 8, 128)
+    assert prefill_graph_default(smol) == 8192
+    assert prefill_graph_default(llama1b) == 1024
+    assert prefill_graph_default(llama8b) == 256
+    assert prefill_graph_default(config(8192, 28672, 80, 64, 8, 128)) == 64       # 70B-like
+    assert prefill_graph_default(config(32768, 131072, 8, 256, 8, 128)) == 16     # the smallest bucket
