@@ -2,8 +2,9 @@
 16-token pages: our paged prefill kernels (CUDA cores: simt; tensor cores: tc), the SDPA route CudaBackend
 takes for big chunks (prefill_work >= prefill_route_min_work: pages gathered, then
 F.scaled_dot_product_attention with a lower-right causal mask), and SDPA on K/V that are already contiguous
-(the peer: no gather). Times are medians of CUDA event pairs around single calls (ms); TFLOP/s counts the
-causal half of 4 x L x ctx x heads x head_dim.
+(the peer: no gather). "tc" splits the keys into spans when its grid would leave SMs idle (prefill_split:
+short chunks on long prefixes); "tc 1 span" is the same kernel without. Times are medians of CUDA event pairs
+around single calls (ms); TFLOP/s counts the causal half of 4 x L x ctx x heads x head_dim.
 
     python3 benchmarks/gpu_prefill.py [--out FILE]
 """
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 BS = 16
 SHAPES = {"llama1b": (32, 8, 64), "llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
-POINTS = [(64, 64), (128, 128), (256, 256), (512, 512), (1024, 1024), (2048, 2048), (2048, 8192), (8192, 8192)]
+POINTS = [(64, 64), (128, 128), (256, 256), (512, 512), (1024, 1024), (2048, 2048), (2048, 8192), (8192, 8192),
+          (32, 4096), (128, 8192), (512, 8192), (128, 32768)]      # follow-up turns / chunks on a long prefix
 
 
 def timed(fn, reps: int) -> float:
@@ -66,9 +68,9 @@ def main() -> None:
     dt = torch.bfloat16
     lines = [f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}; "
              f"backend: the path CudaBackend takes (prefill_work against prefill_route_min_work)", "",
-             "| model (nh/nkv/hd) | L / ctx | simt ms | tc ms | SDPA route ms | contiguous SDPA ms | simt / tc | "
-             "route / tc | contiguous / tc | tc TFLOP/s | backend | rel err tc vs route |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model (nh/nkv/hd) | L / ctx | simt ms | tc ms | tc 1 span ms | SDPA route ms | contiguous SDPA ms | "
+             "simt / tc | 1 span / tc | route / tc | contiguous / tc | tc TFLOP/s | backend | rel err tc vs route |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model in args.models:
         nh, nkv, hd = SHAPES[model]
         for L, ctx in POINTS:
@@ -86,6 +88,10 @@ def main() -> None:
             def tc():
                 return kernels.paged_attention_prefill(q, kc, vc, tables, ctx_t, qsl, scale, L, impl="tc")
 
+            def one_span():
+                return kernels.paged_attention_prefill(q, kc, vc, tables, ctx_t, qsl, scale, L, impl="tc",
+                                                       split_keys=0)
+
             def route():
                 return sdpa_paged_prefill(q, kc, vc, table, ctx, scale)
 
@@ -94,7 +100,7 @@ def main() -> None:
                                                       enable_gqa=True)
 
             reps = 3 if L * ctx >= 1 << 24 else 10
-            ts, tt = timed(simt, reps), timed(tc, reps)
+            ts, tt, t1 = timed(simt, reps), timed(tc, reps), timed(one_span, reps)
             try:
                 tr, tcont = timed(route, reps), timed(contiguous, reps)
                 a, b = tc().float(), route().float()
@@ -104,8 +110,9 @@ def main() -> None:
                 tr = tcont = err = float("nan")
             flop = 4 * nh * hd * (L * ctx - L * (L - 1) / 2)
             path = "route" if prefill_work(L, ctx) >= prefill_route_min_work(nh, hd) else "tc"
-            row = (f"| {model} ({nh}/{nkv}/{hd}) | {L} / {ctx} | {ts:.3f} | {tt:.3f} | {tr:.3f} | {tcont:.3f} | "
-                   f"{ts / tt:.2f}x | {tr / tt:.2f}x | {tcont / tt:.2f}x | {flop / tt / 1e9:.1f} | {path} | {err:.1e} |")
+            row = (f"| {model} ({nh}/{nkv}/{hd}) | {L} / {ctx} | {ts:.3f} | {tt:.3f} | {t1:.3f} | {tr:.3f} | "
+                   f"{tcont:.3f} | {ts / tt:.2f}x | {t1 / tt:.2f}x | {tr / tt:.2f}x | {tcont / tt:.2f}x | "
+                   f"{flop / tt / 1e9:.1f} | {path} | {err:.1e} |")
             print(row, flush=True)
             lines.append(row)
     if args.out:

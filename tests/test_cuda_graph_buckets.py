@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.backends.cuda import GRAPH_BATCH_SIZES, prefill_graph_bucket, prefill_graph_default
+from engine.backends.cuda import (GRAPH_BATCH_SIZES, PREFILL_MIN_SPAN, prefill_context_bucket, prefill_graph_bucket,
+                                  prefill_graph_default)
 from engine.config import ModelConfig
 
 
@@ -46,3 +47,12 @@ def test_default_limit_follows_the_model_size():
     assert prefill_graph_default(llama8b) == 256
     assert prefill_graph_default(config(8192, 28672, 80, 64, 8, 128)) == 64       # 70B-like
     assert prefill_graph_default(config(32768, 131072, 8, 256, 8, 128)) == 16     # the smallest bucket
+
+
+def test_context_bucket():
+    """Contexts too short for the prefill kernel to split its keys share one bucket; past it, powers of two
+    up to the graphs' largest context."""
+    floor = 2 * PREFILL_MIN_SPAN
+    assert [prefill_context_bucket(c, 8192) for c in (1, floor, floor + 1, 3000, 4096, 4097, 8192)] == \
+        [floor, floor, 2 * floor, 4096, 4096, 8192, 8192]
+    assert prefill_context_bucket(300, 256) == 256

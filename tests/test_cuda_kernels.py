@@ -346,6 +346,53 @@ def test_prefill_attention(kernels, dtype, ctx_lens, q_lens, hd, group, impl):
     assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
 
 
+SPLIT_CASES = [  # (context lens, query lens, head_dim, group, keys a span)
+    ([1000, 65, 64, 63], [1000, 65, 64, 63], 128, 1, 64),   # a span every key tile; rows on span boundaries
+    ([700], [300], 64, 5, 128),
+    ([2000, 5], [1500, 5], 128, 16, 256),
+    ([4096, 300, 1], [100, 300, 1], 64, 3, 512),            # a follow-up turn on a 4k prefix, a prompt, a decode row
+    ([32768], [24], 128, 4, 1024),
+    ([513, 512, 511, 257], [2, 1, 3, 257], 64, 8, 256),    # positions around a span's first key
+]
+
+
+@pytest.mark.cuda
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ctx_lens,q_lens,hd,group,split_keys", SPLIT_CASES)
+def test_prefill_attention_split_keys(kernels, dtype, ctx_lens, q_lens, hd, group, split_keys):
+    """The tensor-core prefill kernel with its keys cut into spans (rows that see one span written by the
+    kernel, the others merged from float32 partials), against the reference; output poisoned first."""
+    nkv, bs = 2, 16
+    g = gen(sum(ctx_lens) * 5 + split_keys)
+    q, kc, vc, tables, ctx, qsl = paged_setup(ctx_lens, q_lens, nkv * group, nkv, hd, bs, dtype, g)
+    out = torch.full_like(q, float("nan"))
+    kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, hd ** -0.5, max(q_lens), out=out, impl="tc",
+                                    split_keys=split_keys)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), attention_ref(q, kc, vc, tables, ctx.cpu(), qsl.cpu(), hd ** -0.5)) <= TOL
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_prefill_split_policy(kernels):
+    """Spans only when the grid leaves SMs idle, at least PREFILL_MIN_SPAN keys, whole key tiles, and the
+    same output as the unsplit kernel within bf16 rounding of the merge."""
+    from engine.backends.cuda import PREFILL_MIN_SPAN
+    sms = kernels.num_sms
+    assert kernels.prefill_split(8192, 1, 3, 3, 64, 8192) == 0            # a whole prompt: blocks enough
+    assert kernels.prefill_split(128, 1, 3, 3, 64, 400) == 0              # a short context: nothing to cut
+    span = kernels.prefill_split(128, 1, 3, 3, 64, 8192)                  # a follow-up turn on 8k
+    assert span >= PREFILL_MIN_SPAN and span % 64 == 0 and 8192 // span >= min(sms // 12, 8)
+    g = gen(3)
+    q, kc, vc, tables, ctx, qsl = paged_setup([6000], [128], 9, 3, 64, 16, torch.bfloat16, g)
+    whole = kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, 0.125, 128, impl="tc", split_keys=0)
+    split = kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, 0.125, 128, impl="tc", max_context_len=6000)
+    assert rel_err(split.cpu(), whole.cpu()) <= TOL
+    with pytest.raises(native.NativeError, match="not a multiple of 64 keys"):
+        kernels.paged_attention_prefill(q, kc, vc, tables, ctx, qsl, 0.125, 128, impl="tc", split_keys=100)
+
+
 @pytest.mark.cuda
 @needs_gpu
 @pytest.mark.parametrize("bs", [8, 32])

@@ -244,10 +244,10 @@ def test_fp16_greedy_tokens(runs, prompts):
 def test_graphs_were_used(runs):
     r, _ = runs
     print("captured decode graphs (bucket, split, kind):", r["_graphs"])
-    print("captured prefill graphs (tokens, sequences):", r["_prefill_graphs"])
+    print("captured prefill graphs (tokens, sequences, context):", r["_prefill_graphs"])
     assert (8, False, "logits") in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
     # the first step: 8 prompts' first chunks (5 + 16 + 17 + 31 + 4 x 48 = 261 rows); later mixed steps
-    assert (512, 8) in r["_prefill_graphs"], "the first prefill step did not replay a graph"
+    assert (512, 8, 512) in r["_prefill_graphs"], "the first prefill step did not replay a graph"
     assert len(r["_prefill_graphs"]) >= 2, "mixed prefill + decode steps did not replay a graph"
 
 
@@ -265,8 +265,35 @@ def test_prefill_graphs_left_out(fused, runs, prompts, options, graphs):
     outs, logits = greedy(cuda, prompts)
     print(options, "prefill graphs:", sorted(cuda._prefill_graphs))
     assert bool(cuda._prefill_graphs) == graphs, sorted(cuda._prefill_graphs)
-    assert all(t <= cuda.prefill_graph_tokens for t, _ in cuda._prefill_graphs)
+    assert all(t <= cuda.prefill_graph_tokens for t, *_ in cuda._prefill_graphs)
     rel, _ = check_against_ref(f"cuda-{options}", teacher_forced(ref, prompts, outs), outs, logits)
+    assert rel < 0.1
+
+
+def test_follow_up_chunks_on_a_long_prefix(fused):
+    """48-token chunks of a 900-token prompt: past 512 tokens of context each chunk's prefill attention cuts
+    its keys into spans (a graph keyed by a 1024-token context, the spans merged in it); greedy tokens against
+    the float32 reference under teacher forcing, the graph steps' logits those of eager steps."""
+    from engine.backends.cuda import CudaBackend
+    ref = RefOnGpu(SMOL, device="cuda")
+    ref.load_weights(fused)
+    g = torch.Generator().manual_seed(77)
+    long_prompt = [torch.randint(0, SMOL.vocab_size, (900,), generator=g).tolist()]
+    results = []
+    for tokens in (None, 0):
+        cuda = CudaBackend(SMOL, prefill_graph_tokens=tokens)
+        cuda.load_weights(fused)
+        assert cuda.kernels.prefill_split(48, 1, SMOL.num_kv_heads, SMOL.num_heads // SMOL.num_kv_heads,
+                                          SMOL.head_dim, 1024) > 0
+        outs, logits = greedy(cuda, long_prompt, new_tokens=8)
+        results.append((outs, logits, sorted(cuda._prefill_graphs)))
+    (outs, logits, graphs), (eager_outs, eager_logits, _) = results
+    print("prefill graphs:", graphs)
+    assert (64, 1, 1024) in graphs, graphs
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(logits[0], eager_logits[0]))
+    print("graph vs eager max |logit diff|:", diff)
+    assert outs == eager_outs and diff < 1e-2
+    rel, _ = check_against_ref("cuda-long-prefix", teacher_forced(ref, long_prompt, outs), outs, logits)
     assert rel < 0.1
 
 
@@ -300,10 +327,11 @@ def test_prefill_graph_logits_equal_eager(fused, prompts):
     for layer in range(SMOL.num_layers):
         for cg, ce in ((gb.key_caches[layer], eb.key_caches[layer]), (gb.value_caches[layer], eb.value_caches[layer])):
             assert ((cg.float() - ce.float()).abs().amax() <= 2e-2 * ce.float().abs().amax()).item(), layer
-    assert sorted(gb._prefill_graphs) == [(32, 1), (32, 32), (64, 1), (2048, 32)], sorted(gb._prefill_graphs)
+    assert sorted(gb._prefill_graphs) == [(32, 1, 512), (32, 32, 512), (64, 1, 512), (2048, 32, 512)], \
+        sorted(gb._prefill_graphs)
     gb.reset_graphs()                        # a new pool: capturing into the dropped graphs' pool would fail
     batch = Batch.build(steps[0], BLOCK, [True])
-    assert torch.equal(gm.forward(batch), gm.forward(batch)) and list(gb._prefill_graphs) == [(64, 1)]
+    assert torch.equal(gm.forward(batch), gm.forward(batch)) and list(gb._prefill_graphs) == [(64, 1, 512)]
 
 
 def test_graph_variants(fused, runs, prompts):

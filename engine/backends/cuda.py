@@ -20,6 +20,7 @@ from engine.batch import Batch
 from engine.config import ModelConfig
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
+PREFILL_MIN_SPAN = 256      # fewest keys a span when the tensor-core prefill kernel splits them (prefill_split)
 GEMV_PLAIN, GEMV_NORM, GEMV_SILU, GEMV_NORM_SILU = 0, 1, 2, 3   # PA_CUDA_GEMV_* in pa.h
 GEMV_MAX_ROWS = 8
 GEMV_PDL, GEMV_DEEP = 1, 2                                          # PA_CUDA_GEMV_* flags in pa.h
@@ -145,6 +146,12 @@ def prefill_graph_default(config: ModelConfig) -> int:
                                      + 3 * c.hidden_size * c.intermediate_size)
     tokens = c.num_layers * PREFILL_HOST_S_PER_LAYER * PREFILL_GEMM_FLOPS / per_token
     return 1 << max(PREFILL_GRAPH_MIN_TOKENS.bit_length() - 1, min(13, int(math.log2(max(tokens, 1)))))
+
+
+def prefill_context_bucket(max_context_len: int, graph_max_context: int) -> int:
+    """The context a prefill graph is captured for: a power of two from 2 x PREFILL_MIN_SPAN (up to that the
+    prefill kernel never splits its keys) up to graph_max_context."""
+    return min(graph_max_context, max(2 * PREFILL_MIN_SPAN, 1 << max(0, max_context_len - 1).bit_length()))
 
 
 def prefill_graph_bucket(num_tokens: int, num_seqs: int, max_tokens: int) -> tuple[int, int] | None:
@@ -565,11 +572,30 @@ class CudaKernels:
                    block_tables.shape[1], partition, max_splits, q.stride(0), float(scale), self._code(q))
         return out
 
+    def prefill_split(self, max_query_len: int, num_seqs: int, num_kv_heads: int, group: int, head_dim: int,
+                      max_context_len: int) -> int:
+        """Keys a span for the tensor-core prefill kernel (0: no split). A grid of at most half as many blocks
+        as SMs -- a short chunk on a long prefix, a chat's follow-up turn -- is cut along the keys into spans
+        of at least PREFILL_MIN_SPAN keys, for about two blocks an SM. (H200, gpu_prefill.py: 128 blocks cut
+        in 3 were 6 % slower, the partials' round trip costing more than the second block an SM gains.)"""
+        tile = self.lib.lib.pa_prefill_tc_tile_tokens_cuda(head_dim, group)
+        blocks = -(-max_query_len // tile) * num_kv_heads * num_seqs if tile > 0 else 0
+        if blocks == 0 or 2 * blocks > self.num_sms or max_context_len <= 2 * PREFILL_MIN_SPAN:
+            return 0
+        splits = -(-2 * self.num_sms // blocks)
+        keys = -(-max_context_len // splits)                  # a span's share, rounded up to the key tile
+        span = max(PREFILL_MIN_SPAN, -(-keys // 64) * 64)
+        return span if span < max_context_len else 0
+
     def paged_attention_prefill(self, q, key_cache, value_cache, block_tables, context_lens, query_start_loc,
                                 scale: float, max_query_len: int, out: torch.Tensor | None = None,
-                                impl: str | None = None) -> torch.Tensor:
+                                impl: str | None = None, max_context_len: int | None = None,
+                                split_keys: int | None = None) -> torch.Tensor:
         """Causal attention of each sequence's query rows (the last of its context) over its pages -> out
-        [T, nh, hd]. impl: 'tc' (tensor cores, the default; GQA groups <= 64) or 'simt' (CUDA cores; <= 32)."""
+        [T, nh, hd]. impl: 'tc' (tensor cores, the default; GQA groups <= 64) or 'simt' (CUDA cores; <= 32).
+        tc only: split_keys cuts the keys into spans of that many (a multiple of 64) merged by a second
+        kernel; None: prefill_split's choice. max_context_len must bound every context (default: all the
+        block tables hold); the spans cover that many keys."""
         impl = impl or "tc"
         if impl not in ("simt", "tc"):
             raise ValueError(f"paged_attention_prefill: impl must be 'simt' or 'tc', got {impl!r}")
@@ -577,10 +603,26 @@ class CudaKernels:
         T, nh, hd = q.shape
         self._check_attention(op, q, key_cache, value_cache, block_tables, context_lens, query_start_loc)
         out = self._out(op, out, q)
-        self._call(op, self._p(out), self._p(q), self._p(key_cache), self._p(value_cache), self._p(block_tables),
-                   self._p(context_lens), self._p(query_start_loc), context_lens.shape[0], nh,
-                   key_cache.shape[1], hd, key_cache.shape[2], block_tables.shape[1], int(max_query_len),
-                   q.stride(0), float(scale), self._code(q))
+        S, nkv, bs = context_lens.shape[0], key_cache.shape[1], key_cache.shape[2]
+        head = (self._p(q), self._p(key_cache), self._p(value_cache), self._p(block_tables), self._p(context_lens),
+                self._p(query_start_loc), S, nh, nkv, hd, bs, block_tables.shape[1], int(max_query_len))
+        tail = (q.stride(0), float(scale), self._code(q))
+        if impl == "simt":
+            self._call(op, self._p(out), *head, *tail)
+            return out
+        cover = block_tables.shape[1] * bs                 # no context is longer than its table
+        cover = min(cover, max_context_len) if max_context_len else cover
+        if split_keys is None:
+            split_keys = self.prefill_split(int(max_query_len), S, nkv, nh // nkv, hd, cover)
+        splits = -(-cover // split_keys) if split_keys else 1
+        part_o = part_ml = None                            # float32 partials of the spans (split keys)
+        if splits < 2:
+            split_keys, splits = 0, 1
+        else:
+            part_o = torch.empty(T * nh * splits * hd, dtype=torch.float32, device=q.device)
+            part_ml = torch.empty(T * nh * splits * 2, dtype=torch.float32, device=q.device)
+        cast = (lambda t: self.ffi.NULL if t is None else self.ffi.cast("float *", t.data_ptr()))
+        self._call(op, self._p(out), cast(part_o), cast(part_ml), *head, int(split_keys), splits, *tail)
         return out
 
     def _out(self, op, out, q) -> torch.Tensor:
@@ -622,10 +664,11 @@ class _StepGraph:
     slots ([tokens]), context_lens, logits rows ([seqs]), query_start_loc ([seqs + 1]), block tables
     ([seqs, width]). A decode graph has one row a sequence (tokens == seqs); its padding rows have slot -1
     and context 0. A prefill graph (prefill=True: chunks of any length, decode rows among them) pads
-    with rows of slot -1 that no sequence owns and with sequences of no rows and context 0."""
+    with rows of slot -1 that no sequence owns and with sequences of no rows and context 0; its contexts
+    are at most `context` tokens (what the prefill kernel's key spans are cut for)."""
 
     def __init__(self, size: int, width: int, block_size: int, partition: int | None, max_splits: int | None,
-                 device, tokens: int | None = None, prefill: bool = False):
+                 device, tokens: int | None = None, prefill: bool = False, context: int | None = None):
         S, T = size, size if tokens is None else tokens
         self.size, self.num_rows, self.width, self.prefill = S, T, width, prefill
         # layout: ids [T] | positions [T] | slots [T] | context_lens [S] | logits rows [S] | qsl [S+1] | tables
@@ -639,7 +682,8 @@ class _StepGraph:
             input_ids=d[:T], positions=d[T:2 * T], slot_mapping=d[2 * T:3 * T], context_lens=d[self._ctx:self._rows],
             logits_indices=d[self._rows:self._qsl], query_start_loc=d[self._qsl:self._tables],
             block_tables=d[self._tables:].view(S, width), max_query_len=T if prefill else 1,
-            max_context_len=width * block_size, block_size=block_size, partition=partition, max_splits=max_splits)
+            max_context_len=context or width * block_size, block_size=block_size, partition=partition,
+            max_splits=max_splits)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None     # what the captured run returned (logits graphs: [S, vocab]
                                                     # float32; tokens graphs: next_tokens), rewritten by each replay
@@ -855,14 +899,15 @@ class CudaBackend(Backend):
                                                        getattr(batch, "max_splits", None), impl=self.decode_impl)
         plan = getattr(batch, "prefill", None)
         if plan is None:
-            return self.kernels.paged_attention_prefill(*args, batch.max_query_len, impl=self.prefill_impl)
+            return self.kernels.paged_attention_prefill(*args, batch.max_query_len, impl=self.prefill_impl,
+                                                        max_context_len=batch.max_context_len)
         out = torch.empty_like(q)
         for r0, r1, ctx, s in plan.long:           # long chunks: SDPA (tensor cores) over gathered pages
             out[r0:r1] = sdpa_paged_prefill(q[r0:r1], kc, vc, batch.block_tables[s], ctx, self.scale)
         if plan.rows is not None:                 # the rest: the paged kernel on their own sub-batch
             out[plan.rows] = self.kernels.paged_attention_prefill(
                 q[plan.rows], kc, vc, plan.block_tables, plan.context_lens, plan.query_start_loc, self.scale,
-                plan.max_query_len, impl=self.prefill_impl)
+                plan.max_query_len, impl=self.prefill_impl, max_context_len=batch.max_context_len)
         return out
 
     def silu_mul(self, gate_up):
@@ -1003,18 +1048,20 @@ class CudaBackend(Backend):
         if batch.max_query_len * batch.max_context_len >= self.prefill_sdpa_min_work and \
                 any_routed(batch, self.prefill_sdpa_min_work):
             return None
-        if bucket not in self._prefill_graphs:
-            self._prefill_graphs[bucket] = self._capture(bucket[1], None, False, "logits", tokens=bucket[0])
-        return self._prefill_graphs[bucket]
+        key = (*bucket, prefill_context_bucket(batch.max_context_len, self.graph_max_context))
+        if key not in self._prefill_graphs:
+            self._prefill_graphs[key] = self._capture(bucket[1], None, False, "logits", tokens=bucket[0],
+                                                      context=key[2])
+        return self._prefill_graphs[key]
 
     def _capture(self, size: int, partition: int | None, split: bool, kind: str,
-                 tokens: int | None = None) -> _StepGraph:
-        """A graph of `size` sequences: a decode step, or with tokens a prefill step of that many rows
-        (captured into the prefill graphs' shared memory pool)."""
+                 tokens: int | None = None, context: int | None = None) -> _StepGraph:
+        """A graph of `size` sequences: a decode step, or with tokens a prefill step of that many rows and
+        contexts of at most `context` tokens (captured into the prefill graphs' shared memory pool)."""
         width = -(-self.graph_max_context // self.block_size)
         max_splits = None if partition is None else -(-self.graph_max_context // partition) if split else 1
         prefill = tokens is not None
-        g = _StepGraph(size, width, self.block_size, partition, max_splits, self.device, tokens, prefill)
+        g = _StepGraph(size, width, self.block_size, partition, max_splits, self.device, tokens, prefill, context)
         if kind != "logits":
             g.next_tokens = torch.zeros(size, dtype=torch.int32, device=self.device)
         if kind == "greedy":

@@ -146,6 +146,11 @@ static inline pa_status fill_paged_args(PagedArgs &a, const char *name, void *ou
 // What both prefill kernels (CUDA cores, tensor cores) take: query tokens a block besides PagedArgs.
 struct PrefillArgs : PagedArgs {
     int tile_tokens;
+    // Split keys (prefill_attention_tc.cu): 0, or keys a split (a multiple of the key tile); rows at position
+    // >= split_keys leave (unnormalised O, max, sum) per split in partial_out [T, num_heads, max_splits, D] /
+    // partial_ml [T, num_heads, max_splits, 2] for the merge.
+    int split_keys, max_splits;
+    float *partial_out, *partial_ml;
 };
 
 // The prefill exports' own checks after fill_paged_args: max_query_len, and at most max_group query heads

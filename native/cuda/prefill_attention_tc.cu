@@ -12,6 +12,12 @@
 // with an online softmax (log2 domain) per row in between; S's accumulators become P's A fragments in
 // registers. A warp skips the key tiles past its rows' last position and masks only the tiles that
 // cross the diagonal; blocks run the longest query tiles (the last of a chunk) first.
+//
+// Split keys: when (tiles x kv heads x sequences) would leave most SMs idle -- a short chunk on a long
+// prefix, a follow-up turn of a chat -- the keys are cut into spans of split_keys and grid.y runs every
+// (split, kv head): a block takes its tile's keys in its span only. A row sees spans 0 .. pos / split_keys;
+// a row with one span (pos < split_keys) is written by split 0 as usual, the others leave the span's
+// unnormalised O, max and sum, which prefill_merge_kernel folds (log-sum-exp) into the row's output.
 #include "mma.cuh"
 
 namespace {
@@ -69,7 +75,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
     static_assert(PIECES * kThreads == KEYS * CPR, "a tile's pieces spread evenly over the threads");
     extern __shared__ __align__(128) unsigned char pf_smem[];
 
-    const int seq = blockIdx.z, kv_head = blockIdx.y;
+    const int seq = blockIdx.z, kv_head = blockIdx.y % a.num_kv_heads, split = blockIdx.y / a.num_kv_heads;
     const int q_begin = a.query_start_loc[seq], qlen = a.query_start_loc[seq + 1] - q_begin;
     const int tile = (int)gridDim.x - 1 - (int)blockIdx.x;    // the longest (last) tiles first
     const int tok0 = tile * a.tile_tokens;
@@ -78,7 +84,11 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
     const int ntok = min(a.tile_tokens, qlen - tok0), nrows = ntok * a.group;
     const int first_pos = ctx - qlen + tok0;       // position of the tile's first query token
     const int kmax = first_pos + ntok;              // keys 0 .. kmax - 1 are visible to some row
-    const int ntiles = (kmax + KEYS - 1) / KEYS;
+    // this block's key tiles: [t_begin, ntiles) -- every tile, or those of its split's span
+    const int span = a.split_keys > 0 ? a.split_keys : kmax;
+    const int k_begin = split * span;
+    if (k_begin >= kmax) return;                    // no row of the tile reaches this span
+    const int t_begin = k_begin / KEYS, ntiles = (min(kmax, k_begin + span) + KEYS - 1) / KEYS;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
 
     const int bs_mask = (1 << a.bs_log2) - 1;
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
     }
 #pragma unroll
     for (int t = 0; t < kStages - 1; ++t) {
-        if (t < ntiles) issue(t);
+        if (t_begin + t < ntiles) issue(t_begin + t);
         cp_async_commit();
     }
 
@@ -172,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
         l[mt][0] = l[mt][1] = 0.f;
     }
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = t_begin; t < ntiles; ++t) {
         if (t + kStages - 1 < ntiles) issue(t + kStages - 1);
         cp_async_commit();
         cp_async_wait<kStages - 1>();   // this thread's copies of tile t (and Q) have landed ...
@@ -228,15 +238,17 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
                     for (int n = 0; n < SN; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * h], s[mt][n][2 * h + 1]));
                     mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
-                    // finite: tile 0 holds key 0, which every row sees, so m is finite from the first tile on
+                    // Finite once the row has seen a key: tile 0 holds key 0, which every row sees. A row
+                    // before its block's span (split keys) sees none: mref 0 keeps its sums 0, not NaN.
                     const float mn = fmaxf(m[mt][h], mx);
-                    const float al = exp2f(m[mt][h] - mn);
+                    const float mref = mn == -INFINITY ? 0.f : mn;
+                    const float al = exp2f(m[mt][h] - mref);
                     m[mt][h] = mn;
                     float ps = 0.f;
 #pragma unroll
                     for (int n = 0; n < SN; ++n) {
-                        s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] - mn);
-                        s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] - mn);
+                        s[mt][n][2 * h] = exp2f(s[mt][n][2 * h] - mref);
+                        s[mt][n][2 * h + 1] = exp2f(s[mt][n][2 * h + 1] - mref);
                         ps += s[mt][n][2 * h] + s[mt][n][2 * h + 1];
                     }
                     l[mt][h] = l[mt][h] * al + ps;   // this lane's share; the quad is summed at the end
@@ -282,15 +294,66 @@ __global__ void __launch_bounds__(kThreads, 2) prefill_tc_kernel(PrefillArgs a) 
             sum += __shfl_xor_sync(kFull, sum, 1);
             sum += __shfl_xor_sync(kFull, sum, 2);
             const int row = warp * WROWS + mt * 16 + h * 8 + r;
-            if (row >= nrows) continue;
+            if (row >= nrows || pos[mt][h] < k_begin) continue;   // past the tile; before this span
+            const int64_t head_row = (int64_t)(q_begin + tok0 + row / a.group) * a.num_heads + kv_head * a.group +
+                                     row % a.group;
+            if (a.split_keys > 0 && pos[mt][h] >= a.split_keys) {  // one of several spans: partials
+                float *po = a.partial_out + (head_row * a.max_splits + split) * D;
+#pragma unroll
+                for (int n = 0; n < NT; ++n)
+                    *reinterpret_cast<float2 *>(po + n * 8 + c2) = make_float2(o[mt][n][2 * h], o[mt][n][2 * h + 1]);
+                if ((lane & 3) == 0)
+                    *reinterpret_cast<float2 *>(a.partial_ml + (head_row * a.max_splits + split) * 2) =
+                        make_float2(m[mt][h], sum);
+                continue;
+            }
             const float inv = 1.f / sum;
-            T *dst = out + ((int64_t)(q_begin + tok0 + row / a.group) * a.num_heads + kv_head * a.group +
-                            row % a.group) * D;
+            T *dst = out + head_row * D;
 #pragma unroll
             for (int n = 0; n < NT; ++n)
                 *reinterpret_cast<uint32_t *>(dst + n * 8 + c2) =
                     Mma<T>::pack(o[mt][n][2 * h] * inv, o[mt][n][2 * h + 1] * inv);
         }
+}
+
+// Folds the spans of every row that has more than one (pos >= split_keys): one warp a (token, head) pair of
+// one sequence -- the spans' maxima and sums across the lanes, then each lane's D / 32 outputs over the
+// spans; the max / sum pairs are in the log2 domain of the kernel.
+constexpr int kMergeWarps = 4;
+template <typename T, int D>
+__global__ void __launch_bounds__(kMergeWarps * 32) prefill_merge_kernel(PrefillArgs a) {
+    constexpr int PER = D / 32;                     // output values a lane
+    const int seq = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int q_begin = a.query_start_loc[seq], qlen = a.query_start_loc[seq + 1] - q_begin;
+    const int pair = blockIdx.x * kMergeWarps + warp, tok = pair / a.num_heads, h = pair % a.num_heads;
+    if (tok >= qlen) return;
+    const int pos = a.context_lens[seq] - qlen + tok;
+    if (pos < a.split_keys) return;                 // one span: the kernel wrote the row
+    const int n = min(pos / a.split_keys + 1, a.max_splits);   // the spans cover every context (pa.h)
+    const int64_t head_row = (int64_t)(q_begin + tok) * a.num_heads + h;
+    const float *ml = a.partial_ml + head_row * a.max_splits * 2;
+    const float *po = a.partial_out + head_row * a.max_splits * D;
+    float mx = -INFINITY;
+    for (int s = lane; s < n; s += 32) mx = fmaxf(mx, ml[2 * s]);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
+    float sum = 0.f;                                // every span holds a key the row sees: its m is finite
+    for (int s = lane; s < n; s += 32) sum += exp2f(ml[2 * s] - mx) * ml[2 * s + 1];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(kFull, sum, o);
+    float acc[PER];
+#pragma unroll
+    for (int i = 0; i < PER; ++i) acc[i] = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < n; ++s) {
+        const float w = exp2f(ml[2 * s] - mx);
+#pragma unroll
+        for (int i = 0; i < PER; ++i) acc[i] += w * po[s * D + i * 32 + lane];
+    }
+    const float inv = 1.f / sum;
+    T *dst = (T *)a.out + head_row * D;
+#pragma unroll
+    for (int i = 0; i < PER; ++i) dst[i * 32 + lane] = from_f<T>(acc[i] * inv);
 }
 
 template <typename T, int D, int MT, int KEYS, bool QSMEM, int STAGES>
@@ -299,19 +362,36 @@ pa_status launch_prefill_tc(PrefillArgs a, int max_query_len, int num_seqs, cuda
     constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, STAGES>;
     if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
     a.tile_tokens = kWarps * MT * 16 / a.group;     // >= 1: check_prefill took groups <= kMaxGroup
-    const dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, a.num_kv_heads, num_seqs);
+    if (a.split_keys % KEYS)
+        return cuda_fail(PA_ERR_INVALID_ARG, "prefill_tc_kernel: split_keys %d is not a multiple of %d keys",
+                         a.split_keys, KEYS);
+    const int splits = a.split_keys > 0 ? a.max_splits : 1;
+    const dim3 grid((max_query_len + a.tile_tokens - 1) / a.tile_tokens, a.num_kv_heads * splits, num_seqs);
     kernel<<<grid, kThreads, smem, stream>>>(a);
-    return check_launch("prefill_tc_kernel");
+    PA_RETURN_IF_ERR(check_launch("prefill_tc_kernel"));
+    if (a.split_keys == 0) return PA_OK;
+    const dim3 mgrid((int)(((int64_t)max_query_len * a.num_heads + kMergeWarps - 1) / kMergeWarps), num_seqs);
+    prefill_merge_kernel<T, D><<<mgrid, kMergeWarps * 32, 0, stream>>>(a);
+    return check_launch("prefill_merge_kernel");
 }
+
+template <int D> constexpr int prefill_tc_mt() { return D == 64 ? PF_TC_MT_64 : PF_TC_MT_128; }
 
 }  // namespace
 
-extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q, const void *key_cache,
+extern "C" int32_t pa_prefill_tc_tile_tokens_cuda(int32_t head_dim, int32_t group) {
+    if ((head_dim != 64 && head_dim != 128) || group <= 0 || group > kMaxGroup) return 0;
+    return kWarps * (head_dim == 64 ? prefill_tc_mt<64>() : prefill_tc_mt<128>()) * 16 / group;
+}
+
+extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, float *partial_out, float *partial_ml,
+                                                        const void *q, const void *key_cache,
                                                         const void *value_cache, const int32_t *block_tables,
                                                         const int32_t *context_lens, const int32_t *query_start_loc,
                                                         int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
                                                         int32_t head_dim, int32_t block_size,
                                                         int32_t max_blocks_per_seq, int32_t max_query_len,
+                                                        int32_t split_keys, int32_t max_splits,
                                                         int64_t q_stride, float scale, int32_t dtype, void *stream) {
     const char *name = "prefill_tc_kernel";
     PrefillArgs a;
@@ -319,6 +399,14 @@ extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q
                                      query_start_loc, num_seqs, num_heads, num_kv_heads, head_dim, block_size,
                                      max_blocks_per_seq, q_stride, scale));
     PA_RETURN_IF_ERR(check_prefill(name, a, max_query_len, kMaxGroup));
+    if (split_keys < 0 || (split_keys > 0 && (max_splits < 2 || partial_out == nullptr ||
+                                              partial_ml == nullptr || (int64_t)num_kv_heads * max_splits > 65535)))
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad split (split_keys %d, max_splits %d)", name, (int)split_keys,
+                         (int)max_splits);
+    a.split_keys = split_keys;
+    a.max_splits = split_keys > 0 ? max_splits : 1;
+    a.partial_out = partial_out;
+    a.partial_ml = partial_ml;
     if (num_seqs == 0 || max_query_len == 0) return PA_OK;
     cudaStream_t st = (cudaStream_t)stream;
     return dispatch_dtype(dtype, name, [&](auto tag) {

@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 9
+#define PA_ABI_VERSION 10
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -245,15 +245,23 @@ pa_status pa_paged_attention_prefill_cuda(void *out, const void *q, const void *
                                           int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
                                           void *stream);
 /* The same attention on the tensor cores (mma.sync; FlashAttention-2 tiling: 64 query rows x 64 keys, the
- * kv head's query heads sharing each K/V tile): same arguments and results, groups of at most 64 query
- * heads per kv head. */
-pa_status pa_paged_attention_prefill_tc_cuda(void *out, const void *q, const void *key_cache,
-                                             const void *value_cache, const int32_t *block_tables,
-                                             const int32_t *context_lens, const int32_t *query_start_loc,
-                                             int32_t num_seqs, int32_t num_heads, int32_t num_kv_heads,
-                                             int32_t head_dim, int32_t block_size, int32_t max_blocks_per_seq,
-                                             int32_t max_query_len, int64_t q_stride, float scale, int32_t dtype,
+ * kv head's query heads sharing each K/V tile): same results, groups of at most 64 query heads per kv
+ * head. split_keys 0: one block a (query tile, kv head, sequence). split_keys > 0 (a multiple of 64) cuts
+ * the keys into spans of that many, one block each (at most max_splits >= 2 spans: max_splits x split_keys
+ * must cover every context), for short chunks on long prefixes that would leave SMs idle; rows that see
+ * more than one span leave partials in partial_out [T, num_heads, max_splits, head_dim] and partial_ml
+ * [T, num_heads, max_splits, 2] (float32, T = query rows) and a second kernel merges them. */
+pa_status pa_paged_attention_prefill_tc_cuda(void *out, float *partial_out, float *partial_ml, const void *q,
+                                             const void *key_cache, const void *value_cache,
+                                             const int32_t *block_tables, const int32_t *context_lens,
+                                             const int32_t *query_start_loc, int32_t num_seqs, int32_t num_heads,
+                                             int32_t num_kv_heads, int32_t head_dim, int32_t block_size,
+                                             int32_t max_blocks_per_seq, int32_t max_query_len, int32_t split_keys,
+                                             int32_t max_splits, int64_t q_stride, float scale, int32_t dtype,
                                              void *stream);
+/* Query tokens one block of pa_paged_attention_prefill_tc_cuda holds for this head_dim and GQA group (the
+ * grid is ceil(max_query_len / it) x kv heads x sequences); 0 for shapes it does not take. */
+int32_t pa_prefill_tc_tile_tokens_cuda(int32_t head_dim, int32_t group);
 /* Small-batch GEMV (decode, num_rows <= 8): out[m, j] = sum_i x'[m, i] * weight[j, i] (+ residual[m, j]).
  * x' is x (PA_CUDA_GEMV_PLAIN; x [num_rows, k]); rms_norm(x) * norm_weight rounded as pa_rms_norm_cuda
  * does (PA_CUDA_GEMV_NORM; x [num_rows, k], norm_weight [k]); or silu(gate) * up rounded as
