@@ -56,3 +56,59 @@ def test_context_bucket():
     assert [prefill_context_bucket(c, 8192) for c in (1, floor, floor + 1, 3000, 4096, 4097, 8192)] == \
         [floor, floor, 2 * floor, 4096, 4096, 8192, 8192]
     assert prefill_context_bucket(300, 256) == 256
+
+
+class _NoEvent:
+    """torch.cuda.Event's two calls _StepGraph makes, for a CPU run of its host-side layout."""
+
+    def record(self) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def cpu_graph_inputs(monkeypatch):
+    """_StepGraph on the CPU: no pinned memory, no CUDA events (only its input layout is under test)."""
+    import torch
+
+    from engine.backends import cuda
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, pin_memory=False, **k: empty(*a, **k))
+    monkeypatch.setattr(torch.cuda, "Event", _NoEvent)
+    return cuda._StepGraph
+
+
+def test_prefill_graph_inputs(cpu_graph_inputs):
+    """A mixed step of 3 sequences (24 rows) in a (32 rows, 8 sequences) graph: rows past 24 write nowhere
+    (slot -1) and belong to no sequence; sequences past 3 have no rows and context 0."""
+    from engine.batch import Batch
+    g = cpu_graph_inputs(8, 4, 16, None, None, "cpu", tokens=32, prefill=True, context=1024)
+    assert g.batch.query_start_loc.tolist() == [0] * 9 and g.batch.max_query_len == 32
+    assert g.batch.max_context_len == 1024
+    step = Batch.build([([1, 2, 3], 0, [0]), ([4] * 20, 0, [1, 2]), ([9], 5, [3])], 16, [True, False, True])
+    view = g.load(step)
+    b = g.batch
+    assert b.input_ids.tolist()[:24] == step.input_ids.tolist() and b.input_ids.tolist()[24:] == [0] * 8
+    assert b.slot_mapping.tolist()[:24] == step.slot_mapping.tolist() and b.slot_mapping.tolist()[24:] == [-1] * 8
+    assert b.positions.tolist()[:24] == step.positions.tolist()
+    assert b.query_start_loc.tolist() == [0, 3, 23, 24, 24, 24, 24, 24, 24]
+    assert b.context_lens.tolist() == [3, 20, 6, 0, 0, 0, 0, 0]
+    assert b.logits_indices.tolist()[:2] == [2, 23]
+    assert b.block_tables.tolist()[:3] == [[0, -1, -1, -1], [1, 2, -1, -1], [3, -1, -1, -1]]
+    assert (view.num_tokens, view.num_seqs, view.logits_indices.tolist(), view.graph) == (24, 3, [2, 23], g)
+
+
+def test_decode_graph_inputs_keep_their_layout(cpu_graph_inputs):
+    """A decode graph of 4 rows: one row a sequence, padding rows of slot -1 and context 0, query_start_loc
+    0..4 (the layout greedy_advance and the decode kernels read)."""
+    from engine.batch import Batch
+    g = cpu_graph_inputs(4, 4, 16, 256, 1, "cpu")
+    g.load(Batch.build([([7], 3, [5]), ([8], 9, [6])], 16, [True, True]))
+    b = g.batch
+    assert b.max_query_len == 1 and b.max_context_len == 64
+    assert b.input_ids.tolist() == [7, 8, 0, 0] and b.slot_mapping.tolist() == [83, 105, -1, -1]
+    assert b.context_lens.tolist() == [4, 10, 0, 0] and b.query_start_loc.tolist() == [0, 1, 2, 3, 4]
+    assert b.block_tables.tolist() == [[5, -1, -1, -1], [6, -1, -1, -1], [-1] * 4, [-1] * 4]
+    assert g.ints.numel() == 6 * 4 + 1 + 4 * 4        # ids | positions | slots | ctx | rows | qsl | tables
