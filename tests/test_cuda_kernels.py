@@ -25,7 +25,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_header_declares_the_cuda_exports():
     names = native.declared_exports("cuda")
     for op in ("rms_norm", "silu_mul", "rope", "write_kv", "rope_write_kv", "paged_attention_decode",
-               "paged_attention_decode_tc", "paged_attention_prefill", "paged_attention_prefill_tc", "gemv", "gemv_rope", "decode_layers", "abi_version",
+               "paged_attention_decode_tc", "paged_attention_prefill", "paged_attention_prefill_tc", "prefill_tc_tile_tokens", "gemv", "gemv_rope", "decode_layers", "abi_version",
                "last_error"):
         assert f"pa_{op}_cuda" in names
 
@@ -38,6 +38,22 @@ def test_library_exports_every_declared_symbol():
     exported = {line.split()[-1] for line in out.splitlines() if line.strip()}
     missing = [n for n in native.declared_exports("cuda") if n not in exported]
     assert not missing, f"declared in pa.h but not exported by {lib.name}: {missing}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: libpa_cuda.so is not built here")
+def test_prefill_split_policy_without_a_gpu():
+    """CudaKernels.prefill_split on the library's tile size (a host function) for an H200's 132 SMs: spans
+    only for grids of at most 66 blocks and contexts past two minimum spans, whole key tiles."""
+    from engine.backends.cuda import PREFILL_MIN_SPAN, CudaKernels
+    k = CudaKernels.__new__(CudaKernels)                 # no GPU here: only what prefill_split reads
+    k.lib, k.num_sms = native.load("cuda"), 132
+    assert k.lib.lib.pa_prefill_tc_tile_tokens_cuda(64, 3) == 42 and k.lib.lib.pa_prefill_tc_tile_tokens_cuda(96, 4) == 0
+    assert k.prefill_split(8192, 1, 3, 3, 64, 8192) == 0          # a whole prompt: 588 blocks
+    assert k.prefill_split(128, 1, 3, 3, 64, 2 * PREFILL_MIN_SPAN) == 0
+    assert k.prefill_split(512, 1, 8, 4, 64, 8192) == 0           # 128 blocks: left whole
+    assert k.prefill_split(128, 1, 3, 3, 64, 8192) == 384         # 12 blocks -> 22 spans of 8192 / 22 -> 384
+    assert k.prefill_split(128, 1, 8, 4, 128, 32768) == 6592      # 64 blocks -> 5 spans
+    assert k.prefill_split(16, 1, 3, 3, 64, 600) == PREFILL_MIN_SPAN
 
 
 # ---- GPU parity ----------------------------------------------------------------------------------
