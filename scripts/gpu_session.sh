@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels layers model attention e2e prefill ttft ncu   (each stage under its own time limit, so a
+#   stages: info tests kernels layers model attention e2e prefill ttft serve ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
-#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, TTFT_ARGS, NCU_ARGS (the probe's batch and context))
+#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, TTFT_ARGS, SERVE_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
@@ -66,6 +66,11 @@ for stage in "$@"; do
     ttft)
         timeout "${STAGE_LIMIT_ttft:-200}" python3 benchmarks/gpu_ttft.py ${TTFT_ARGS:-} --out "$OUT/ttft.md" 2>&1 \
             | tee "$OUT/ttft.log" | tail -20
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
+        ;;
+    serve)
+        timeout "${STAGE_LIMIT_serve:-300}" python3 benchmarks/gpu_serve.py ${SERVE_ARGS:-} --out "$OUT/serve.md" 2>&1 \
+            | tee "$OUT/serve.log" | grep "^|" | tail -12
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     ncu)
