@@ -102,15 +102,23 @@ class PrefillPlan:
     max_query_len: int = 0
 
 
+def routed(batch: Batch, min_work: int) -> list[bool]:
+    """Per sequence of a host Batch, whether its chunk goes through SDPA (prefill_work >= min_work)."""
+    if batch.max_query_len * batch.max_context_len < min_work:      # no chunk of this step is that big
+        return [False] * batch.num_seqs
+    qsl, ctx = batch.query_start_loc.tolist(), batch.context_lens.tolist()
+    return [b > a and prefill_work(b - a, c) >= min_work for a, b, c in zip(qsl, qsl[1:], ctx)]
+
+
 def plan_prefill(batch: Batch, device, min_work: int) -> PrefillPlan | None:
     """The PrefillPlan of a host Batch (None: every sequence stays on the kernel)."""
+    sdpa = routed(batch, min_work)
+    if not any(sdpa):
+        return None
     qsl = batch.query_start_loc.tolist()
     ctx = batch.context_lens.tolist()
     qlens = [b - a for a, b in zip(qsl, qsl[1:])]
-    sdpa = [n > 0 and prefill_work(n, c) >= min_work for n, c in zip(qlens, ctx)]
     long = [(qsl[i], qsl[i + 1], ctx[i], i) for i, take in enumerate(sdpa) if take]
-    if not long:
-        return None
     short = [i for i, take in enumerate(sdpa) if not take]
     if not short:
         return PrefillPlan(long=long)
@@ -123,12 +131,6 @@ def plan_prefill(batch: Batch, device, min_work: int) -> PrefillPlan | None:
                        context_lens=batch.context_lens[sel].to(device, non_blocking=True),
                        block_tables=batch.block_tables[sel].contiguous().to(device, non_blocking=True),
                        max_query_len=max(qlens[i] for i in short))
-
-
-def any_routed(batch: Batch, min_work: int) -> bool:
-    """Whether plan_prefill would send any of the host batch's sequences through SDPA."""
-    qsl, ctx = batch.query_start_loc.tolist(), batch.context_lens.tolist()
-    return any(b > a and prefill_work(b - a, c) >= min_work for a, b, c in zip(qsl, qsl[1:], ctx))
 
 
 # An eager prefill chunk costs ~0.4 ms of host work a layer whatever its size (scripts/profile_prefill.py,
@@ -802,7 +804,7 @@ class CudaBackend(Backend):
         self.key_caches: list[torch.Tensor] = []
         self.value_caches: list[torch.Tensor] = []
         self._graphs: dict[tuple, _StepGraph] = {}                  # decode: (size, split, kind)
-        self._prefill_graphs: dict[tuple[int, int], _StepGraph] = {}   # (tokens, sequences)
+        self._prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}   # (tokens, sequences, context)
         self._prefill_pool = None       # one memory pool for every prefill graph (they replay one at a time)
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
@@ -867,8 +869,7 @@ class CudaBackend(Backend):
         ids, pos, slots, qsl, ctx, rows, tables = ints.split(sizes)
         if batch.device_input_ids is not None:
             ids = batch.device_input_ids.to(torch.int32)
-        plan = plan_prefill(batch, self.device, self.prefill_sdpa_min_work) \
-            if batch.max_query_len * batch.max_context_len >= self.prefill_sdpa_min_work else None
+        plan = plan_prefill(batch, self.device, self.prefill_sdpa_min_work)
         return CudaBatch(input_ids=ids, positions=pos, slot_mapping=slots, query_start_loc=qsl, context_lens=ctx,
                          block_tables=tables.view(batch.block_tables.shape), logits_indices=rows,
                          max_query_len=batch.max_query_len, max_context_len=batch.max_context_len,
@@ -1045,8 +1046,7 @@ class CudaBackend(Backend):
         if bucket is None or batch.max_context_len > self.graph_max_context or batch.device_input_ids is not None \
                 or batch.logits_indices.shape[0] > bucket[1]:
             return None
-        if batch.max_query_len * batch.max_context_len >= self.prefill_sdpa_min_work and \
-                any_routed(batch, self.prefill_sdpa_min_work):
+        if any(routed(batch, self.prefill_sdpa_min_work)):
             return None
         key = (*bucket, prefill_context_bucket(batch.max_context_len, self.graph_max_context))
         if key not in self._prefill_graphs:
