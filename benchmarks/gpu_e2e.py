@@ -51,7 +51,8 @@ MODELS = {
 BS = 16
 
 
-def hf_model(cfg: ModelConfig):
+def hf_model(cfg: ModelConfig, device: str = "cuda"):
+    """HF's LlamaForCausalLM with cfg's shapes and its own seeded random init (the same weights every run)."""
     from transformers import LlamaConfig, LlamaForCausalLM
     hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
@@ -59,8 +60,13 @@ def hf_model(cfg: ModelConfig):
                      rms_norm_eps=cfg.rms_norm_eps, max_position_embeddings=cfg.max_position_embeddings,
                      tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0)
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         return LlamaForCausalLM(hc).eval()
+
+
+def hf_weights(hf, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The HF model's weights in our fused layout (engine.model.fuse_weights)."""
+    return fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
 
 
 class Runner:
@@ -338,7 +344,7 @@ def main() -> None:
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
-        weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
+        weights = hf_weights(hf, cfg)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)
         defaults = backend.use_pdl, backend.fuse_silu, backend.fuse_layers, backend.deep_gemv  # constructor's

@@ -129,27 +129,16 @@ def serve(engine, starts: list[float], chats: list[list[Turn]]) -> dict:
 
 
 def make_backend(args, cfg: ModelConfig):
-    """CudaBackend on gpu_e2e's seeded random weights, or (a CPU smoke run) torch_ref on seeded ones."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from engine.model import fuse_weights
+    """CudaBackend on gpu_e2e's seeded random weights, or (a CPU smoke run) torch_ref on the same init."""
+    from gpu_e2e import hf_model, hf_weights
     if args.backend == "ref":
         from engine.backends.torch_ref import TorchRefBackend
-        torch.manual_seed(0)
-        hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                         intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
-                         num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
-                         head_dim=cfg.head_dim, tie_word_embeddings=True)
         backend = TorchRefBackend(cfg)
-        backend.load_weights(fuse_weights({k: v.detach() for k, v in LlamaForCausalLM(hc).state_dict().items()}, cfg))
+        backend.load_weights(hf_weights(hf_model(cfg, "cpu"), cfg))
         return backend
-    from gpu_e2e import hf_model
-
     from engine.backends.cuda import CudaBackend
-    hf = hf_model(cfg)
     backend = CudaBackend(cfg)
-    backend.load_weights(fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg))
-    del hf
+    backend.load_weights(hf_weights(hf_model(cfg), cfg))
     gc.collect()
     torch.cuda.empty_cache()
     return backend

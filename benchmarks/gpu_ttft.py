@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_e2e import BS, MODELS, hf_model  # noqa: E402
+from gpu_e2e import BS, MODELS, hf_model, hf_weights  # noqa: E402
 
 from engine.batch import Batch  # noqa: E402
-from engine.model import LlamaModel, fuse_weights  # noqa: E402
+from engine.model import LlamaModel  # noqa: E402
 
 VARIANTS = {"default": {}, "eager": {"prefill_graph_tokens": 0},
             "simt": {"prefill_impl": "simt", "prefill_sdpa_min_work": 1 << 62},
@@ -79,7 +79,7 @@ def main() -> None:
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
-        weights = fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg)
+        weights = hf_weights(hf, cfg)
         hf = hf.to(torch.bfloat16)
         backend = CudaBackend(cfg)
         backend.load_weights(weights)

@@ -18,15 +18,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    from gpu_e2e import MODELS, engine_run, hf_model
+    from gpu_e2e import MODELS, engine_run, hf_model, hf_weights
 
     from engine.backends.cuda import CudaBackend
-    from engine.model import fuse_weights
     cfg = MODELS[args.model]
-    hf = hf_model(cfg)
     backend = CudaBackend(cfg)
-    backend.load_weights(fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg))
-    del hf
+    backend.load_weights(hf_weights(hf_model(cfg), cfg))
     default = backend.prefill_graph_tokens
     for _ in range(args.rounds):
         for tokens in (default, 0):

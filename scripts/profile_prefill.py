@@ -24,16 +24,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=8)
     args = ap.parse_args()
-    from gpu_e2e import BS, MODELS, hf_model
+    from gpu_e2e import BS, MODELS, hf_model, hf_weights
 
     from engine.backends.cuda import CudaBackend
     from engine.batch import Batch
-    from engine.model import LlamaModel, fuse_weights
+    from engine.model import LlamaModel
     cfg = MODELS[args.model]
-    hf = hf_model(cfg)
     backend = CudaBackend(cfg)
-    backend.load_weights(fuse_weights({k: v.detach() for k, v in hf.state_dict().items()}, cfg))
-    del hf
+    backend.load_weights(hf_weights(hf_model(cfg), cfg))
     n = args.chunk * args.chunks
     backend.allocate_kv_cache(-(-n // BS) + 1, BS)
     model = LlamaModel(cfg, backend)
