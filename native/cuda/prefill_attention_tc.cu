@@ -57,6 +57,11 @@ constexpr unsigned kFull = 0xffffffffu;
 #define PF_TC_STAGES_128 3
 #endif
 
+// Query tokens a block takes: its warps' rows (MT m-tiles of 16 rows each) over the group's heads. One formula
+// for the launcher's grid and for pa_prefill_tc_tile_tokens_cuda, which the split policy in Python reads.
+__host__ __device__ constexpr int prefill_tc_tile_tokens(int mt, int group) { return kWarps * mt * 16 / group; }
+template <int D> constexpr int prefill_tc_mt() { return D == 64 ? PF_TC_MT_64 : PF_TC_MT_128; }
+
 template <int D, int MT, int KEYS, bool QSMEM, int kStages> __host__ __device__ constexpr int prefill_tc_smem() {
     return kStages * 2 * KEYS * D * 2 + (QSMEM ? kWarps * MT * 16 * D * 2 : 0);
 }
@@ -361,7 +366,8 @@ pa_status launch_prefill_tc(PrefillArgs a, int max_query_len, int num_seqs, cuda
     constexpr int smem = prefill_tc_smem<D, MT, KEYS, QSMEM, STAGES>();
     constexpr auto kernel = prefill_tc_kernel<T, D, MT, KEYS, QSMEM, STAGES>;
     if constexpr (smem > 48 * 1024) PA_RETURN_IF_ERR((raise_smem_limit<kernel>("prefill_tc_kernel")));
-    a.tile_tokens = kWarps * MT * 16 / a.group;     // >= 1: check_prefill took groups <= kMaxGroup
+    static_assert(MT == prefill_tc_mt<D>(), "the exported tile size assumes the head_dim's MT");
+    a.tile_tokens = prefill_tc_tile_tokens(MT, a.group);   // >= 1: check_prefill took groups <= kMaxGroup
     if (a.split_keys % KEYS)
         return cuda_fail(PA_ERR_INVALID_ARG, "prefill_tc_kernel: split_keys %d is not a multiple of %d keys",
                          a.split_keys, KEYS);
@@ -375,13 +381,11 @@ pa_status launch_prefill_tc(PrefillArgs a, int max_query_len, int num_seqs, cuda
     return check_launch("prefill_merge_kernel");
 }
 
-template <int D> constexpr int prefill_tc_mt() { return D == 64 ? PF_TC_MT_64 : PF_TC_MT_128; }
-
 }  // namespace
 
 extern "C" int32_t pa_prefill_tc_tile_tokens_cuda(int32_t head_dim, int32_t group) {
     if ((head_dim != 64 && head_dim != 128) || group <= 0 || group > kMaxGroup) return 0;
-    return kWarps * (head_dim == 64 ? prefill_tc_mt<64>() : prefill_tc_mt<128>()) * 16 / group;
+    return prefill_tc_tile_tokens(head_dim == 64 ? prefill_tc_mt<64>() : prefill_tc_mt<128>(), group);
 }
 
 extern "C" pa_status pa_paged_attention_prefill_tc_cuda(void *out, float *partial_out, float *partial_ml,
