@@ -141,7 +141,9 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
     per_seq = -(-(prompt_len + warmup + steps + 8) // BS)
     eng = Engine(cfg, backend, EngineConfig(backend="cuda", block_size=BS, num_blocks=batch * per_seq + 8,
                                             max_num_seqs=batch, max_batched_tokens=max(2048, batch),
-                                            enable_prefix_caching=False))
+                                            enable_prefix_caching=False, warmup=False))
+    # warmup=False: the few graphs this run replays are captured by its own untimed steps below, not the
+    # server's whole set (Engine's start-up warm-up, measured by gpu_serve.py)
     settle_heap()                                 # as engine.decoder.Decoder does once its model is loaded
     g = torch.Generator().manual_seed(batch + 7)
     params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)

@@ -3,10 +3,11 @@ thread while multi-turn chats arrive. Chats start as a Poisson process (--rate a
 user message on the conversation so far (history + answers, so prefix caching keeps the history's pages and
 a follow-up turn is a short chunk on a long prefix), sent when the previous answer has finished. Per variant:
 time to first token (p50 / p99, first turns and follow-ups apart), inter-token latency (p50 / p99 over every
-token's gap, what a streaming client sees), generated tok/s and steps. Variants switch session 12's prefill
-work off: "eager prefill" (prefill_graph_tokens=0: prefill and mixed steps launched layer by layer), "one
-span" (prefill keys never split), and both. Each variant runs the workload twice (another seed, same shape):
-first cold, capturing its graphs on the way, then warm.
+token's gap, what a streaming client sees), generated tok/s, steps, the engine's start-up warm-up (seconds,
+graphs) and the graphs captured while serving. Variants: "default" (every graph captured at start-up,
+Engine(warmup=True)), "lazy capture" (warmup=False: each graph captured by the first step of its shape),
+"eager prefill" (prefill_graph_tokens=0: prefill and mixed steps launched layer by layer), "one span" (prefill
+keys never split). Each variant runs two workloads of the same shape (seeds 1 and 2), each on a new Engine.
 
     python3 benchmarks/gpu_serve.py [--model smollm2] [--chats 48] [--turns 4] [--rate 16] [--out FILE]
     python3 benchmarks/gpu_serve.py --backend ref --model tiny --chats 3 --turns 2   # CPU smoke run
@@ -34,8 +35,9 @@ from engine.sequence import SamplingParams  # noqa: E402
 
 TINY = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                    head_dim=16, rope_theta=10000.0, max_position_embeddings=4096, name="tiny")
-VARIANTS = {"default": {}, "eager prefill": {"graphs": False}, "one span": {"split": False},
-            "eager, one span": {"graphs": False, "split": False}}
+VARIANTS = {"default": {}, "lazy capture": {"warmup": False}, "eager prefill": {"graphs": False},
+            "one span": {"split": False}, "eager, one span": {"graphs": False, "split": False}}
+DEFAULT_VARIANTS = ["default", "lazy capture", "eager prefill"]
 
 
 @dataclasses.dataclass
@@ -144,6 +146,10 @@ def make_backend(args, cfg: ModelConfig):
     return backend
 
 
+def graph_count(backend) -> int:
+    return len(getattr(backend, "_graphs", {})) + len(getattr(backend, "_prefill_graphs", {}))
+
+
 def set_variant(backend, options: dict, defaults: dict) -> None:
     """Switch prefill graphs and split keys on or off (CUDA only); drops captured graphs."""
     if not hasattr(backend, "reset_graphs"):
@@ -164,7 +170,7 @@ def main() -> None:
     ap.add_argument("--follow", type=int, default=60, help="tokens of a follow-up message (+-50 %%)")
     ap.add_argument("--answer", type=int, default=96, help="tokens of each answer")
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.engine import Engine
@@ -179,22 +185,25 @@ def main() -> None:
     lines = [f"# {name}, {cfg.name}, {time.strftime('%Y-%m-%d %H:%M')}: {args.chats} chats x {args.turns} turns, "
              f"{args.rate:g} chats/s, first message ~{args.first} tokens, follow-ups ~{args.follow}, answers "
              f"{args.answer}; max_num_seqs {args.max_num_seqs}", "",
-             "| variant | TTFT first p50 / p99 ms | TTFT follow-up p50 / p99 ms | ITL p50 / p99 ms | tok/s | steps | "
-             "seconds |", "|---|---|---|---|---|---|---|"]
+             "| variant | workload | TTFT first p50 / p99 ms | TTFT follow-up p50 / p99 ms | ITL p50 / p99 ms | "
+             "tok/s | steps | seconds | warm-up s (graphs) | graphs captured serving |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for v in args.variants:
         set_variant(backend, VARIANTS[v], defaults)
-        for seed, measured in ((1, False), (2, True)):         # cold, then warm
+        for seed in (1, 2):
             engine = Engine(cfg, backend, EngineConfig(backend="cuda" if args.backend == "cuda" else "torch",
                                                        block_size=BS, num_blocks=args.chats * per_chat + 8,
-                                                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=True))
+                                                       max_num_seqs=args.max_num_seqs, enable_prefix_caching=True,
+                                                       warmup=VARIANTS[v].get("warmup", True)))
+            before = graph_count(backend)
             starts, chats = workload(args, cfg.vocab_size, seed)
             r = serve(engine, starts, chats)
-            del engine
-            label = v if measured else f"{v} (cold: graphs captured on the way)"
-            row = (f"| {label} | {pct(r['ttft_first'], 50):.1f} / {pct(r['ttft_first'], 99):.1f} | "
+            captured = graph_count(backend) - before
+            row = (f"| {v} | {seed} | {pct(r['ttft_first'], 50):.1f} / {pct(r['ttft_first'], 99):.1f} | "
                    f"{pct(r['ttft_follow'], 50):.1f} / {pct(r['ttft_follow'], 99):.1f} | "
                    f"{pct(r['gaps'], 50):.2f} / {pct(r['gaps'], 99):.2f} | {r['tok_s']:,.0f} | {r['steps']} | "
-                   f"{r['seconds']:.1f} |")
+                   f"{r['seconds']:.1f} | {engine.warmup_s:.1f} ({engine.warmup_shapes}) | {captured} |")
+            del engine
             print(row, flush=True)
             lines.append(row)
     if args.out:

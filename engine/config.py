@@ -80,6 +80,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     num_threads: int | None = None         # torch / native threads; None: all cores
     seed: int = 0
+    warmup: bool = True                    # prepare every step shape at start-up (cuda: capture the graphs)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -97,6 +98,8 @@ class EngineConfig:
             raise ValueError(f"engine config: kv_cache_mb must be positive, got {self.kv_cache_mb!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ValueError(f"engine config: max_model_len must be a positive integer, got {self.max_model_len!r}")
+        if not isinstance(self.warmup, bool):
+            raise ValueError(f"engine config: warmup must be true or false, got {self.warmup!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads <= 0):
             raise ValueError(f"engine config: num_threads must be a positive integer, got {self.num_threads!r}")
 

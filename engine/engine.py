@@ -46,6 +46,14 @@ class Engine(PipelinedDecode):
         backend.allocate_kv_cache(self.num_blocks, self.block_size)
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, self.num_blocks * self.block_size)
+        # Captured now, not when a step of a new shape first comes: a CUDA graph capture costs about three
+        # eager steps, 30-80 ms a shape with SmolLM2 on the H200 (benchmarks/gpu_serve.py).
+        t0 = time.perf_counter()
+        self.warmup_shapes = backend.warmup(self.config.max_num_seqs, self.config.max_batched_tokens,
+                                            self.max_model_len) if self.config.warmup else 0
+        self.warmup_s = time.perf_counter() - t0
+        if self.warmup_shapes:
+            log.info("warm-up: %d step shapes prepared in %.1f s", self.warmup_shapes, self.warmup_s)
         self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
         self.sampler = Sampler(argmax=backend.argmax)

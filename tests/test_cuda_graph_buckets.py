@@ -112,3 +112,54 @@ def test_decode_graph_inputs_keep_their_layout(cpu_graph_inputs):
     assert b.context_lens.tolist() == [4, 10, 0, 0] and b.query_start_loc.tolist() == [0, 1, 2, 3, 4]
     assert b.block_tables.tolist() == [[5, -1, -1, -1], [6, -1, -1, -1], [-1] * 4, [-1] * 4]
     assert g.ints.numel() == 6 * 4 + 1 + 4 * 4        # ids | positions | slots | ctx | rows | qsl | tables
+
+
+# ---- the start-up warm-up's keys: every step an Engine can take ---------------------------------
+def keyed_backend(cfg: ModelConfig, graph_max_context: int = 8192):
+    """A CudaBackend with only what graph_keys() and the step-to-key functions read: the library's own tile
+    size (a host function) and an H200's 132 SMs."""
+    from engine import native
+    from engine.backends.cuda import CudaBackend, CudaKernels
+    b = CudaBackend.__new__(CudaBackend)
+    k = CudaKernels.__new__(CudaKernels)
+    k.lib, k.num_sms = native.load("cuda"), 132
+    b.config, b.kernels, b.use_cuda_graphs, b.prefill_impl = cfg, k, True, None
+    b.graph_max_context, b.prefill_graph_tokens = graph_max_context, prefill_graph_default(cfg)
+    return b
+
+
+@pytest.mark.parametrize("shape, limits", [
+    ((576, 1536, 30, 9, 3, 64), (64, 8192, 8192)),          # SmolLM2-135M, the server's limits
+    ((576, 1536, 30, 9, 3, 64), (8, 256, 3000)),             # small limits: fewer sizes and contexts
+    ((2048, 8192, 16, 32, 8, 64), (32, 8192, 8192)),         # 1B-like: graphs up to 1024 tokens
+    ((4096, 14336, 32, 32, 8, 128), (128, 2048, 8192))])     # 8B-like: up to 256
+def test_warmup_keys_cover_every_step(shape, limits):
+    """Random steps within an Engine's limits (sequences, tokens a step, context): the graph each one would
+    replay -- decode (size, split, kind) or prefill (tokens, sequences, context) -- is among graph_keys(),
+    which the start-up warm-up captures; and graph_keys() names no graph twice."""
+    import random
+
+    from engine.backends.cuda import prefill_graph_bucket
+    b = keyed_backend(config(*shape))
+    max_seqs, max_tokens, max_len = limits
+    decode, prefill = b.graph_keys(max_seqs, max_tokens, max_len)
+    assert len(set(decode)) == len(decode) and len(set(prefill)) == len(prefill)
+    decode, prefill = set(decode), set(prefill)
+    rng = random.Random(0)
+    seen_split = set()
+    for _ in range(20000):
+        seqs = rng.randint(1, max_seqs)
+        ctx = rng.randint(1, max_len)
+        size = next(s for s in GRAPH_BATCH_SIZES if s >= seqs)
+        for kind in ("logits", "tokens"):
+            assert (size, ctx > b._graph_partition(size), kind) in decode, (seqs, ctx, kind)
+        tokens = max(seqs, min(max_tokens, int(2 ** rng.uniform(0, 14))))   # every sequence has a row
+        bucket = prefill_graph_bucket(tokens, seqs, b.prefill_graph_tokens)
+        if bucket is None:
+            continue
+        key = (*bucket, b._prefill_context_key(*bucket, ctx))
+        assert key in prefill, (tokens, seqs, ctx, key)
+        if key[2] != b.graph_max_context:
+            seen_split.add(key)
+    assert seen_split, "no sampled step had a split-keys graph"
+    assert all(t <= b.prefill_graph_tokens and s <= t for t, s, _ in prefill)

@@ -246,8 +246,9 @@ def test_graphs_were_used(runs):
     print("captured decode graphs (bucket, split, kind):", r["_graphs"])
     print("captured prefill graphs (tokens, sequences, context):", r["_prefill_graphs"])
     assert (8, False, "logits") in r["_graphs"], "decode steps of 8 sequences did not replay a graph"
-    # the first step: 8 prompts' first chunks (5 + 16 + 17 + 31 + 4 x 48 = 261 rows); later mixed steps
-    assert (512, 8, 512) in r["_prefill_graphs"], "the first prefill step did not replay a graph"
+    # the first step: 8 prompts' first chunks (5 + 16 + 17 + 31 + 4 x 48 = 261 rows; a grid the kernel does
+    # not split, so one graph for every context: 8192, graph_max_context); later mixed steps
+    assert (512, 8, 8192) in r["_prefill_graphs"], "the first prefill step did not replay a graph"
     assert len(r["_prefill_graphs"]) >= 2, "mixed prefill + decode steps did not replay a graph"
 
 
@@ -327,11 +328,13 @@ def test_prefill_graph_logits_equal_eager(fused, prompts):
     for layer in range(SMOL.num_layers):
         for cg, ce in ((gb.key_caches[layer], eb.key_caches[layer]), (gb.value_caches[layer], eb.value_caches[layer])):
             assert ((cg.float() - ce.float()).abs().amax() <= 2e-2 * ce.float().abs().amax()).item(), layer
-    assert sorted(gb._prefill_graphs) == [(32, 1, 512), (32, 32, 512), (64, 1, 512), (2048, 32, 512)], \
+    # a single sequence's short chunk splits its keys (graphs by context); 32 sequences do not (one graph)
+    assert sorted(gb._prefill_graphs) == [(32, 1, 512), (32, 32, 8192), (64, 1, 512), (2048, 32, 8192)], \
         sorted(gb._prefill_graphs)
     gb.reset_graphs()                        # a new pool: capturing into the dropped graphs' pool would fail
     batch = Batch.build(steps[0], BLOCK, [True])
-    assert torch.equal(gm.forward(batch), gm.forward(batch)) and list(gb._prefill_graphs) == [(64, 1, 512)]
+    first = gm.forward(batch)
+    assert torch.equal(first, gm.forward(batch)) and list(gb._prefill_graphs) == [(64, 1, 512)]
 
 
 def test_graph_variants(fused, runs, prompts):
@@ -577,7 +580,7 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
     and on a second (the prompts' pages then come from the prefix cache). Then: a beam search (copy-on-write
     forks on the GPU) whose best candidate matches the same search on the reference backend, bad input
     answered with a 400 while the engine keeps serving, and a stream whose client hangs up mid-answer, after
-    which every KV block is free."""
+    which every KV block is free. The Engine captured its graphs at start-up: no step captures another."""
     import json
     import socket
     import time
@@ -592,10 +595,15 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
     engines, servers = {}, []
     for name, backend in (("cuda", CudaBackend(SMOL)), ("ref", RefOnGpu(SMOL, device="cuda"))):
         backend.load_weights(fused)
-        engines[name] = Engine(SMOL, backend, EngineConfig(backend=name, block_size=BLOCK, num_blocks=512,
+        engines[name] = Engine(SMOL, backend, EngineConfig(backend="cuda" if name == "cuda" else "torch",
+                                                           block_size=BLOCK, num_blocks=512,
                                                            max_num_seqs=8, max_batched_tokens=256)).start()
     try:
-        port, server = _serve(engines["cuda"], tmp_path)
+        eng = engines["cuda"]
+        shapes = len(eng.backend._graphs) + len(eng.backend._prefill_graphs)
+        print(f"warm-up: {eng.warmup_shapes} graphs captured in {eng.warmup_s:.1f} s")
+        assert eng.warmup_shapes == shapes > 0
+        port, server = _serve(eng, tmp_path)
         servers.append(server)
 
         def ask(s: int) -> list[int]:
@@ -611,7 +619,6 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
             assert events[-1]["type"] == "done", events[-1]
             return sum((e["token_ids"] for e in events if e["type"] == "delta"), [])
 
-        eng = engines["cuda"]
         for round_ in ("first", "second (prefix cache)"):
             with ThreadPoolExecutor(len(prompts)) as pool:
                 outs = list(pool.map(ask, range(len(prompts))))
@@ -619,7 +626,8 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
             assert outs == ref_outs
         stats = eng.stats()
         assert stats["prefix_cache_hit_rate"] > 0, stats
-        assert eng.backend._graphs, "no decode step replayed a graph"
+        assert len(eng.backend._graphs) + len(eng.backend._prefill_graphs) == shapes, \
+            "a step had a shape the start-up warm-up did not capture"
 
         # beam search: forks share pages, copy-on-write copies them on the GPU
         beam = {"prompt": prompts[4], "beam_width": 4, "max_tokens": 16, "rerank": False}

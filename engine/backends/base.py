@@ -71,6 +71,11 @@ class Backend(ABC):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write, asked for by the block manager)."""
 
+    def warmup(self, max_num_seqs: int, max_batched_tokens: int, max_model_len: int) -> int:
+        """Get ready for steps of up to these sizes before the first request (the CUDA backend captures
+        its graphs); returns how many step shapes were prepared. Nothing to do by default."""
+        return 0
+
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
         """Greedy tokens of logits [n, vocab] (first maximum, as torch.argmax), on the logits' device; the
         pipelined engine takes the next step's inputs from it without a host round trip."""

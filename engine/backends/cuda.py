@@ -156,6 +156,14 @@ def prefill_context_bucket(max_context_len: int, graph_max_context: int) -> int:
     return min(graph_max_context, max(2 * PREFILL_MIN_SPAN, 1 << max(0, max_context_len - 1).bit_length()))
 
 
+def prefill_context_buckets(longest: int, graph_max_context: int) -> list[int]:
+    """Every context bucket (prefill_context_bucket) of contexts up to `longest` tokens."""
+    out = [prefill_context_bucket(1, graph_max_context)]
+    while out[-1] < min(longest, graph_max_context):
+        out.append(min(2 * out[-1], graph_max_context))
+    return out
+
+
 def prefill_graph_bucket(num_tokens: int, num_seqs: int, max_tokens: int) -> tuple[int, int] | None:
     """(tokens, sequences) a prefill graph pads a step to: powers of two from 16 tokens (at least the
     sequences, so every padded sequence's logits row exists) and GRAPH_BATCH_SIZES; None past max_tokens or
@@ -806,6 +814,7 @@ class CudaBackend(Backend):
         self._graphs: dict[tuple, _StepGraph] = {}                  # decode: (size, split, kind)
         self._prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}   # (tokens, sequences, context)
         self._prefill_pool = None       # one memory pool for every prefill graph (they replay one at a time)
+        self._prefill_logits: torch.Tensor | None = None    # [128, vocab] float32: every prefill graph's logits
         self._staging: torch.Tensor | None = None       # pinned int32, eager steps' index upload
         self._staged = None                              # event: the staging buffer's last copy finished
         self._logit_bufs: list[torch.Tensor | None] = [None, None]
@@ -824,6 +833,7 @@ class CudaBackend(Backend):
         self._graphs.clear()
         self._prefill_graphs.clear()
         self._prefill_pool = None       # the old pool goes with its graphs: capturing into it again fails
+        self._prefill_logits = None
         self._layer_stack = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
@@ -965,11 +975,13 @@ class CudaBackend(Backend):
         torch.cuda.current_stream().synchronize()
         return host
 
-    def logits_device(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 [n, vocab] on the GPU (for callers that sample there)."""
+    def logits_device(self, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [n, vocab] on the GPU (for callers that sample there); into out when given."""
         if 0 < h.shape[0] <= self.gemv_max_rows:
-            return self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self._pdl("lm_head")).float()
-        return F.linear(h, self.w["lm_head"]).float()
+            logits = self.kernels.gemv(h.contiguous(), self.w["lm_head"], pdl=self._pdl("lm_head"))
+        else:
+            logits = F.linear(h, self.w["lm_head"])
+        return logits.float() if out is None else out.copy_(logits)
 
     @torch.inference_mode()
     def greedy_steps(self, batch: Batch, num_steps: int) -> torch.Tensor:
@@ -1031,15 +1043,18 @@ class CudaBackend(Backend):
         size = next((s for s in GRAPH_BATCH_SIZES if s >= n), None)
         if size is None or batch.max_context_len > self.graph_max_context:
             return None
-        part = self._graph_partition(size)
-        split = kind == "greedy" or batch.max_context_len > part
-        key = (size, split, kind)
+        split = kind == "greedy" or batch.max_context_len > self._graph_partition(size)
+        return self._decode_graph((size, split, kind))
+
+    def _decode_graph(self, key: tuple[int, bool, str]) -> _StepGraph:
+        """The decode graph of key (size, split, kind), captured the first time."""
         if key not in self._graphs:
-            self._graphs[key] = self._capture(size, part, split, kind)
+            size, split, kind = key
+            self._graphs[key] = self._capture(size, self._graph_partition(size), split, kind)
         return self._graphs[key]
 
     def _prefill_graph_for(self, batch: Batch) -> _StepGraph | None:
-        """The prefill graph of this step's (tokens, sequences) bucket, or None: too many tokens or
+        """The prefill graph of this step's (tokens, sequences, context) bucket, or None: too many tokens or
         sequences, a context past graph_max_context, or a chunk the SDPA route takes (its shapes follow
         the context: plan_prefill)."""
         bucket = prefill_graph_bucket(batch.num_tokens, batch.num_seqs, self.prefill_graph_tokens)
@@ -1048,11 +1063,66 @@ class CudaBackend(Backend):
             return None
         if any(routed(batch, self.prefill_sdpa_min_work)):
             return None
-        key = (*bucket, prefill_context_bucket(batch.max_context_len, self.graph_max_context))
+        return self._prefill_graph((*bucket, self._prefill_context_key(*bucket, batch.max_context_len)))
+
+    def _prefill_graph(self, key: tuple[int, int, int]) -> _StepGraph:
+        """The prefill graph of key (tokens, sequences, context), captured the first time."""
         if key not in self._prefill_graphs:
-            self._prefill_graphs[key] = self._capture(bucket[1], None, False, "logits", tokens=bucket[0],
-                                                      context=key[2])
+            tokens, seqs, context = key
+            self._prefill_graphs[key] = self._capture(seqs, None, False, "logits", tokens=tokens, context=context)
         return self._prefill_graphs[key]
+
+    def _prefill_context_key(self, tokens: int, seqs: int, max_context_len: int) -> int:
+        """The context a (tokens, seqs) prefill graph is captured for. Only a grid the kernel cuts into key
+        spans (prefill_split: a short chunk on a long prefix) depends on it; every other grid is one graph
+        for any context up to graph_max_context."""
+        if not self._prefill_graph_splits(tokens, seqs):
+            return self.graph_max_context
+        return prefill_context_bucket(max_context_len, self.graph_max_context)
+
+    def _prefill_graph_splits(self, tokens: int, seqs: int) -> bool:
+        """Whether a (tokens, seqs) prefill graph's kernel cuts its keys into spans at the longest context."""
+        c = self.config
+        return self.prefill_impl != "simt" and bool(self.kernels.prefill_split(
+            tokens, seqs, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, self.graph_max_context))
+
+    def graph_keys(self, max_num_seqs: int, max_batched_tokens: int,
+                   max_model_len: int) -> tuple[list[tuple], list[tuple]]:
+        """Every decode graph key (size, split, kind) and prefill graph key (tokens, sequences, context) that
+        an Engine's steps -- at most max_num_seqs sequences, max_batched_tokens prompt tokens (plus a decode
+        row for each other sequence), contexts up to max_model_len -- can replay."""
+        if not self.use_cuda_graphs:
+            return [], []
+        top = next((s for s in GRAPH_BATCH_SIZES if s >= max_num_seqs), GRAPH_BATCH_SIZES[-1])
+        sizes = [s for s in GRAPH_BATCH_SIZES if s <= top]
+        longest = min(max_model_len, self.graph_max_context)
+        decode = [(s, split, kind) for s in sizes for split in (False, True)
+                  if not split or longest > self._graph_partition(s) for kind in ("logits", "tokens")]
+        prefill, tokens = [], PREFILL_GRAPH_MIN_TOKENS
+        most = min(self.prefill_graph_tokens, max_batched_tokens)      # the budget counts decode rows too
+        while tokens < 2 * most:
+            for seqs in sizes:
+                if seqs <= tokens:
+                    contexts = prefill_context_buckets(longest, self.graph_max_context) \
+                        if self._prefill_graph_splits(tokens, seqs) else [self.graph_max_context]
+                    prefill += [(tokens, seqs, c) for c in contexts]
+            tokens *= 2
+        return decode, prefill
+
+    def warmup(self, max_num_seqs: int, max_batched_tokens: int, max_model_len: int) -> int:
+        """Capture every graph graph_keys() names now, so that no step of a running server stops to capture
+        one (on the H200 a capture costs about three eager steps: a step of a new shape took 30-80 ms in
+        benchmarks/gpu_serve.py's lazy runs). Largest prefill graphs first, so the smaller ones reuse their
+        pool. Returns how many graphs were captured."""
+        if not self.key_caches:
+            raise RuntimeError("warmup: allocate the KV cache first")
+        decode, prefill = self.graph_keys(max_num_seqs, max_batched_tokens, max_model_len)
+        before = len(self._graphs) + len(self._prefill_graphs)
+        for key in sorted(prefill, reverse=True):
+            self._prefill_graph(key)
+        for key in decode:
+            self._decode_graph(key)
+        return len(self._graphs) + len(self._prefill_graphs) - before
 
     def _capture(self, size: int, partition: int | None, split: bool, kind: str,
                  tokens: int | None = None, context: int | None = None) -> _StepGraph:
@@ -1068,6 +1138,9 @@ class CudaBackend(Backend):
             g.tokens = torch.zeros(1024, size, dtype=torch.int32, device=self.device)
             g.step = torch.zeros(1, dtype=torch.int32, device=self.device)
         run = {"logits": self._run_step, "tokens": self._run_tokens, "greedy": self._run_greedy}[kind]
+        if prefill and self._prefill_logits is None:
+            self._prefill_logits = torch.empty(GRAPH_BATCH_SIZES[-1], self.config.vocab_size, dtype=torch.float32,
+                                               device=self.device)
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -1106,8 +1179,11 @@ class CudaBackend(Backend):
     def _final_norm_lm_head(self, g: _StepGraph, pick_rows: bool, tokens: torch.Tensor | None = None):
         """The final norm and lm_head of a graph step: float32 logits of the rows logits_indices names
         (pick_rows; else of every row in order); with tokens (every row) also their argmax into tokens,
-        fused into the lm_head GEMV on the GEMV path (the logits then stay bf16)."""
+        fused into the lm_head GEMV on the GEMV path (the logits then stay bf16). A prefill graph writes its
+        logits into the one buffer all prefill graphs share (they replay one at a time, and a step's
+        logits are used before the next step launches, as with a graph replayed twice in a row)."""
         h, residual = self._run_layers(g)
+        out = self._prefill_logits[:g.size] if g.prefill and pick_rows and tokens is None else None
         if pick_rows:
             rows = g.batch.logits_indices.long()
             h = h.index_select(0, rows)
@@ -1117,9 +1193,10 @@ class CudaBackend(Backend):
             kw = dict(eps=self.config.rms_norm_eps, pdl=self._pdl("lm_head"), deep=self._deep("lm_head"))
             if tokens is not None:
                 return self.kernels.gemv_argmax(*args, tokens=tokens, **kw)[0]
-            return self.kernels.gemv(*args, **kw).float()
+            logits = self.kernels.gemv(*args, **kw)
+            return logits.float() if out is None else out.copy_(logits)
         h, _ = self.rms_norm(h, "norm", residual)
-        logits = self.logits_device(h)
+        logits = self.logits_device(h, out)
         if tokens is not None:
             tokens.copy_(argmax_rows(logits))
         return logits
