@@ -18,7 +18,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="GGUF file, HF folder or our weights/ layout (default: embedded SmolLM2)")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "cpu-int8", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--kv-cache-mb", type=float, default=None)
+    p.add_argument("--kv-cache-mb", type=float, default=None,
+                   help="KV cache size (default: the config file's, else CPU 256 MB, CUDA 90%% of the GPU less weights)")
     p.add_argument("--config", default=None, help="runtime config YAML (default: config/runtime_config.yaml)")
 
 
@@ -55,6 +56,9 @@ def build_decoder(args):
             engine_opts["num_threads"] = args.threads
         if args.kv_cache_mb:
             engine_opts["kv_cache_mb"] = args.kv_cache_mb
+        # One terminal user meets a few step shapes: capture their graphs as they come (~30 ms each) rather
+        # than the server's whole set at start-up (~5 s with SmolLM2 on an H200).
+        engine_opts["warmup"] = False
         overrides_file = CONFIG_DIR / "model_config.yaml"
         overrides = load_file(overrides_file) if overrides_file.exists() else {}
         model = args.model or (runtime.get("model") or {}).get("path")

@@ -73,7 +73,7 @@ class EngineConfig:
     backend: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None          # None: derive from kv_cache_mb
-    kv_cache_mb: float = 256.0
+    kv_cache_mb: float | None = None       # None: the backend's (CPU 256 MB; CUDA most of the free GPU memory)
     max_num_seqs: int = 32
     max_batched_tokens: int | None = None  # prompt tokens a step; None: the backend's default_max_batched_tokens
     max_model_len: int | None = None       # None: the model's context length
@@ -94,7 +94,8 @@ class EngineConfig:
                 raise ValueError(f"engine config: {key} must be a positive integer, got {value!r}")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 2):
             raise ValueError(f"engine config: num_blocks must be an integer >= 2, got {self.num_blocks!r}")
-        if not (isinstance(self.kv_cache_mb, (int, float)) and self.kv_cache_mb > 0):
+        if self.kv_cache_mb is not None and not (isinstance(self.kv_cache_mb, (int, float))
+                                                 and not isinstance(self.kv_cache_mb, bool) and self.kv_cache_mb > 0):
             raise ValueError(f"engine config: kv_cache_mb must be positive, got {self.kv_cache_mb!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len <= 0):
             raise ValueError(f"engine config: max_model_len must be a positive integer, got {self.max_model_len!r}")

@@ -48,6 +48,11 @@ class Backend(ABC):
     # Prompt tokens a step (chunked prefill) when EngineConfig.max_batched_tokens is None: small chunks keep
     # the decode steps that share a step with a prompt chunk short on a CPU.
     default_max_batched_tokens = 512
+    default_kv_cache_mb = 256.0
+
+    def default_kv_cache_bytes(self, max_batched_tokens: int, max_num_seqs: int) -> int:
+        """The KV cache's size when EngineConfig.kv_cache_mb is None."""
+        return int(self.default_kv_cache_mb * 2**20)
 
     def __init__(self, config: ModelConfig):
         self.config = config

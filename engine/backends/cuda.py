@@ -836,6 +836,36 @@ class CudaBackend(Backend):
         self._prefill_logits = None
         self._layer_stack = None
 
+    # Share of the card's memory the process may fill when the KV cache is sized for it (vLLM's default
+    # gpu_memory_utilization): what is left goes to the driver, other processes and fragmentation.
+    gpu_memory_utilization = 0.9
+
+    def default_kv_cache_bytes(self, max_batched_tokens: int, max_num_seqs: int) -> int:
+        """The KV cache when none is asked for: gpu_memory_utilization of the card, less what is in use
+        (weights, the CUDA context, other processes; a KV cache this backend already holds counts as free,
+        as does memory torch keeps cached), less what steps need besides: twice an eager step's activations
+        of max_batched_tokens tokens (eager, and the prefill graphs' pool), the sampler's float32 logits,
+        the decode graphs' own logits buffers and the one the prefill graphs share, plus 1 GiB for workspaces
+        and fragmentation."""
+        c = self.config
+        free, total = torch.cuda.mem_get_info(self.device)
+        held = sum(t.numel() * t.element_size() for t in self.key_caches + self.value_caches)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        used = total - free - cached - held
+        width = 2 if self.dtype in (torch.bfloat16, torch.float16) else 4
+        per_token = (6 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size + 3 * c.intermediate_size) * width
+        top = next((s for s in GRAPH_BATCH_SIZES if s >= max_num_seqs), max_num_seqs)
+        graph_rows = 4 * sum(s for s in GRAPH_BATCH_SIZES if s <= top)      # 2 kinds x split or not
+        logit_rows = 6 * max_num_seqs + 4 * graph_rows + 4 * GRAPH_BATCH_SIZES[-1]   # x bytes a row and value
+        reserve = 2 * max_batched_tokens * per_token + logit_rows * c.vocab_size + 2**30
+        budget = int(self.gpu_memory_utilization * total - used - reserve)
+        if budget < 64 * 2**20:
+            raise RuntimeError(
+                f"CudaBackend: no room for a KV cache: {total / 2**30:.1f} GiB on the GPU, {used / 2**30:.1f} in use "
+                f"(weights, CUDA context, other processes), {reserve / 2**30:.1f} kept for activations; set "
+                f"kv_cache_mb, or lower max_batched_tokens / max_num_seqs")
+        return budget
+
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
         return 2 * c.num_layers * c.num_kv_heads * block_size * c.head_dim * self.dtype.itemsize
@@ -845,6 +875,8 @@ class CudaBackend(Backend):
             raise ValueError(f"CudaBackend: block_size must be a power of two, got {block_size}")
         c = self.config
         shape = (num_blocks, c.num_kv_heads, block_size, c.head_dim)     # per layer, K and V
+        self.key_caches, self.value_caches = [], []     # the old caches go before the new ones come
+        self.reset_graphs()                             # (their graphs point into them)
         self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
