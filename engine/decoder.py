@@ -91,6 +91,11 @@ class Decoder:
 
     def _load(self, loaded, start: bool) -> None:
         """Hand a loaded model to a new backend, free the loader's copies, and start an engine on it."""
+        if self.engine is not None:
+            # The old engine's KV cache goes first: on a GPU it holds most of the memory the new one is sized on.
+            self.engine.stop()
+            self.engine.backend.release_kv_cache()
+            self.engine = None
         backend = make_backend(self.backend_name if self.backend_name != "auto" else self.config.backend,
                                loaded.config, self.config.num_threads)
         if loaded.int8 and hasattr(backend, "load_quantized_weights"):

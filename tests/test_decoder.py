@@ -68,3 +68,29 @@ def test_prompt_over_the_context_is_a_value_error(decoder):
     with pytest.raises(ValueError, match="context"):
         decoder.generate([5] * (decoder.engine.max_model_len + 1), max_tokens=1)
     assert decoder.engine.stats()["num_running"] == 0
+
+
+def test_reload_gives_the_old_kv_cache_back_before_sizing_the_new(tiny_model, monkeypatch):
+    """Decoder.load_weights on a running Decoder: the old engine stops and its backend gives its KV cache
+    back before the new backend sizes one (on a GPU the old cache would otherwise leave no room)."""
+    from engine import decoder as D
+    from engine.backends.torch_ref import TorchRefBackend
+    from engine.tokenizer import Tokenizer
+    events = []
+
+    class Recording(TorchRefBackend):
+        def release_kv_cache(self):
+            events.append(("release", id(self)))
+
+        def default_kv_cache_bytes(self, max_batched_tokens, max_num_seqs):
+            events.append(("size", id(self)))
+            return 2**20
+
+    monkeypatch.setattr(D, "make_backend", lambda name, config, num_threads=None: Recording(config))
+    monkeypatch.setattr(Tokenizer, "load", staticmethod(lambda *a, **k: None))
+    dec = D.Decoder(tiny_model, EngineConfig(backend="torch"))
+    first = dec.engine
+    dec.load_weights(tiny_model)
+    assert first._thread is None and dec.engine is not first
+    assert events == [("size", id(first.backend)), ("release", id(first.backend)), ("size", id(dec.engine.backend))]
+    dec.close()

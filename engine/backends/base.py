@@ -76,6 +76,10 @@ class Backend(ABC):
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst in every layer (copy-on-write, asked for by the block manager)."""
 
+    def release_kv_cache(self) -> None:
+        """Give the KV cache back now (its engine has stopped), before another one is sized. Nothing by
+        default: the pools go with the backend."""
+
     def warmup(self, max_num_seqs: int, max_batched_tokens: int, max_model_len: int) -> int:
         """Get ready for steps of up to these sizes before the first request (the CUDA backend captures
         its graphs); returns how many step shapes were prepared. Nothing to do by default."""

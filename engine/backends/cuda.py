@@ -866,6 +866,13 @@ class CudaBackend(Backend):
                 f"kv_cache_mb, or lower max_batched_tokens / max_num_seqs")
         return budget
 
+    def release_kv_cache(self) -> None:
+        """Drop the pools, the graphs that point into them, and torch's cached copy of that memory: a new
+        backend sizing its cache to the GPU (default_kv_cache_bytes) would otherwise find ~90 % of it taken."""
+        self.key_caches, self.value_caches = [], []
+        self.reset_graphs()
+        torch.cuda.empty_cache()
+
     def kv_bytes_per_block(self, block_size: int) -> int:
         c = self.config
         return 2 * c.num_layers * c.num_kv_heads * block_size * c.head_dim * self.dtype.itemsize
