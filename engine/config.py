@@ -74,7 +74,7 @@ class EngineConfig:
     block_size: int = 16
     num_blocks: int | None = None          # None: derive from kv_cache_mb
     kv_cache_mb: float | None = None       # None: the backend's (CPU 256 MB; CUDA most of the free GPU memory)
-    max_num_seqs: int = 32
+    max_num_seqs: int | None = None        # sequences a step; None: the backend's (CPU 32, CUDA 128)
     max_batched_tokens: int | None = None  # prompt tokens a step; None: the backend's default_max_batched_tokens
     max_model_len: int | None = None       # None: the model's context length
     enable_prefix_caching: bool = True
@@ -88,7 +88,7 @@ class EngineConfig:
             raise ValueError(f"engine config: backend must be one of {BACKENDS}, got {self.backend!r}")
         for key in ("block_size", "max_num_seqs", "max_batched_tokens"):
             value = getattr(self, key)
-            if key == "max_batched_tokens" and value is None:
+            if key in ("max_batched_tokens", "max_num_seqs") and value is None:
                 continue
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"engine config: {key} must be a positive integer, got {value!r}")

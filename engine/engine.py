@@ -36,6 +36,8 @@ class Engine(PipelinedDecode):
         self.config = config or EngineConfig()
         if self.config.max_batched_tokens is None:
             self.config = dataclasses.replace(self.config, max_batched_tokens=backend.default_max_batched_tokens)
+        if self.config.max_num_seqs is None:
+            self.config = dataclasses.replace(self.config, max_num_seqs=backend.default_max_num_seqs)
         self.model_config = model_config
         self.backend = backend
         self.tokenizer = tokenizer

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from engine.sequence import SamplingParams
+from engine.config import EngineConfig
 from tests.conftest import TINY, make_tiny_engine, run_to_completion
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -169,3 +170,29 @@ def test_max_batched_tokens_defaults_to_the_backend():
         .max_batched_tokens == 64
     with pytest.raises(ValueError, match="max_batched_tokens"):
         EngineConfig(max_batched_tokens=0)
+
+
+def test_unset_limits_take_the_backends_defaults():
+    """max_num_seqs / max_batched_tokens / kv_cache_mb left unset: each is the backend's (a GPU backend runs
+    more sequences, bigger chunks and a cache sized to the card); set, they are taken as given."""
+    from engine.backends.torch_ref import TorchRefBackend
+    from engine.engine import Engine
+    from tests.conftest import TINY, tiny_hf_tensors
+    from engine.model import fuse_weights
+
+    class Big(TorchRefBackend):
+        default_max_num_seqs, default_max_batched_tokens = 96, 1024
+
+        def default_kv_cache_bytes(self, max_batched_tokens, max_num_seqs):
+            assert (max_batched_tokens, max_num_seqs) == (1024, 96)
+            return 40 * self.kv_bytes_per_block(16) + 5
+
+    backend = Big(TINY)
+    backend.load_weights(fuse_weights(tiny_hf_tensors(), TINY))
+    eng = Engine(TINY, backend, EngineConfig(backend="torch"))
+    assert (eng.config.max_num_seqs, eng.config.max_batched_tokens, eng.num_blocks) == (96, 1024, 40)
+    eng = Engine(TINY, backend, EngineConfig(backend="torch", max_num_seqs=3, max_batched_tokens=64, kv_cache_mb=1))
+    assert (eng.config.max_num_seqs, eng.config.max_batched_tokens) == (3, 64)
+    assert eng.num_blocks == 2**20 // backend.kv_bytes_per_block(16)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        EngineConfig(max_num_seqs=0)

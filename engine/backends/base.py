@@ -48,6 +48,7 @@ class Backend(ABC):
     # Prompt tokens a step (chunked prefill) when EngineConfig.max_batched_tokens is None: small chunks keep
     # the decode steps that share a step with a prompt chunk short on a CPU.
     default_max_batched_tokens = 512
+    default_max_num_seqs = 32           # sequences a step when EngineConfig.max_num_seqs is None
     default_kv_cache_mb = 256.0
 
     def default_kv_cache_bytes(self, max_batched_tokens: int, max_num_seqs: int) -> int:

@@ -755,6 +755,9 @@ class CudaBackend(Backend):
     # chunk and 34 ms for HF's forward (benchmarks/gpu_ttft.py, H200, results_cuda.md session 7); 8192 is
     # also what vLLM takes for its server on GPUs of >= 70 GB.
     default_max_batched_tokens = 8192
+    # The largest decode graph: a batch-128 step is ~3x the tokens a second of batch 32 (SmolLM2 79-92k
+    # against 28k tok/s, gpu_e2e.py) for one ~1.6 ms step.
+    default_max_num_seqs = GRAPH_BATCH_SIZES[-1]
 
     def __init__(self, config: ModelConfig, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
                  use_cuda_graphs: bool = True, graph_max_context: int = 8192, gemv_max_rows: int = GEMV_MAX_ROWS,
