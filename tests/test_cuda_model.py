@@ -686,12 +686,13 @@ def test_kv_cache_sized_to_the_gpu(fused):
                 backend.release_kv_cache()
             backend = CudaBackend(SMOL)
             backend.load_weights(fused)
-        eng = Engine(SMOL, backend, EngineConfig(backend="cuda", max_num_seqs=32))
+        eng = Engine(SMOL, backend, EngineConfig(backend="cuda"))        # every limit the backend's default
         kv = eng.num_blocks * backend.kv_bytes_per_block(eng.block_size)
         free = torch.cuda.mem_get_info()[0]
         print(f"{round_}: KV cache {kv / 2**30:.1f} GiB ({eng.num_blocks} blocks) of {total / 2**30:.1f}; after a "
               f"warm-up of {eng.warmup_shapes} graphs {free / 2**30:.1f} GiB free on the card")
         assert eng.max_model_len == SMOL.max_position_embeddings and eng.warmup_shapes > 0
+        assert (eng.config.max_num_seqs, eng.config.max_batched_tokens) == (128, 8192)
         assert total - free <= (backend.gpu_memory_utilization + 0.02) * total
         done = run_to_completion(eng, [eng.submit(list(range(5, 300)), SamplingParams(max_tokens=8, temperature=0.0))])
         assert len(done[0].token_ids) == 8 and eng.blocks.num_used_blocks == 0
