@@ -43,6 +43,8 @@ class Engine(PipelinedDecode):
         self.tokenizer = tokenizer
         self.model = LlamaModel(model_config, backend)
         self.block_size = self.config.block_size
+        # A backend serves one engine: an earlier engine's cache (and graphs) go before this one's is sized.
+        backend.release_kv_cache()
         kv_bytes = int(self.config.kv_cache_mb * 2**20) if self.config.kv_cache_mb is not None else \
             backend.default_kv_cache_bytes(self.config.max_batched_tokens, self.config.max_num_seqs)
         self.num_blocks = self.config.num_blocks or max(2, kv_bytes // backend.kv_bytes_per_block(self.block_size))
