@@ -127,3 +127,14 @@ def run_to_completion(engine: Engine, handles, max_steps: int = 10_000):
         steps += 1
         assert steps < max_steps, "engine did not finish"
     return [h.result(timeout=0) for h in handles]
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll predicate every 10 ms until it holds or timeout seconds pass; its last value."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()

@@ -562,16 +562,6 @@ def _serve(engine, tmp_path):
     return server.server_port, server
 
 
-def _wait_until(predicate, timeout: float) -> bool:
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
-
-
 def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
     """What a user of `pagedecode serve --backend cuda` gets: the web app (a real threaded HTTP server) over the
     Engine's thread on CudaBackend. The 8 trained prompts arrive staggered from 8 client threads, so steps mix
@@ -589,6 +579,7 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
     pytest.importorskip("flask", reason="flask is not installed here: the served CUDA test needs the web app")
     from engine.backends.cuda import CudaBackend
     from engine.engine import Engine
+    from tests.conftest import wait_until
     fused, _, prompts, _ = trained
     ref_outs = trained_runs["ref"][0]
     greedy_body = {"max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -661,7 +652,7 @@ def test_served_over_http_on_cuda(trained, trained_runs, tmp_path):
             seen += sock.recv(65536)
         assert eng.stats()["num_running"] == 1
         sock.close()
-        assert _wait_until(lambda: (s := eng.stats())["num_running"] == 0 and s["num_used_blocks"] == 0, 20.0), \
+        assert wait_until(lambda: (s := eng.stats())["num_running"] == 0 and s["num_used_blocks"] == 0, 20.0), \
             eng.stats()
     finally:
         for server in servers:

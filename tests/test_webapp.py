@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 
 import pytest
 import websocket
 from werkzeug.serving import make_server
 
 from engine.request import RequestHandle, RequestOutput
-from tests.conftest import make_tiny_engine, run_to_completion
+from tests.conftest import make_tiny_engine, run_to_completion, wait_until
 from engine.sequence import SamplingParams
 from webapp import ROOT, create_app
 
@@ -105,15 +104,6 @@ def sse_events(body: bytes) -> list:
                 payload = line[6:]
                 out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
