@@ -45,9 +45,11 @@ class Engine(PipelinedDecode):
         self.block_size = self.config.block_size
         # A backend serves one engine: an earlier engine's cache (and graphs) go before this one's is sized.
         backend.release_kv_cache()
-        kv_bytes = int(self.config.kv_cache_mb * 2**20) if self.config.kv_cache_mb is not None else \
-            backend.default_kv_cache_bytes(self.config.max_batched_tokens, self.config.max_num_seqs)
-        self.num_blocks = self.config.num_blocks or max(2, kv_bytes // backend.kv_bytes_per_block(self.block_size))
+        self.num_blocks = self.config.num_blocks
+        if self.num_blocks is None:
+            kv_bytes = int(self.config.kv_cache_mb * 2**20) if self.config.kv_cache_mb is not None else \
+                backend.default_kv_cache_bytes(self.config.max_batched_tokens, self.config.max_num_seqs)
+            self.num_blocks = max(2, kv_bytes // backend.kv_bytes_per_block(self.block_size))
         backend.allocate_kv_cache(self.num_blocks, self.block_size)
         self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
                                  model_config.max_position_embeddings, self.num_blocks * self.block_size)

@@ -196,3 +196,21 @@ def test_unset_limits_take_the_backends_defaults():
     assert eng.num_blocks == 2**20 // backend.kv_bytes_per_block(16)
     with pytest.raises(ValueError, match="max_num_seqs"):
         EngineConfig(max_num_seqs=0)
+
+
+def test_given_num_blocks_never_sizes_a_cache():
+    """num_blocks set: the backend is not asked to size a cache (on a full GPU that could fail for nothing)."""
+    from engine.backends.torch_ref import TorchRefBackend
+    from engine.engine import Engine
+    from engine.model import fuse_weights
+    from tests.conftest import tiny_hf_tensors
+
+    class NoRoom(TorchRefBackend):
+        def default_kv_cache_bytes(self, max_batched_tokens, max_num_seqs):
+            raise RuntimeError("no room for a KV cache")
+
+    backend = NoRoom(TINY)
+    backend.load_weights(fuse_weights(tiny_hf_tensors(), TINY))
+    assert Engine(TINY, backend, EngineConfig(backend="torch", num_blocks=12)).num_blocks == 12
+    with pytest.raises(RuntimeError, match="no room"):
+        Engine(TINY, backend, EngineConfig(backend="torch"))

@@ -1131,8 +1131,8 @@ class CudaBackend(Backend):
     def graph_keys(self, max_num_seqs: int, max_batched_tokens: int,
                    max_model_len: int) -> tuple[list[tuple], list[tuple]]:
         """Every decode graph key (size, split, kind) and prefill graph key (tokens, sequences, context) that
-        an Engine's steps -- at most max_num_seqs sequences, max_batched_tokens prompt tokens (plus a decode
-        row for each other sequence), contexts up to max_model_len -- can replay."""
+        an Engine's steps -- at most max_num_seqs sequences and max_batched_tokens tokens (decode rows
+        included: the scheduler's budget counts them), contexts up to max_model_len -- can replay."""
         if not self.use_cuda_graphs:
             return [], []
         top = next((s for s in GRAPH_BATCH_SIZES if s >= max_num_seqs), GRAPH_BATCH_SIZES[-1])
