@@ -5,7 +5,8 @@ wsgi_app = "wsgi:app"
 bind = "127.0.0.1:8000"
 worker_class = "gthread"
 workers = 1            # one engine per process; scale out with replicas behind a load balancer
-threads = 128          # streaming clients (SSE, WebSocket) each hold a thread while connected
+threads = 512          # streaming clients (SSE, WebSocket) each hold a thread while connected, queued ones
+                       # too: a CUDA server admits 256 at once (max_concurrent_requests) and queues more
 timeout = 300          # the worker heartbeat; streams themselves may run longer than this
 graceful_timeout = 30
 keepalive = 5

@@ -463,3 +463,20 @@ def test_serve_runs_gunicorn_with_the_config_file_and_the_cli_flags():
     assert cfg.bind == ["127.0.0.1:9"] and cfg.worker_class_str == "gthread" and cfg.workers == 1
     assert cfg.threads >= 32 and not cfg.preload_app and cfg.timeout >= 120
     assert cfg.worker_exit.__name__ == "worker_exit"
+
+
+def test_unset_max_concurrent_requests_follows_the_engine():
+    """max_concurrent_requests unset: twice the engine's max_num_seqs (CPU 32 -> 64 as before, CUDA 128 ->
+    256), also when the engine is built in the background; set, it is taken as given."""
+    eng = make_tiny_engine(max_num_seqs=3)
+    server = create_app({"TESTING": True}, engine=eng).test_client().get("/stats").json["server"]
+    assert (server["max_active"], server["max_queued"]) == (6, 256)
+    given = create_app({"TESTING": True, "MAX_CONCURRENT_REQUESTS": 5}, engine=eng).test_client()
+    assert given.get("/stats").json["server"]["max_active"] == 5
+    c = create_app({"TESTING": True, "ENGINE_FACTORY": lambda: (eng, "tiny", None)}).test_client()
+    assert wait_until(lambda: c.get("/health").status_code == 200)
+    assert c.get("/stats").json["server"]["max_active"] == 6
+    assert create_app({"TESTING": True}, engine=ScriptedEngine()).test_client().get("/stats").json["server"][
+        "max_active"] == 64                           # an engine that does not say: the old default
+    with pytest.raises(ValueError, match="max_concurrent_requests"):
+        create_app({"TESTING": True, "MAX_CONCURRENT_REQUESTS": 0}, engine=eng)

@@ -54,7 +54,7 @@ def _settings(test_config: dict) -> dict:
     unknown = sorted(set(server) - set(_SERVER_KEYS))
     if unknown:
         raise ValueError(f"runtime config: unknown server key(s) {unknown}; known: {sorted(_SERVER_KEYS)}")
-    settings = {"MAX_CONCURRENT_REQUESTS": 64, "MAX_QUEUE_LENGTH": 256, "MAX_CONTENT_LENGTH": 1 << 20,
+    settings = {"MAX_CONCURRENT_REQUESTS": None, "MAX_QUEUE_LENGTH": 256, "MAX_CONTENT_LENGTH": 1 << 20,
                 "MAX_PROMPT_TOKENS": 4096, "API_KEY": None, "DEFAULT_MAX_TOKENS": 256, "MODEL_NAME": None,
                 "BEAM_EXPORT_PATH": DEFAULT_BEAM_EXPORT_PATH,
                 "RUNTIME_CONFIG": path,
@@ -66,6 +66,8 @@ def _settings(test_config: dict) -> dict:
     settings["ENGINE"].update(test_config.pop("ENGINE", None) or {})
     settings.update(test_config)
     for key in ("MAX_CONCURRENT_REQUESTS", "MAX_CONTENT_LENGTH", "MAX_PROMPT_TOKENS", "DEFAULT_MAX_TOKENS"):
+        if key == "MAX_CONCURRENT_REQUESTS" and settings[key] is None:      # twice the engine's max_num_seqs
+            continue
         if not isinstance(settings[key], int) or isinstance(settings[key], bool) or settings[key] <= 0:
             raise ValueError(f"server config: {key.lower()} must be a positive integer, got {settings[key]!r}")
     if not isinstance(settings["MAX_QUEUE_LENGTH"], int) or settings["MAX_QUEUE_LENGTH"] < 0:

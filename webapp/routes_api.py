@@ -81,4 +81,5 @@ def stats():
     """The engine's stats snapshot and the server's admission counts, as JSON."""
     rt = runtime()
     return jsonify({"state": rt.state, "engine": rt.engine_stats(),
-                    "server": {"active": rt.admission.num_running, "queued": rt.admission.num_waiting}})
+                    "server": {"active": rt.admission.num_running, "queued": rt.admission.num_waiting,
+                               "max_active": rt.admission.max_running, "max_queued": rt.admission.max_waiting}})

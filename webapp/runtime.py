@@ -19,10 +19,22 @@ log = logging.getLogger("pagedecode.webapp")
 
 @dataclass(frozen=True)
 class Limits:
-    max_concurrent_requests: int = 64
+    max_concurrent_requests: int | None = None  # None: CONCURRENT_PER_SEQ x the engine's max_num_seqs
     max_queue_length: int = 256
     max_prompt_tokens: int = 4096
     queue_timeout_s: float = 300.0
+
+
+# Generations admitted a sequence slot of the engine when max_concurrent_requests is not set: the engine
+# runs max_num_seqs at once and keeps as many queued (CPU 32 -> 64, as before; CUDA 128 -> 256).
+CONCURRENT_PER_SEQ = 2
+FALLBACK_CONCURRENT = 64            # an engine that does not say its max_num_seqs
+
+
+def concurrent_for(engine) -> int:
+    """max_concurrent_requests when it is not set: CONCURRENT_PER_SEQ x the engine's max_num_seqs."""
+    seqs = getattr(getattr(engine, "config", None), "max_num_seqs", None)
+    return CONCURRENT_PER_SEQ * seqs if isinstance(seqs, int) and seqs > 0 else FALLBACK_CONCURRENT
 
 
 class Admission:
@@ -64,7 +76,8 @@ class Runtime:
 
     def __init__(self, limits: Limits, engine=None, model_name: str | None = None, reranker_factory=None):
         self.limits = limits
-        self.admission = Admission(limits.max_concurrent_requests, limits.max_queue_length, limits.queue_timeout_s)
+        running = limits.max_concurrent_requests or concurrent_for(engine)   # a loading engine: set once loaded
+        self.admission = Admission(running, limits.max_queue_length, limits.queue_timeout_s)
         self.metrics = Metrics(self.engine_stats, self.admission)
         self.model_name = model_name or ("pagedecode" if engine is not None else None)
         self.created = int(time.time())
@@ -89,6 +102,9 @@ class Runtime:
                 self.load_error = f"{type(exc).__name__}: {exc}"
                 return
             self.model_name, self._closer = self.model_name or name or "pagedecode", closer
+            if self.limits.max_concurrent_requests is None:
+                with self.admission._cond:
+                    self.admission.max_running = concurrent_for(engine)
             self._engine = engine
             log.info("model %s ready on backend %s in %.1f s", self.model_name,
                      engine.stats().get("backend"), time.monotonic() - started)
