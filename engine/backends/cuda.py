@@ -890,7 +890,6 @@ class CudaBackend(Backend):
         self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.reset_graphs()
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
