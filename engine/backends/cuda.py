@@ -845,16 +845,15 @@ class CudaBackend(Backend):
 
     def default_kv_cache_bytes(self, max_batched_tokens: int, max_num_seqs: int) -> int:
         """The KV cache when none is asked for: gpu_memory_utilization of the card, less what is in use
-        (weights, the CUDA context, other processes; a KV cache this backend already holds counts as free,
-        as does memory torch keeps cached), less what steps need besides: twice an eager step's activations
+        (weights, the CUDA context, other processes; memory torch keeps cached counts as free -- Engine
+        releases the backend's earlier cache before asking), less what steps need besides: twice an eager step's activations
         of max_batched_tokens tokens (eager, and the prefill graphs' pool), the sampler's float32 logits,
         the decode graphs' own logits buffers and the one the prefill graphs share, plus 1 GiB for workspaces
         and fragmentation."""
         c = self.config
         free, total = torch.cuda.mem_get_info(self.device)
-        held = sum(t.numel() * t.element_size() for t in self.key_caches + self.value_caches)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        used = total - free - cached - held
+        used = total - free - cached
         width = 2 if self.dtype in (torch.bfloat16, torch.float16) else 4
         per_token = (6 * c.hidden_size + 2 * c.q_size + 2 * c.kv_size + 3 * c.intermediate_size) * width
         top = next((s for s in GRAPH_BATCH_SIZES if s >= max_num_seqs), max_num_seqs)
