@@ -70,6 +70,12 @@ class Admission:
             self.num_running -= 1
             self._cond.notify_all()
 
+    def set_max_running(self, n: int) -> None:
+        """A new limit (a model loaded in the background decides it); waiters that now fit go ahead."""
+        with self._cond:
+            self.max_running = n
+            self._cond.notify_all()
+
 
 class Runtime:
     """The Engine (given, or built by `factory` on a background thread), limits and metrics."""
@@ -103,8 +109,7 @@ class Runtime:
                 return
             self.model_name, self._closer = self.model_name or name or "pagedecode", closer
             if self.limits.max_concurrent_requests is None:
-                with self.admission._cond:
-                    self.admission.max_running = concurrent_for(engine)
+                self.admission.set_max_running(concurrent_for(engine))
             self._engine = engine
             log.info("model %s ready on backend %s in %.1f s", self.model_name,
                      engine.stats().get("backend"), time.monotonic() - started)
