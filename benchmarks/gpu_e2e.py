@@ -20,7 +20,10 @@ Engine's steps through the logits graph + Backend.argmax instead of Backend.forw
 default+pdl:o/gate_up.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
-    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf]
+--sampled adds sampled requests (SAMPLED settings): the Engine's batched GPU sampler next to the one-row host
+sampler it replaced and HF generate(do_sample=True) on the same weights.
+
+    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled]
 """
 from __future__ import annotations
 
@@ -128,11 +131,28 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     return fast(logits)
 
 
+class OneRowSampler:
+    """The sampler the Engine had before session 14, for --sampled: a step's logits copied to the host, then
+    engine.sampler.pick_one_row a row at a time (the same tokens as Sampler's batched path, which keeps
+    the logits on the GPU; tests/test_sampler.py)."""
+
+    def __call__(self, logits, params, prompt_ids, output_ids, generators):
+        from engine.sampler import SampleResult, pick_one_row
+        logits = logits.cpu()
+        return [SampleResult(pick_one_row(logits[i].clone(), p, prompt_ids[i], output_ids[i], generators[i]),
+                             None, None) for i, p in enumerate(params)]
+
+
+SAMPLED = {"T=0.7, top_p=0.9": {"temperature": 0.7, "top_p": 0.9},     # a chat UI's usual setting
+           "T=1.0": {"temperature": 1.0}}                                # an OpenAI client's defaults
+
+
 def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4,
-               pipelined: bool = True) -> dict:
+               pipelined: bool = True, sampling: dict | None = None, sampler=None) -> dict:
     """The real Engine over backend: B random prompts, stepped on this thread until every sequence
     decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step.
-    pipelined=False turns off the engine's pipelined decode (Engine.step) for comparison."""
+    pipelined=False turns off the engine's pipelined decode (Engine.step) for comparison; sampling: the
+    requests' SamplingParams other than greedy (seeded per request); sampler: in place of the Engine's."""
     backend.supports_async = pipelined
     from engine.backends.base import settle_heap
     from engine.config import EngineConfig
@@ -146,9 +166,12 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
     # server's whole set (Engine's start-up warm-up, measured by gpu_serve.py)
     settle_heap()                                 # as engine.decoder.Decoder does once its model is loaded
     g = torch.Generator().manual_seed(batch + 7)
-    params = SamplingParams(temperature=0.0, max_tokens=warmup + steps + 4, ignore_eos=True)
-    for _ in range(batch):
+    for i in range(batch):
+        params = SamplingParams(**(sampling or {"temperature": 0.0}), seed=i if sampling else None,
+                                max_tokens=warmup + steps + 4, ignore_eos=True)
         eng.submit(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).tolist(), params)
+    if sampler is not None:
+        eng.sampler = sampler
     while eng.counters["prefill_tokens"] < batch * prompt_len:
         eng.step()
     for _ in range(warmup):
@@ -297,7 +320,7 @@ def hf_tok_s(model, batch: int, prompt_len: int, steps: int, **gen) -> float:
     def gen_time(n):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, **gen)
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, **{"do_sample": False, **gen})
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
@@ -332,6 +355,9 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--layers-profile", action="store_true",
                     help="phase times of the persistent decode-layers launch at batch 1 (kernel timestamps)")
+    ap.add_argument("--sampled", action="store_true",
+                    help="also sampled requests (SAMPLED): the Engine with its batched GPU sampler, with the "
+                         "one-row host sampler it replaced, and HF generate(do_sample=True)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
@@ -343,6 +369,9 @@ def main() -> None:
              "Engine / HF | Batch.build ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
+    sampled = ["| model | batch | sampling | Engine tok/s | sample ms a step | Engine tok/s, one-row host sampler | "
+               "its sample ms | HF generate tok/s (do_sample) | Engine / HF | batched / one-row |",
+               "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
@@ -418,9 +447,22 @@ def main() -> None:
                              f"{sync['step_ms']:.2f} ({sync['forward_ms']:.2f} / {sync['sample_ms']:.2f} / "
                              f"{sync['other_ms']:.2f}) | {fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | "
                              f"{eng['tok_s'] / hf_ts:.1f}x | {build * 1e3:.2f} |")
+            if args.sampled:
+                for label, kw in SAMPLED.items():
+                    hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps,
+                                                                     do_sample=True, top_k=0, **kw)
+                    ours = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw)
+                    old = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, sampler=OneRowSampler())
+                    sampled.append(f"| {name} | {b} | {label} | {ours['tok_s']:,.0f} | {ours['sample_ms']:.2f} | "
+                                   f"{old['tok_s']:,.0f} | {old['sample_ms']:.2f} | {hf_ts:,.0f} | "
+                                   f"{ours['tok_s'] / hf_ts:.1f}x | {ours['tok_s'] / old['tok_s']:.1f}x |")
+                    print(sampled[-1], flush=True)
         del model, backend, hf
         gc.collect()
         torch.cuda.empty_cache()
+    if args.sampled:
+        lines += ["", "Sampled requests (seeded, one generator a request; the pipelined decode is greedy-only):", ""]
+        lines += sampled
     lines += [""] + extra
     table = "\n".join(lines)
     print(table)

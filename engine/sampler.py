@@ -1,4 +1,5 @@
-"""Batched logits processing: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs."""
+"""Batched logits processing: penalties, temperature, top-k/top-p/min-p, seeded sampling, logprobs -- all
+rows at once, on the logits' device."""
 from __future__ import annotations
 
 import math
@@ -24,61 +25,117 @@ def make_generator(seed: int) -> torch.Generator:
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int],
                     output_ids: list[int]) -> torch.Tensor:
-    """Repetition (HF style, over prompt and output) then presence/frequency (OpenAI, output only)."""
+    """Repetition (HF style, over prompt and output) then presence/frequency (OpenAI, output only), in
+    place on one row [vocab] on any device. A token seen twice is read twice before either write, so it
+    is penalised once."""
     if params.repetition_penalty != 1.0 and (prompt_ids or output_ids):
-        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long)
+        seen = torch.tensor(prompt_ids + output_ids, dtype=torch.long).to(logits.device, non_blocking=True)
         vals = logits[seen]
         logits[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if (params.presence_penalty or params.frequency_penalty) and output_ids:
         ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+        ids, counts = ids.to(logits.device, non_blocking=True), counts.to(logits.device, non_blocking=True)
         logits[ids] -= params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
     return logits
 
 
-def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Temperature, then the top-k, top-p and min-p filters of one row [vocab] -> (token ids, their scaled
-    logits), or (None, every scaled logit) when nothing is filtered out.
-
-    Top-p never sorts the vocabulary (3 ms a row at 49k tokens): it takes the top m tokens, m doubling
-    from 64, until the nucleus ends inside them (the first token whose preceding mass reaches top_p is
-    outside it), with probabilities normalised over the whole top-k-filtered row, in float64."""
-    logits = logits / params.temperature
-    vocab = logits.shape[-1]
-    ids = None
-    if params.top_k and params.top_k < vocab:
-        logits, ids = logits.topk(params.top_k)
-    if params.top_p < 1.0:
-        lse = torch.logsumexp(logits.double(), -1)     # float64: the boundary of a wide nucleus sits
-        m = min(64, logits.shape[-1])                  # among ~1e-6 probabilities
-        while True:
-            vals, order = logits.topk(m)
-            probs = (vals.double() - lse).exp()
-            keep = (probs.cumsum(-1) - probs) < params.top_p       # the first token always stays
-            if not keep[-1] or m == logits.shape[-1]:
-                break
-            m = min(2 * m, logits.shape[-1])
-        vals, order = vals[keep], order[keep]
-        ids = order if ids is None else ids[order]
-        logits = vals
-    if params.min_p > 0.0:                 # p_i >= min_p * p_max  <=>  logit_i >= max + log(min_p)
-        keep = logits >= logits.max() + math.log(params.min_p)
-        ids = keep.nonzero()[:, 0] if ids is None else ids[keep]
-        logits = logits[keep]
-    return ids, logits
+def has_penalties(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
 
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The row with candidates()' filters applied as a mask (filtered entries become -inf)."""
-    ids, kept = candidates(logits, params)
-    if ids is None:
-        return kept
-    out = torch.full_like(logits, float("-inf"))
-    out[ids] = kept
+def is_ranked(p: SamplingParams, vocab: int) -> bool:
+    """Whether a row's candidates are the most likely tokens in descending order (top-k or top-p
+    filters it), as against the whole vocabulary, or min-p's survivors, in token-id order."""
+    return bool(p.top_k and p.top_k < vocab) or p.top_p < 1.0
+
+
+def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                            torch.Tensor]:
+    """Temperature, then the top-k, top-p and min-p filters of rows [n, vocab] (float32, any device), all
+    rows at once -> (values, token ids or None, keep or None): the candidates of row i are values[i][keep[i]] (all of
+    them when keep is None), token ids ids[i][keep[i]] (or the positions when ids is None), in the order
+    the inverse CDF walks them.
+
+    Rows that top-k or top-p filter (is_ranked; all of them or none) come back as their m most likely
+    tokens in descending order, m doubling from 64 (the largest top_k at least) until every row's nucleus
+    ends inside them -- the first token whose preceding mass reaches top_p is outside it -- with
+    probabilities normalised over the whole top-k-filtered row, in float64: no row sorts the vocabulary.
+    The others come back whole, in token-id order, min-p's filter as the mask."""
+    n, vocab = logits.shape
+    dev = logits.device
+    ranked = [is_ranked(p, vocab) for p in params]
+    if any(ranked) and not all(ranked):
+        raise ValueError("filter_rows: rows must be all ranked or all unranked")
+    top_k = [p.top_k if p.top_k and p.top_k < vocab else vocab for p in params]
+    host = torch.tensor([[p.temperature for p in params], top_k, [p.top_p for p in params],
+                         [math.log(p.min_p) if p.min_p > 0.0 else float("-inf") for p in params]],
+                        dtype=torch.float64)
+    host = host.pin_memory() if dev.type == "cuda" else host
+    temperature, k, top_p, log_min_p = host.to(dev, non_blocking=True)
+    logits = logits / temperature.float()[:, None]
+    log_min_p = log_min_p.float()[:, None]
+    if not ranked[0]:
+        if not any(p.min_p > 0.0 for p in params):
+            return logits, None, None
+        keep = logits >= logits.amax(-1, keepdim=True) + log_min_p
+        return logits, None, keep
+    k = k.long()[:, None]
+    any_p = any(p.top_p < 1.0 for p in params)
+    m = min(vocab, max(max((kk for kk in top_k if kk < vocab), default=0), 64 if any_p else 0))
+    whole = torch.logsumexp(logits.double(), -1) if any_p else None     # a row without top_k normalises
+    while True:                                                         # over all of it
+        vals, ids = logits.topk(m, -1)
+        inside = torch.arange(m, device=dev)[None] < k
+        keep = inside
+        if any_p:
+            v = vals.double().masked_fill(~inside, float("-inf"))
+            lse = torch.where(k[:, 0] < vocab, v.logsumexp(-1), whole)
+            probs = (v - lse[:, None]).exp()
+            keep = inside & ((probs.cumsum(-1) - probs) < top_p[:, None])   # the first token always stays
+            if m < vocab and not bool((~keep[:, -1] | (k[:, 0] <= m)).all()):
+                m = min(2 * m, vocab)
+                continue
+        break
+    keep &= vals >= vals[:, :1] + log_min_p
+    return vals, ids, keep
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of logits [n, vocab] (float32, any device; no greedy rows) -> int64 [n] on that
+    device: the filters (filter_rows), then the inverse CDF of the candidates with one uniform from each
+    row's own generator, drawn in row order -- a row's token depends on its logits, its parameters and
+    its generator only, never on its neighbours."""
+    n, vocab = logits.shape
+    dev = logits.device
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float32) for g in generators])
+    u = (u.pin_memory() if dev.type == "cuda" else u).to(dev, non_blocking=True)
+    out = torch.empty(n, dtype=torch.long, device=dev)
+    ranked = [is_ranked(p, vocab) for p in params]
+    for want in (True, False):
+        rows = [i for i, r in enumerate(ranked) if r == want]
+        if not rows:
+            continue
+        idx = None if len(rows) == n else torch.tensor(rows).to(dev, non_blocking=True)
+        vals, ids, keep = filter_rows(logits if idx is None else logits[idx], [params[i] for i in rows])
+        cdf = (vals if keep is None else vals.masked_fill(~keep, float("-inf"))).softmax(-1).cumsum(-1)
+        uu = u if idx is None else u[idx]
+        j = torch.searchsorted(cdf, (uu * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+        # u * total can round up to the total: the last candidate then (the one-row inverse CDF's clamp)
+        width = vals.shape[-1]
+        last = width - 1 if keep is None else width - 1 - keep.flip(-1).int().argmax(-1)
+        j = torch.where(j >= width, last, j) if keep is not None else j.clamp(max=width - 1)
+        tok = j if ids is None else ids.gather(1, j[:, None])[:, 0]
+        if idx is None:
+            return tok
+        out[idx] = tok
     return out
 
 
 class Sampler:
-    """Picks one token per row. Each row's randomness comes only from its own generator.
+    """Picks one token per row, all rows at once on the logits' device (a CUDA step's logits never leave
+    the GPU; only the chosen ids, and asked-for logprobs, cross to the host). Each row's randomness comes
+    only from its own generator.
     argmax: the greedy rows' argmax over [n, vocab] on the logits' device (a backend's, e.g. CUDA's
     two-pass one); torch.argmax when not given."""
 
@@ -87,37 +144,87 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[torch.Generator | None]) -> list[SampleResult]:
-        # logits: [num_rows, vocab] float32, on the backend's device. Greedy rows without penalties
-        # are decided there; only token ids (and asked-for logprobs) cross to the host.
-        simple = all(p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
-                     and not p.frequency_penalty for p in params)
-        if simple:
-            chosen = self._argmax(logits).tolist()
+        # logits: [num_rows, vocab] float32, on the backend's device. Penalties change a copy: logprobs
+        # are under the raw model distribution.
+        n = logits.shape[0]
+        dev = logits.device
+        work = logits
+        penalised = [i for i, p in enumerate(params) if has_penalties(p)]
+        if penalised:
+            work = logits.clone()
+            for i in penalised:
+                apply_penalties(work[i], params[i], prompt_ids[i], output_ids[i])
+        greedy = [i for i, p in enumerate(params) if p.is_greedy]
+        sampled = [i for i, p in enumerate(params) if not p.is_greedy]
+        if not sampled:
+            chosen = self._argmax(work)
         else:
-            logits = logits.cpu()
-            chosen = [self._pick(logits[i].clone(), p, prompt_ids[i], output_ids[i], generators[i])
-                      for i, p in enumerate(params)]
-        # Logprobs (under the raw model distribution) only for the rows that asked for them.
-        raw = logits.log_softmax(-1) if any(p.logprobs is not None for p in params) else None
-        results = []
-        for i, (token, p) in enumerate(zip(chosen, params)):
-            if p.logprobs is None:
-                results.append(SampleResult(token, None, None))
-                continue
-            vals, ids = raw[i].topk(p.logprobs) if p.logprobs else (raw[i, :0], raw[i, :0])
-            results.append(SampleResult(token, float(raw[i, token]), list(zip(ids.tolist(), vals.tolist()))))
+            chosen = torch.empty(n, dtype=torch.long, device=dev)
+            for rows, pick in ((greedy, lambda x, r: self._argmax(x)),
+                               (sampled, lambda x, r: sample_rows(x, [params[i] for i in r],
+                                                                  [generators[i] for i in r]))):
+                if len(rows) == n:
+                    chosen = pick(work, rows)
+                elif rows:
+                    idx = torch.tensor(rows).to(dev, non_blocking=True)
+                    chosen[idx] = pick(work[idx], rows).long()
+        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if not asked:
+            return [SampleResult(t, None, None) for t in chosen.tolist()]
+        # Logprobs only for the rows that asked, moved to the host together with the chosen ids.
+        idx = torch.tensor(asked).to(dev, non_blocking=True)
+        raw = logits[idx].log_softmax(-1)
+        mine = raw.gather(1, chosen[idx].long()[:, None])[:, 0]
+        most = max(params[i].logprobs for i in asked)
+        top_vals, top_ids = raw.topk(most, -1) if most else (raw[:, :0], raw[:, :0].long())
+        tokens, mine, top_vals, top_ids = (t.tolist() for t in (chosen, mine, top_vals, top_ids))
+        results = [SampleResult(t, None, None) for t in tokens]
+        for r, i in enumerate(asked):
+            m = params[i].logprobs
+            results[i] = SampleResult(tokens[i], mine[r], list(zip(top_ids[r][:m], top_vals[r][:m])))
         return results
 
-    @staticmethod
-    def _pick(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int],
-              generator: torch.Generator | None) -> int:
-        logits = apply_penalties(logits, p, prompt_ids, output_ids)
-        if p.is_greedy:
-            return int(logits.argmax())
-        ids, kept = candidates(logits, p)
-        # inverse CDF with one uniform from the row's own generator (a multinomial over the whole
-        # vocabulary took 0.8 ms a row)
-        cdf = kept.softmax(-1).cumsum(-1)
-        u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
-        j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[-1] - 1)
-        return j if ids is None else int(ids[j])
+
+# ---- the one-row reference ----------------------------------------------------------------------
+# What the batched path above is tested against token for token (tests/test_sampler.py), and what
+# benchmarks/gpu_e2e.py --sampled runs as the host-side sampler it replaced: a row at a time on the CPU.
+
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Temperature, then the top-k, top-p and min-p filters of one row [vocab] -> (token ids, their scaled
+    logits), or (None, every scaled logit) when nothing is filtered out; same doubling top-m search."""
+    logits = logits / params.temperature
+    vocab = logits.shape[-1]
+    ids = None
+    if params.top_k and params.top_k < vocab:
+        logits, ids = logits.topk(params.top_k)
+    if params.top_p < 1.0:
+        lse = torch.logsumexp(logits.double(), -1)
+        m = min(64, logits.shape[-1])
+        while True:
+            vals, order = logits.topk(m)
+            probs = (vals.double() - lse).exp()
+            keep = (probs.cumsum(-1) - probs) < params.top_p
+            if not keep[-1] or m == logits.shape[-1]:
+                break
+            m = min(2 * m, logits.shape[-1])
+        vals, order = vals[keep], order[keep]
+        ids = order if ids is None else ids[order]
+        logits = vals
+    if params.min_p > 0.0:
+        keep = logits >= logits.max() + math.log(params.min_p)
+        ids = keep.nonzero()[:, 0] if ids is None else ids[keep]
+        logits = logits[keep]
+    return ids, logits
+
+
+def pick_one_row(logits: torch.Tensor, p: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+                 generator: torch.Generator | None) -> int:
+    """One row [vocab] (modified in place by penalties): the token Sampler picks for it."""
+    logits = apply_penalties(logits, p, prompt_ids, output_ids)
+    if p.is_greedy:
+        return int(logits.argmax())
+    ids, kept = candidates(logits, p)
+    cdf = kept.softmax(-1).cumsum(-1)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    j = min(int(torch.searchsorted(cdf, u, right=True)), cdf.shape[-1] - 1)
+    return j if ids is None else int(ids[j])

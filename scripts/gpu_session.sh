@@ -29,7 +29,7 @@ for stage in "$@"; do
               torch.cuda.get_device_name(0)); from engine import native; print(native.available('cuda'))" 2>&1 | tee -a "$OUT/info.txt"
         ;;
     tests)
-        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_prefill.py tests/test_cuda_layers.py tests/test_cuda_model.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
+        $PYTEST tests/test_cuda_kernels.py tests/test_cuda_prefill.py tests/test_cuda_layers.py tests/test_cuda_model.py tests/test_cuda_sampler.py -s 2>&1 | tee "$OUT/tests.log" | grep -v "^$" | tail -60
         ;;
     kernels)
         timeout "${STAGE_LIMIT_kernels:-150}" $PYTEST tests/test_cuda_kernels.py tests/test_cuda_prefill.py 2>&1 | tee "$OUT/tests_kernels.log" \
@@ -42,7 +42,7 @@ for stage in "$@"; do
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     model)
-        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py -s ${MODEL_ARGS:-} 2>&1 | tee "$OUT/tests_model.log" \
+        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py tests/test_cuda_sampler.py -s ${MODEL_ARGS:-} 2>&1 | tee "$OUT/tests_model.log" \
             | grep -E "passed|failed|FAILED|Error|rel err|identical|graphs" | tail -40
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;

@@ -431,6 +431,44 @@ def test_engine_end_to_end_on_cuda(runs, fused, prompts):
             assert tok == best or (lg[j, best] - lg[j, tok]).item() <= 2 * tol, (s, j, tok, best)
 
 
+def test_sampled_requests_on_cuda(trained, fused, prompts):
+    """Sampled requests through the Engine over CudaBackend, the sampler on the GPU. On the trained model
+    (confident: no near-ties in bf16) top_k=1 at any temperature and a nucleus that holds one token are
+    greedy, token for token. On random weights a seed replays its tokens in a new engine whatever else
+    shares the batch, and mixed greedy, sampled and penalised rows finish and free their blocks."""
+    from engine.backends.cuda import CudaBackend
+    from engine.engine import Engine
+    from tests.conftest import run_to_completion
+
+    def run(weights, prompt_list, param_list, warmup=False):
+        backend = CudaBackend(SMOL)
+        backend.load_weights(weights)
+        eng = Engine(SMOL, backend, EngineConfig(backend="cuda", block_size=BLOCK, num_blocks=512, max_num_seqs=16,
+                                                 max_batched_tokens=256, warmup=warmup))
+        done = run_to_completion(eng, [eng.submit(p, sp) for p, sp in zip(prompt_list, param_list)])
+        assert eng.blocks.num_used_blocks == 0
+        return [c.token_ids for c in done]
+    n = 12
+    fused_t, _, prompts_t, _ = trained
+    like = lambda **kw: [SamplingParams(max_tokens=n, ignore_eos=True, **kw)] * len(prompts_t)
+    greedy = run(fused_t, prompts_t, like(temperature=0.0))
+    assert run(fused_t, prompts_t, like(temperature=0.9, top_k=1)) == greedy
+    assert run(fused_t, prompts_t, like(temperature=1.0, top_p=1e-6)) == greedy
+    seeded = [SamplingParams(temperature=1.0, top_p=0.95, seed=100 + i, max_tokens=n, ignore_eos=True)
+              for i in range(len(prompts))]
+    first = run(fused, prompts, seeded)
+    others = [SamplingParams(**{**MIXED_CUDA[i % len(MIXED_CUDA)], "max_tokens": n, "ignore_eos": True})
+              for i in range(len(prompts))]
+    mixed = run(fused, prompts, [s if i % 2 else o for i, (s, o) in enumerate(zip(seeded, others))], warmup=True)
+    assert [mixed[i] for i in range(1, len(prompts), 2)] == [first[i] for i in range(1, len(prompts), 2)]
+    assert first != run(fused, prompts, [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)] * len(prompts))
+    assert all(len(t) == n for t in mixed)
+
+
+MIXED_CUDA = [dict(temperature=0.0), dict(temperature=0.7, top_k=40, repetition_penalty=1.2),
+              dict(temperature=1.2, min_p=0.05, frequency_penalty=0.5), dict(temperature=0.0, presence_penalty=1.0)]
+
+
 @pytest.mark.parametrize("rows", [8, 3])
 def test_multi_step_greedy_on_the_gpu(runs, fused, prompts, rows):
     """greedy_steps (argmax fed back on the GPU, no host round trip) against the reference."""

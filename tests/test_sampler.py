@@ -1,17 +1,31 @@
-"""Sampler: filters, penalties, seeded generators, logprobs."""
+"""Sampler: filters, penalties, seeded generators, logprobs; the batched path token for token against the
+one-row reference (pick_one_row), on the CPU here and on the GPU in test_cuda_sampler.py."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from engine.sampler import Sampler, apply_penalties, filter_logits, make_generator
+from engine.sampler import Sampler, apply_penalties, filter_rows, make_generator, pick_one_row
 from engine.sequence import SamplingParams
+
+
+def kept_mask(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """filter_rows' candidates of one row as a mask over the vocabulary."""
+    vals, ids, keep = filter_rows(row[None], [p])
+    if ids is None:
+        return torch.ones_like(row, dtype=torch.bool) if keep is None else keep[0]
+    return torch.zeros(row.shape[-1], dtype=torch.bool).index_fill_(0, ids[0][keep[0]], True)
+
+
+def filtered(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The scaled row with everything filter_rows drops at -inf."""
+    return (row / p.temperature).masked_fill(~kept_mask(row, p), float("-inf"))
 
 
 def test_top_k_top_p_min_p_masks():
     logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
-    kept = lambda **kw: torch.isfinite(filter_logits(logits.clone(), SamplingParams(**kw))).tolist()
+    kept = lambda **kw: kept_mask(logits, SamplingParams(**kw)).tolist()
     assert kept(top_k=2) == [True, True, False, False, False]
     assert kept(top_p=0.5) == [True, False, False, False, False]        # the first token alone reaches 0.5
     assert kept(top_p=0.8) == [True, True, True, False, False]          # 0.75 < 0.8, so the third stays
@@ -21,8 +35,8 @@ def test_top_k_top_p_min_p_masks():
 
 def test_temperature_sharpens():
     logits = torch.tensor([2.0, 1.0, 0.0])
-    p1 = filter_logits(logits, SamplingParams(temperature=1.0)).softmax(-1)
-    p2 = filter_logits(logits, SamplingParams(temperature=0.5)).softmax(-1)
+    p1 = filtered(logits, SamplingParams(temperature=1.0)).softmax(-1)
+    p2 = filtered(logits, SamplingParams(temperature=0.5)).softmax(-1)
     assert p2[0] > p1[0]
 
 
@@ -32,6 +46,8 @@ def test_penalties():
     assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
     out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [0], [2, 2])
     assert out.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 0.5]
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), [0, 1, 0], [1, 0])
+    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]                     # once per token, however often seen
 
 
 def test_seeded_rows_do_not_depend_on_their_neighbours():
@@ -75,24 +91,83 @@ def reference_mask(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 
 def test_filters_match_a_full_sort_on_a_large_vocabulary():
-    """Nuclei from a handful of tokens to tens of thousands (top_p 0.999 on a flat row): the doubling
-    top-m search keeps the tokens a float64 full sort keeps; they may part only on a token whose
-    preceding mass is within rounding of top_p."""
+    """Nuclei from a handful of tokens to tens of thousands (top_p 0.999 on a flat row), rows with different
+    filters in one call: the doubling top-m search keeps the tokens a float64 full sort keeps; they may
+    part only on a token whose preceding mass is within rounding of top_p."""
     gen = torch.Generator().manual_seed(11)
+    ranked = [{"top_p": 0.9}, {"top_p": 0.999}, {"top_p": 0.5, "top_k": 100},
+              {"top_p": 0.95, "min_p": 0.1, "temperature": 0.7}, {"top_k": 7}, {"top_k": 3000, "top_p": 0.99}]
+    unranked = [{"min_p": 0.05}, {"temperature": 1.3}, {"min_p": 0.2, "temperature": 0.5}]
     for scale in (0.3, 3.0, 12.0):
-        logits = torch.randn(49152, generator=gen) * scale
-        for kw in ({"top_p": 0.9}, {"top_p": 0.999}, {"top_p": 0.5, "top_k": 100}, {"min_p": 0.05},
-                   {"top_p": 0.95, "min_p": 0.1, "temperature": 0.7}, {"top_k": 7}):
-            p = SamplingParams(**kw)
-            got = torch.isfinite(filter_logits(logits.clone(), p))
-            want = reference_mask(logits.clone(), p)
-            differ = (got != want).nonzero()[:, 0]
-            assert len(differ) <= 1, (scale, kw, len(differ))
-            if len(differ):                              # exclusive cumulative mass in float64 at those tokens
-                probs = (logits.double() / p.temperature).softmax(-1)
-                before = probs[probs > probs[differ].max()].sum()
-                assert abs(float(before) - p.top_p) < 1e-5, (scale, kw, float(before))
-            assert got.sum() > 0
+        for group in (ranked, unranked):
+            logits = torch.randn(len(group), 49152, generator=gen) * scale
+            params = [SamplingParams(**kw) for kw in group]
+            vals, ids, keep = filter_rows(logits.clone(), params)
+            for i, p in enumerate(params):
+                if ids is None:
+                    got = torch.ones(49152, dtype=torch.bool) if keep is None else keep[i]
+                else:
+                    got = torch.zeros(49152, dtype=torch.bool).index_fill_(0, ids[i][keep[i]], True)
+                    assert (vals[i][keep[i]].diff() <= 0).all()           # descending: the walk's order
+                want = reference_mask(logits[i], p)
+                differ = (got != want).nonzero()[:, 0]
+                assert len(differ) <= 1, (scale, group[i], len(differ))
+                if len(differ):                          # exclusive cumulative mass in float64 at those tokens
+                    probs = (logits[i].double() / p.temperature).softmax(-1)
+                    before = probs[probs > probs[differ].max()].sum()
+                    assert abs(float(before) - p.top_p) < 1e-5, (scale, group[i], float(before))
+                assert got.sum() > 0
+
+
+MIXED = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9),
+         dict(temperature=0.8, top_k=40), dict(temperature=1.2, min_p=0.05), dict(top_k=50, top_p=0.95, min_p=0.02),
+         dict(temperature=0.6, top_p=0.5), dict(temperature=1.0, repetition_penalty=1.3),
+         dict(temperature=0.9, top_p=0.8, presence_penalty=0.5, frequency_penalty=0.3),
+         dict(temperature=0.0, repetition_penalty=1.2), dict(temperature=2.0, top_k=5)]
+
+
+def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab: int = 49152) -> None:
+    """Sampler over a batch of mixed rows (greedy, penalties, every filter; some rows with tokens at
+    -inf, as min_tokens masks EOS) against pick_one_row on each row alone, on the CPU, with generators in
+    the same states: the same tokens, except where the row's target u * total lies within rounding of a
+    boundary of the reference's CDF (the batched softmax sums in another order)."""
+    gen = torch.Generator().manual_seed(rows)
+    params = [SamplingParams(**MIXED[i % len(MIXED)]) for i in range(rows)]
+    prompts = [torch.randint(0, vocab, (int(torch.randint(0, 40, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(rows)]
+    outputs = [torch.randint(0, vocab, (int(torch.randint(0, 20, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(rows)]
+    ours = [make_generator(1000 + i) for i in range(rows)]
+    theirs = [make_generator(1000 + i) for i in range(rows)]
+    sampler = Sampler()
+    near = 0
+    for r in range(rounds):
+        scale = (0.5, 2.0, 6.0)[r % 3]
+        logits = torch.randn(rows, vocab, generator=gen) * scale
+        logits[::7, :3] = float("-inf")
+        before = logits.clone()
+        on_device = logits.to(device)
+        got = [x.token_id for x in sampler(on_device, params, prompts, outputs, ours)]
+        assert torch.equal(on_device.cpu(), before), "the sampler changed its input (penalties go on a copy)"
+        for i, p in enumerate(params):
+            probe = torch.Generator().set_state(theirs[i].get_state())
+            want = pick_one_row(logits[i].clone(), p, prompts[i], outputs[i], theirs[i])
+            if got[i] == want:
+                continue
+            # the reference's CDF and target for this row: the target must sit on a boundary
+            row = apply_penalties(logits[i].clone(), p, prompts[i], outputs[i])
+            from engine.sampler import candidates
+            ids, kept = candidates(row, p)
+            cdf = kept.double().softmax(-1).cumsum(-1)
+            u = float(torch.rand((), generator=probe, dtype=torch.float32))
+            gap = (cdf - u).abs().min().item()
+            assert gap < 1e-5, (device, r, i, p, got[i], want, gap)
+            near += 1
+    assert near <= max(1, rows * rounds // 500), near
+
+
+def test_batched_sampler_matches_the_one_row_reference():
+    sampler_matches_one_row_reference("cpu", rows=44, rounds=6)
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():
