@@ -210,7 +210,7 @@ class Engine(PipelinedDecode):
         self.scheduler.mark_computed(out)
         rows = [it.seq for it in out.scheduled]
         if len(logits) == len(rows) and self._can_pipeline(rows):
-            self._inflight = InflightStep(rows, *self._device_argmax(logits))
+            self._inflight = InflightStep(rows, *self._device_tokens(rows, logits))
         else:
             self._sample(out, logits)
         self.counters["steps"] += 1

@@ -1,6 +1,8 @@
-"""Pipelined greedy decode for backends that run asynchronously to the host (CUDA).
+"""Pipelined decode for backends that run asynchronously to the host (CUDA).
 
-A step of plain greedy decodes leaves its argmax on the device (an InflightStep); the engine's next step()
+A step of plain decodes (greedy or sampled, no penalties or logprobs: Request.plain) leaves its tokens on
+the device -- the argmax, or Sampler.tokens' draw with each request's own uniform -- (an InflightStep); the
+engine's next step()
 launches the following step with those device tokens as its inputs, and only then reads them on the host
 and publishes them, so the scheduler, block manager and request bookkeeping run while the GPU computes.
 A sequence that finished in the step being read has one extra row in the step already launched; that
@@ -32,22 +34,23 @@ class PipelinedDecode:
     """Engine's pipelining steps; they use its backend, blocks, scheduler, model, requests and counters."""
 
     def _can_pipeline(self, rows: list[Sequence]) -> bool:
-        """Every row a plain greedy decode of a live request that can take one more token, nothing
-        waiting: the next step's inputs are then exactly this step's argmax, in the same order."""
+        """Every row a plain decode of a live request that can take one more token, nothing waiting: the
+        next step's inputs are then exactly this step's device tokens, in the same order."""
         if not getattr(self.backend, "supports_async", False) or self.scheduler.waiting or not rows:
             return False
         requests, limit = self._requests, self.max_model_len - 2
         for seq in rows:
             req = requests.get(seq.request_id)
-            if not isinstance(req, Request) or not req.plain_greedy or seq.status is SequenceStatus.FINISHED \
+            if not isinstance(req, Request) or not req.plain or seq.status is SequenceStatus.FINISHED \
                     or seq.num_computed != len(seq.prompt_ids) + len(seq.output_ids) or seq.num_computed > limit \
                     or (req.params.min_tokens and len(seq.output_ids) < req.params.min_tokens):
                 return False
         return True
 
-    def _device_argmax(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(tokens on the device, their host copy in flight, an event that marks it landed)."""
-        return self._to_host(self.backend.argmax(logits))
+    def _device_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(the rows' tokens on the device, their host copy in flight, an event that marks it landed)."""
+        reqs = [self._requests[seq.request_id] for seq in rows]
+        return self._to_host(self.sampler.tokens(logits, [r.params for r in reqs], [r.generator for r in reqs]))
 
     @staticmethod
     def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -76,8 +79,9 @@ class PipelinedDecode:
         ids = prev.tokens if len(keep) == len(prev.rows) else \
             prev.tokens[torch.tensor(keep, device=prev.tokens.device)]
         batch.device_input_ids = ids
-        tokens = self.model.forward_tokens(batch)        # one graph replay, the argmax inside (CUDA)
-        launched = self._to_host(tokens) if tokens is not None else self._device_argmax(self.model.forward(batch))
+        greedy = all(self._requests[seq.request_id].params.is_greedy for seq in rows)
+        tokens = self.model.forward_tokens(batch) if greedy else None   # one graph replay, the argmax inside
+        launched = self._to_host(tokens) if tokens is not None else self._device_tokens(rows, self.model.forward(batch))
         for seq in rows:
             seq.num_computed += 1
         self.counters["steps"] += 1

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import queue
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
-
-import torch
 
 from engine.sequence import FinishReason, SamplingParams, Sequence
 
@@ -116,7 +115,7 @@ class Request:
     params: SamplingParams
     handle: RequestHandle
     detok: object | None
-    generator: torch.Generator | None
+    generator: random.Random | None
     eos_token_ids: tuple[int, ...]
     text: str = ""
     num_emitted_chars: int = 0
@@ -124,11 +123,11 @@ class Request:
     pending_logprobs: list[dict] = field(default_factory=list)
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy without penalties or logprobs: the next token is the argmax alone (Engine pipelining)."""
+    def plain(self) -> bool:
+        """No penalties or logprobs: the next token comes from this step's logits and the request's own
+        generator alone, on the device (Engine pipelining; Sampler.tokens)."""
         p = self.params
-        return (p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
-                and p.logprobs is None)
+        return p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.logprobs is None
 
     @property
     def max_stop_len(self) -> int:

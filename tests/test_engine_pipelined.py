@@ -1,5 +1,5 @@
-"""Pipelined decode (Engine.step with a supports_async backend): a step of plain greedy decodes leaves its
-argmax on the device and the next step is launched from it before the host reads it. On the tiny model
+"""Pipelined decode (Engine.step with a supports_async backend): a step of plain decodes (greedy or sampled)
+leaves its tokens on the device and the next step is launched from them before the host reads them. On the tiny model
 with the reference backend marked async, every output must equal the synchronous engine's, sequences
 that finish while a step is in flight must not leak blocks, and the pipeline must actually run."""
 from __future__ import annotations
@@ -66,6 +66,29 @@ def test_arrivals_and_sampling_rows_fall_back_and_resume():
     eng, piped = run(True, reqs, arrivals)
     assert piped == sync
     assert eng.counters["steps_ahead"] > 0
+    assert_all_free(eng)
+
+
+def test_sampled_rows_pipeline_with_their_own_generators():
+    """Seeded sampled rows (top-k, top-p, min-p, plain temperature) beside greedy ones run pipelined, drawing
+    each token from the request's own generator as the synchronous engine does; a row with a penalty or
+    logprobs needs the host, so steps with it in the batch stay synchronous, and outputs still match."""
+    ps = prompts(6, seed=9)
+    kinds = [dict(temperature=0.9, top_k=30), dict(temperature=1.1, top_p=0.8), dict(temperature=0.0),
+             dict(temperature=1.3, min_p=0.05), dict(temperature=1.5), dict(temperature=0.7, top_p=0.95, top_k=50)]
+    reqs = [(p, SamplingParams(**kw, seed=40 + i, max_tokens=10 + 3 * i, ignore_eos=True))
+            for i, (p, kw) in enumerate(zip(ps, kinds))]
+    _, sync = run(False, reqs)
+    eng, piped = run(True, reqs)
+    assert piped == sync
+    assert eng.counters["steps_ahead"] > 15, "sampled rows did not pipeline"
+    assert_all_free(eng)
+    assert len({tuple(t) for t, _ in sync}) == len(sync)
+    reqs[4] = (ps[4], SamplingParams(temperature=1.5, seed=44, max_tokens=22, ignore_eos=True, repetition_penalty=1.3))
+    reqs[2] = (ps[2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))
+    _, sync = run(False, reqs)
+    eng, piped = run(True, reqs)
+    assert piped == sync
     assert_all_free(eng)
 
 

@@ -3,10 +3,13 @@ one-row reference (pick_one_row), on the CPU here and on the GPU in test_cuda_sa
 from __future__ import annotations
 
 import math
+import random
 
+import pytest
 import torch
 
-from engine.sampler import Sampler, apply_penalties, filter_rows, make_generator, pick_one_row
+import engine.sampler as sampler_module
+from engine.sampler import Sampler, apply_penalties, filter_rows, make_generator, pick_one_row, uniform
 from engine.sequence import SamplingParams
 
 
@@ -90,7 +93,14 @@ def reference_mask(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return torch.isfinite(logits)
 
 
-def test_filters_match_a_full_sort_on_a_large_vocabulary():
+@pytest.fixture(params=["top-m search", "whole rows sorted"])
+def row_sort(request, monkeypatch):
+    """Both ways filter_rows finds a nucleus: the CPU's doubling top-m search, and the GPU's whole sort."""
+    monkeypatch.setattr(sampler_module, "sorts_whole_rows", lambda device: request.param == "whole rows sorted")
+    return request.param
+
+
+def test_filters_match_a_full_sort_on_a_large_vocabulary(row_sort):
     """Nuclei from a handful of tokens to tens of thousands (top_p 0.999 on a flat row), rows with different
     filters in one call: the doubling top-m search keeps the tokens a float64 full sort keeps; they may
     part only on a token whose preceding mass is within rounding of top_p."""
@@ -150,7 +160,8 @@ def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab
         got = [x.token_id for x in sampler(on_device, params, prompts, outputs, ours)]
         assert torch.equal(on_device.cpu(), before), "the sampler changed its input (penalties go on a copy)"
         for i, p in enumerate(params):
-            probe = torch.Generator().set_state(theirs[i].get_state())
+            probe = random.Random()
+            probe.setstate(theirs[i].getstate())
             want = pick_one_row(logits[i].clone(), p, prompts[i], outputs[i], theirs[i])
             if got[i] == want:
                 continue
@@ -159,14 +170,14 @@ def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab
             from engine.sampler import candidates
             ids, kept = candidates(row, p)
             cdf = kept.double().softmax(-1).cumsum(-1)
-            u = float(torch.rand((), generator=probe, dtype=torch.float32))
+            u = uniform(probe)
             gap = (cdf - u).abs().min().item()
             assert gap < 1e-5, (device, r, i, p, got[i], want, gap)
             near += 1
     assert near <= max(1, rows * rounds // 500), near
 
 
-def test_batched_sampler_matches_the_one_row_reference():
+def test_batched_sampler_matches_the_one_row_reference(row_sort):
     sampler_matches_one_row_reference("cpu", rows=44, rounds=6)
 
 
