@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device-machine session for the CUDA backend: install the carried wheels, then run the stages named
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
-#   stages: info tests kernels layers model attention e2e prefill ttft serve ncu   (each stage under its own time limit, so a
+#   stages: info tests kernels layers model attention sampler e2e prefill ttft serve ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
-#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, E2E_ARGS, TTFT_ARGS, SERVE_ARGS, NCU_ARGS (the probe's batch and context))
+#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, SAMPLER_ARGS, E2E_ARGS, TTFT_ARGS, SERVE_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
@@ -50,6 +50,11 @@ for stage in "$@"; do
         timeout "${STAGE_LIMIT_attention:-240}" python3 benchmarks/gpu_attention.py ${ATTN_ARGS:---flex some} \
             --out "$OUT/attention.md" 2>&1 \
             | tee "$OUT/attention.log" | grep -v "^B=\|^  " | tail -30
+        st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
+        ;;
+    sampler)
+        timeout "${STAGE_LIMIT_sampler:-120}" python3 benchmarks/gpu_sampler.py ${SAMPLER_ARGS:-} --out "$OUT/sampler.md" 2>&1 \
+            | tee "$OUT/sampler.log" | tail -16
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     e2e)
