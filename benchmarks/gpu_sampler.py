@@ -1,13 +1,13 @@
 """The batched sampler on the GPU, a step's worth of rows at a time, next to what HF transformers does for the
 same request (its TopPLogitsWarper: a row sort, cumsum, scatter, then torch.multinomial).
 
-Per batch size and vocabulary: the whole-row descending sort two ways (torch's row sort, one thread block a row;
-engine.sampler.sort_rows_descending's flattened int64 keys), and Sampler.tokens end to end (host work included:
-each call synchronised) at T=1.0 and at T=0.7 / top_p=0.9, with each sort, against the HF-style warper chain.
+Per batch size and vocabulary: torch's descending row sort alone, and Sampler.tokens end to end (host work
+included: each call synchronised) at T=1.0 and at T=0.7 / top_p=0.9, against the HF-style warper chain; --profile
+prints torch.profiler's op table of the top-p call at the smallest and largest batch.
 Logits are flat (random-weights-like: a nucleus of most of the vocabulary, the sort's worst case) or peaked
 (a trained model's: a nucleus of a few tokens).
 
-    python3 benchmarks/gpu_sampler.py [--batches 1 32 128] [--vocabs 49152 128256]
+    python3 benchmarks/gpu_sampler.py [--batches 1 32 128] [--vocabs 49152 128256] [--profile]
 """
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import engine.sampler as sampler_module  # noqa: E402
-from engine.sampler import Sampler, make_generator, sort_rows_descending  # noqa: E402
+from engine.sampler import Sampler, make_generator  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 
 
@@ -56,15 +55,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[49152, 128256])
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| logits | batch | vocab | row sort ms | flat sort ms | T=1.0 ms | top-p, flat sort ms | top-p, row sort ms "
-             "| HF top-p warper + multinomial ms | HF / ours (top-p) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| logits | batch | vocab | row sort ms | T=1.0 ms | T=0.7, top_p=0.9 ms | HF top-p warper + multinomial ms "
+             "| HF / ours (top-p) |",
+             "|---|---|---|---|---|---|---|---|"]
     sampler = Sampler()
-    row_sort = lambda x, flat=True: sort_rows_descending(x, flat=False)      # noqa: E731
-    flat_sort = sampler_module.sort_rows_descending
     for kind, scale in (("flat", 0.5), ("peaked", 8.0)):
         for vocab in args.vocabs:
             for n in args.batches:
@@ -74,16 +72,20 @@ def main() -> None:
                 t1 = [SamplingParams(temperature=1.0)] * n
                 tp = [SamplingParams(temperature=0.7, top_p=0.9)] * n
                 r_row = wall_ms(lambda: x.sort(-1, descending=True))
-                r_flat = wall_ms(lambda: sort_rows_descending(x))
                 s_t1 = wall_ms(lambda: sampler.tokens(x, t1, gens))
-                s_flat = wall_ms(lambda: sampler.tokens(x, tp, gens))
-                sampler_module.sort_rows_descending = row_sort
-                s_row = wall_ms(lambda: sampler.tokens(x, tp, gens))
-                sampler_module.sort_rows_descending = flat_sort
+                s_tp = wall_ms(lambda: sampler.tokens(x, tp, gens))
                 hf = wall_ms(lambda: hf_top_p(x, 0.7, 0.9))
-                lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {r_flat:.3f} | {s_t1:.3f} | {s_flat:.3f} | "
-                             f"{s_row:.3f} | {hf:.3f} | {hf / s_flat:.2f}x |")
+                lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {hf:.3f} | "
+                             f"{hf / s_tp:.2f}x |")
                 print(lines[-1], flush=True)
+                if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in (args.batches[0], args.batches[-1]):
+                    from torch.profiler import ProfilerActivity, profile
+                    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            sampler.tokens(x, tp, gens)
+                        torch.cuda.synchronize()
+                    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
+                    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
     table = "\n".join(lines)
     print(table)
     if args.out:

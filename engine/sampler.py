@@ -53,24 +53,6 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def sort_rows_descending(x: torch.Tensor, flat: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [n, V] float32 sorted along each row, largest first -> (values, positions), as
-    x.sort(-1, descending=True) (equal values in either order). flat: one sort of all n x V elements,
-    the row index in the key's top 32 bits above the value's order-preserving bits: torch sorts each row
-    of a [n, V] tensor with one thread block (~1 ms for a 49k row on the H200, 3 ms for 128k), the
-    flattened int64 keys with the whole GPU."""
-    if not flat:
-        return x.sort(-1, descending=True)
-    n, vocab = x.shape
-    bits = x.contiguous().view(torch.int32).long()
-    order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)          # ascending with the float, in int32 range
-    rows = torch.arange(n, device=x.device, dtype=torch.long)[:, None]
-    key = (rows << 32) + (2**31 - 1 - order)                        # descending value within each row
-    _, pos = key.view(-1).sort()
-    pos = pos.view(n, vocab) - rows * vocab
-    return x.gather(1, pos), pos
-
-
 def sorts_whole_rows(device: torch.device) -> bool:
     """Whether top-p rows are sorted whole (filter_rows): on a GPU."""
     return device.type != "cpu"
@@ -125,7 +107,7 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[tor
         m = vocab
     whole = torch.logsumexp(logits.double(), -1) if any_p else None     # a row without top_k normalises
     while True:                                                         # over all of it
-        vals, ids = logits.topk(m, -1) if m < vocab else sort_rows_descending(logits)
+        vals, ids = logits.topk(m, -1) if m < vocab else logits.sort(-1, descending=True)
         inside = torch.arange(m, device=dev)[None] < k
         keep = inside
         if any_p:
