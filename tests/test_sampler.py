@@ -15,7 +15,7 @@ from engine.sequence import SamplingParams
 
 def kept_mask(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """filter_rows' candidates of one row as a mask over the vocabulary."""
-    vals, ids, keep = filter_rows(row[None], [p])
+    vals, ids, keep, _ = filter_rows(row[None], [p])
     if ids is None:
         return torch.ones_like(row, dtype=torch.bool) if keep is None else keep[0]
     return torch.zeros(row.shape[-1], dtype=torch.bool).index_fill_(0, ids[0][keep[0]], True)
@@ -112,7 +112,7 @@ def test_filters_match_a_full_sort_on_a_large_vocabulary(row_sort):
         for group in (ranked, unranked):
             logits = torch.randn(len(group), 49152, generator=gen) * scale
             params = [SamplingParams(**kw) for kw in group]
-            vals, ids, keep = filter_rows(logits.clone(), params)
+            vals, ids, keep, _ = filter_rows(logits.clone(), params)
             for i, p in enumerate(params):
                 if ids is None:
                     got = torch.ones(49152, dtype=torch.bool) if keep is None else keep[i]
@@ -140,7 +140,8 @@ def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab
     """Sampler over a batch of mixed rows (greedy, penalties, every filter; some rows with tokens at
     -inf, as min_tokens masks EOS) against pick_one_row on each row alone, on the CPU, with generators in
     the same states: the same tokens, except where the row's target u * total lies within rounding of a
-    boundary of the reference's CDF (the batched softmax sums in another order)."""
+    boundary of the reference's CDF (the batched path sums in float64 what the reference sums in float32,
+    in another order)."""
     gen = torch.Generator().manual_seed(rows)
     params = [SamplingParams(**MIXED[i % len(MIXED)]) for i in range(rows)]
     prompts = [torch.randint(0, vocab, (int(torch.randint(0, 40, (), generator=gen)),), generator=gen).tolist()
@@ -174,7 +175,7 @@ def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab
             gap = (cdf - u).abs().min().item()
             assert gap < 1e-5, (device, r, i, p, got[i], want, gap)
             near += 1
-    assert near <= max(1, rows * rounds // 500), near
+    assert near <= max(2, rows * rounds // 100), near
 
 
 def test_batched_sampler_matches_the_one_row_reference(row_sort):
