@@ -9,7 +9,7 @@ Engine(warmup=True)), "lazy capture" (warmup=False: each graph captured by the f
 "eager prefill" (prefill_graph_tokens=0: prefill and mixed steps launched layer by layer), "one span" (prefill
 keys never split). Each variant runs two workloads of the same shape (seeds 1 and 2), each on a new Engine.
 
-    python3 benchmarks/gpu_serve.py [--model smollm2] [--chats 48] [--turns 4] [--rate 16] [--out FILE]
+    python3 benchmarks/gpu_serve.py [--model smollm2] [--chats 48] [--turns 4] [--rate 16] [--sampled] [--out FILE]
     python3 benchmarks/gpu_serve.py --backend ref --model tiny --chats 3 --turns 2   # CPU smoke run
 """
 from __future__ import annotations
@@ -81,8 +81,9 @@ def pct(values: list[float], q: float) -> float:
     return v[min(len(v) - 1, int(q / 100 * len(v)))]
 
 
-def serve(engine, starts: list[float], chats: list[list[Turn]]) -> dict:
-    """Step the engine until every chat's every turn is answered; latencies in ms."""
+def serve(engine, starts: list[float], chats: list[list[Turn]], sampling: dict | None = None) -> dict:
+    """Step the engine until every chat's every turn is answered; latencies in ms. sampling: the turns'
+    SamplingParams besides greedy (each turn seeded by its chat and turn)."""
     ready = sorted((s, c, 0, []) for c, s in enumerate(starts))      # (time, chat, turn, history)
     live: list[Live] = []
     ttft = {"first": [], "follow": []}
@@ -95,7 +96,8 @@ def serve(engine, starts: list[float], chats: list[list[Turn]]) -> dict:
             _, c, k, history = ready.pop(0)
             turn = chats[c][k]
             prompt = history + turn.user
-            params = SamplingParams(temperature=0.0, max_tokens=turn.answer_len, ignore_eos=True)
+            params = SamplingParams(**(sampling or {"temperature": 0.0}), seed=1000 * c + k if sampling else None,
+                                    max_tokens=turn.answer_len, ignore_eos=True)
             live.append(Live(turn, engine.submit(prompt, params), now, prompt))
         if not engine.has_work():
             if ready:
@@ -171,6 +173,8 @@ def main() -> None:
     ap.add_argument("--answer", type=int, default=96, help="tokens of each answer")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    ap.add_argument("--sampled", action="store_true",
+                    help="answers sampled as the chat page asks (temperature 0.7, top_p 0.95), not greedy")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.engine import Engine
@@ -184,7 +188,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if args.backend == "cuda" else "CPU (torch_ref)"
     lines = [f"# {name}, {cfg.name}, {time.strftime('%Y-%m-%d %H:%M')}: {args.chats} chats x {args.turns} turns, "
              f"{args.rate:g} chats/s, first message ~{args.first} tokens, follow-ups ~{args.follow}, answers "
-             f"{args.answer}; max_num_seqs {args.max_num_seqs}", "",
+             f"{args.answer}; max_num_seqs {args.max_num_seqs}" + ("; sampled (T=0.7, top_p 0.95)" if args.sampled else ""), "",
              "| variant | workload | TTFT first p50 / p99 ms | TTFT follow-up p50 / p99 ms | ITL p50 / p99 ms | "
              "tok/s | steps | seconds | warm-up s (graphs) | graphs captured serving |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -197,7 +201,7 @@ def main() -> None:
                                                        warmup=VARIANTS[v].get("warmup", True)))
             before = graph_count(backend)
             starts, chats = workload(args, cfg.vocab_size, seed)
-            r = serve(engine, starts, chats)
+            r = serve(engine, starts, chats, {"temperature": 0.7, "top_p": 0.95} if args.sampled else None)
             captured = graph_count(backend) - before
             row = (f"| {v} | {seed} | {pct(r['ttft_first'], 50):.1f} / {pct(r['ttft_first'], 99):.1f} | "
                    f"{pct(r['ttft_follow'], 50):.1f} / {pct(r['ttft_follow'], 99):.1f} | "

@@ -58,6 +58,37 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pinned.to(device, non_blocking=True)
 
 
+def penalise_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], prompt_ids: list[list[int]],
+                  output_ids: list[list[int]]) -> None:
+    """apply_penalties on logits[rows] in place, all rows at once: the seen tokens as one mask and the
+    output counts as one scatter, from one upload of their ids (the same float32 arithmetic as the one-row
+    form, so the same logits)."""
+    dev = logits.device
+    r, vocab = len(rows), logits.shape[1]
+    rep = [j for j, i in enumerate(rows) if params[i].repetition_penalty != 1.0 and (prompt_ids[i] or output_ids[i])]
+    cnt = [j for j, i in enumerate(rows) if (params[i].presence_penalty or params[i].frequency_penalty)
+           and output_ids[i]]
+    seen = [prompt_ids[rows[j]] + output_ids[rows[j]] for j in rep]
+    said = [output_ids[rows[j]] for j in cnt]
+    flat = torch.tensor([t for ids in seen + said for t in ids], dtype=torch.long)
+    owner = torch.tensor([j for j, ids in zip(rep + cnt, seen + said) for _ in ids], dtype=torch.long)
+    factors = torch.tensor([[params[i].repetition_penalty for i in rows], [params[i].presence_penalty for i in rows],
+                            [params[i].frequency_penalty for i in rows]], dtype=torch.float32)
+    idx, flat, owner, (rp, pres, freq) = (upload(t, dev) for t in (torch.tensor(rows), flat, owner, factors))
+    x = logits[idx]
+    n_seen = sum(map(len, seen))
+    if rep:
+        mask = torch.zeros(r, vocab, dtype=torch.bool, device=dev)
+        mask[owner[:n_seen], flat[:n_seen]] = True
+        x = torch.where(mask, torch.where(x > 0, x / rp[:, None], x * rp[:, None]), x)
+    if cnt:
+        counts = torch.zeros(r, vocab, dtype=x.dtype, device=dev)
+        counts.index_put_((owner[n_seen:], flat[n_seen:]), torch.ones((), dtype=x.dtype, device=dev).expand(len(flat) - n_seen),
+                          accumulate=True)
+        x = x - ((counts > 0) * pres[:, None] + freq[:, None] * counts)
+    logits[idx] = x
+
+
 def sorts_whole_rows(device: torch.device) -> bool:
     """Whether top-p rows are sorted whole (filter_rows): on a GPU."""
     return device.type != "cpu"
@@ -219,8 +250,7 @@ class Sampler:
         penalised = [i for i, p in enumerate(params) if has_penalties(p)]
         if penalised:
             work = logits.clone()
-            for i in penalised:
-                apply_penalties(work[i], params[i], prompt_ids[i], output_ids[i])
+            penalise_rows(work, penalised, params, prompt_ids, output_ids)
         chosen = self.tokens(work, params, generators)
         asked = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not asked:

@@ -205,3 +205,28 @@ def test_greedy_rows_use_the_backends_argmax():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
     res = Sampler(argmax=argmax)(logits, [SamplingParams(temperature=0.0)] * 2, [[], []], [[], []], [None, None])
     assert [r.token_id for r in res] == [1, 0] and seen == [(2, 3)]
+
+
+def test_penalties_of_many_rows_at_once_equal_the_one_row_form():
+    """penalise_rows (one mask, one scatter) gives apply_penalties' logits, bit for bit, row by row: rows
+    with each penalty alone, all of them, none that applies (no history), and tokens seen many times."""
+    from engine.sampler import penalise_rows
+    gen = torch.Generator().manual_seed(21)
+    kinds = [dict(repetition_penalty=1.3), dict(presence_penalty=0.5), dict(frequency_penalty=-0.7),
+             dict(repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=0.3), dict(repetition_penalty=1.2)]
+    n, vocab = 12, 3000
+    params = [SamplingParams(temperature=1.0, **kinds[i % len(kinds)]) for i in range(n)]
+    prompts = [torch.randint(0, 50, (int(torch.randint(0, 30, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(n)]
+    outputs = [torch.randint(0, 80, (int(torch.randint(0, 40, (), generator=gen)),), generator=gen).tolist()
+               for _ in range(n)]
+    prompts[4], outputs[4] = [], []                 # nothing to penalise
+    outputs[1] = []                                 # presence with no output yet
+    logits = torch.randn(n, vocab, generator=gen) * 3
+    rows = [0, 1, 2, 3, 4, 5, 7, 8, 9, 11]          # not every row, out of the batch's order of params
+    got = logits.clone()
+    penalise_rows(got, rows, params, prompts, outputs)
+    for i in range(n):
+        want = apply_penalties(logits[i].clone(), params[i], prompts[i], outputs[i]) if i in rows else logits[i]
+        assert torch.equal(got[i], want), i
+    assert not torch.equal(got[3], logits[3])
