@@ -59,8 +59,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| logits | batch | vocab | row sort ms | T=1.0 ms | T=0.7, top_p=0.9 ms | HF top-p warper + multinomial ms "
-             "| HF / ours (top-p) |",
+    lines = ["| logits | batch | vocab | row sort ms | T=1.0 ms | T=0.7, top_p=0.9 ms | HF top-p warper + "
+             "multinomial ms | HF / ours (top-p) |",
              "|---|---|---|---|---|---|---|---|"]
     sampler = Sampler()
     for kind, scale in (("flat", 0.5), ("peaked", 8.0)):
@@ -78,7 +78,8 @@ def main() -> None:
                 lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {hf:.3f} | "
                              f"{hf / s_tp:.2f}x |")
                 print(lines[-1], flush=True)
-                if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in (args.batches[0], args.batches[-1]):
+                ends = (args.batches[0], args.batches[-1])
+                if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in ends:
                     from torch.profiler import ProfilerActivity, profile
                     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                         for _ in range(5):

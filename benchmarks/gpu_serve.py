@@ -188,7 +188,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(0) if args.backend == "cuda" else "CPU (torch_ref)"
     lines = [f"# {name}, {cfg.name}, {time.strftime('%Y-%m-%d %H:%M')}: {args.chats} chats x {args.turns} turns, "
              f"{args.rate:g} chats/s, first message ~{args.first} tokens, follow-ups ~{args.follow}, answers "
-             f"{args.answer}; max_num_seqs {args.max_num_seqs}" + ("; sampled (T=0.7, top_p 0.95)" if args.sampled else ""), "",
+             f"{args.answer}; max_num_seqs {args.max_num_seqs}"
+             + ("; sampled (T=0.7, top_p 0.95)" if args.sampled else ""), "",
              "| variant | workload | TTFT first p50 / p99 ms | TTFT follow-up p50 / p99 ms | ITL p50 / p99 ms | "
              "tok/s | steps | seconds | warm-up s (graphs) | graphs captured serving |",
              "|---|---|---|---|---|---|---|---|---|---|"]

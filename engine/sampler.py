@@ -75,6 +75,8 @@ def penalise_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingPa
     factors = torch.tensor([[params[i].repetition_penalty for i in rows], [params[i].presence_penalty for i in rows],
                             [params[i].frequency_penalty for i in rows]], dtype=torch.float32)
     idx, flat, owner, (rp, pres, freq) = (upload(t, dev) for t in (torch.tensor(rows), flat, owner, factors))
+    if not rep and not cnt:
+        return
     x = logits[idx]
     n_seen = sum(map(len, seen))
     if rep:
@@ -83,8 +85,8 @@ def penalise_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingPa
         x = torch.where(mask, torch.where(x > 0, x / rp[:, None], x * rp[:, None]), x)
     if cnt:
         counts = torch.zeros(r, vocab, dtype=x.dtype, device=dev)
-        counts.index_put_((owner[n_seen:], flat[n_seen:]), torch.ones((), dtype=x.dtype, device=dev).expand(len(flat) - n_seen),
-                          accumulate=True)
+        ones = torch.ones((), dtype=x.dtype, device=dev).expand(len(flat) - n_seen)
+        counts.index_put_((owner[n_seen:], flat[n_seen:]), ones, accumulate=True)
         x = x - ((counts > 0) * pres[:, None] + freq[:, None] * counts)
     logits[idx] = x
 
