@@ -1,8 +1,8 @@
 """Pipelined decode for backends that run asynchronously to the host (CUDA).
 
-A step of plain decodes (greedy or sampled, no penalties or logprobs: Request.plain) leaves its tokens on
-the device -- the argmax, or Sampler.tokens' draw with each request's own uniform -- (an InflightStep); the
-engine's next step()
+A step of plain decodes (greedy or sampled, penalised or not; no logprobs: Request.plain) leaves its tokens on
+the device -- the argmax, or Sampler.tokens' draw with each request's own uniform, penalties counting the
+tokens still in flight -- (an InflightStep); the engine's next step()
 launches the following step with those device tokens as its inputs, and only then reads them on the host
 and publishes them, so the scheduler, block manager and request bookkeeping run while the GPU computes.
 A sequence that finished in the step being read has one extra row in the step already launched; that
@@ -47,10 +47,13 @@ class PipelinedDecode:
                 return False
         return True
 
-    def _device_tokens(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(the rows' tokens on the device, their host copy in flight, an event that marks it landed)."""
+    def _device_tokens(self, rows: list[Sequence], logits: torch.Tensor,
+                       pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(the rows' tokens on the device, their host copy in flight, an event that marks it landed).
+        pending: each row's token of the step in flight, not yet in its output_ids (penalties count it)."""
         reqs = [self._requests[seq.request_id] for seq in rows]
-        return self._to_host(self.sampler.tokens(logits, [r.params for r in reqs], [r.generator for r in reqs]))
+        return self._to_host(self.sampler.tokens(logits, [r.params for r in reqs], [r.generator for r in reqs],
+                                                 [s.prompt_ids for s in rows], [s.output_ids for s in rows], pending))
 
     @staticmethod
     def _to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, object]:
@@ -79,9 +82,10 @@ class PipelinedDecode:
         ids = prev.tokens if len(keep) == len(prev.rows) else \
             prev.tokens[torch.tensor(keep, device=prev.tokens.device)]
         batch.device_input_ids = ids
-        greedy = all(self._requests[seq.request_id].params.is_greedy for seq in rows)
-        tokens = self.model.forward_tokens(batch) if greedy else None   # one graph replay, the argmax inside
-        launched = self._to_host(tokens) if tokens is not None else self._device_tokens(rows, self.model.forward(batch))
+        argmax = all(self._requests[seq.request_id].plain_greedy for seq in rows)
+        tokens = self.model.forward_tokens(batch) if argmax else None   # one graph replay, the argmax inside
+        launched = self._to_host(tokens) if tokens is not None else \
+            self._device_tokens(rows, self.model.forward(batch), pending=ids)
         for seq in rows:
             seq.num_computed += 1
         self.counters["steps"] += 1

@@ -124,10 +124,17 @@ class Request:
 
     @property
     def plain(self) -> bool:
-        """No penalties or logprobs: the next token comes from this step's logits and the request's own
-        generator alone, on the device (Engine pipelining; Sampler.tokens)."""
+        """No logprobs: the next token is chosen on the device from this step's logits, the request's own
+        generator and its token history (penalties), with nothing the host must read first (Engine
+        pipelining; Sampler.tokens)."""
+        return self.params.logprobs is None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Plain, greedy and unpenalised: the next token is the argmax alone (a graph that returns tokens)."""
         p = self.params
-        return p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty and p.logprobs is None
+        return (self.plain and p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty)
 
     @property
     def max_stop_len(self) -> int:

@@ -59,34 +59,43 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def penalise_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], prompt_ids: list[list[int]],
-                  output_ids: list[list[int]]) -> None:
+                  output_ids: list[list[int]], pending: torch.Tensor | None = None) -> None:
     """apply_penalties on logits[rows] in place, all rows at once: the seen tokens as one mask and the
     output counts as one scatter, from one upload of their ids (the same float32 arithmetic as the one-row
-    form, so the same logits)."""
+    form, so the same logits). pending: int64 [len(params)] on the logits' device, a token each row has
+    generated that output_ids does not hold yet (the pipelined decode's step in flight), counted as if it
+    were appended."""
     dev = logits.device
     r, vocab = len(rows), logits.shape[1]
-    rep = [j for j, i in enumerate(rows) if params[i].repetition_penalty != 1.0 and (prompt_ids[i] or output_ids[i])]
-    cnt = [j for j, i in enumerate(rows) if (params[i].presence_penalty or params[i].frequency_penalty)
-           and output_ids[i]]
-    seen = [prompt_ids[rows[j]] + output_ids[rows[j]] for j in rep]
-    said = [output_ids[rows[j]] for j in cnt]
-    flat = torch.tensor([t for ids in seen + said for t in ids], dtype=torch.long)
-    owner = torch.tensor([j for j, ids in zip(rep + cnt, seen + said) for _ in ids], dtype=torch.long)
-    factors = torch.tensor([[params[i].repetition_penalty for i in rows], [params[i].presence_penalty for i in rows],
-                            [params[i].frequency_penalty for i in rows]], dtype=torch.float32)
-    idx, flat, owner, (rp, pres, freq) = (upload(t, dev) for t in (torch.tensor(rows), flat, owner, factors))
+    more = pending is not None
+    rep = [j for j, i in enumerate(rows)
+           if params[i].repetition_penalty != 1.0 and (prompt_ids[i] or output_ids[i] or more)]
+    cnt = [j for j, i in enumerate(rows)
+           if (params[i].presence_penalty or params[i].frequency_penalty) and (output_ids[i] or more)]
     if not rep and not cnt:
         return
+    seen = [prompt_ids[rows[j]] + output_ids[rows[j]] for j in rep]
+    said = [output_ids[rows[j]] for j in cnt]
+    parts = [[t for ids in seen for t in ids], [j for j, ids in zip(rep, seen) for _ in ids],
+             [t for ids in said for t in ids], [j for j, ids in zip(cnt, said) for _ in ids], rows, rep, cnt]
+    packed = upload(torch.tensor([v for part in parts for v in part], dtype=torch.long), dev)    # one copy
+    seen_ids, seen_row, said_ids, said_row, idx, rep_t, cnt_t = packed.split([len(part) for part in parts])
+    if more:                                   # one more (row, token) pair a row: its pending token
+        pend = pending[idx].long()
+        seen_ids, seen_row = torch.cat([seen_ids, pend[rep_t]]), torch.cat([seen_row, rep_t])
+        said_ids, said_row = torch.cat([said_ids, pend[cnt_t]]), torch.cat([said_row, cnt_t])
+    factors = torch.tensor([[params[i].repetition_penalty for i in rows], [params[i].presence_penalty for i in rows],
+                            [params[i].frequency_penalty for i in rows]], dtype=torch.float32)
+    rp, pres, freq = upload(factors, dev)
     x = logits[idx]
-    n_seen = sum(map(len, seen))
     if rep:
         mask = torch.zeros(r, vocab, dtype=torch.bool, device=dev)
-        mask[owner[:n_seen], flat[:n_seen]] = True
+        mask[seen_row, seen_ids] = True
         x = torch.where(mask, torch.where(x > 0, x / rp[:, None], x * rp[:, None]), x)
     if cnt:
         counts = torch.zeros(r, vocab, dtype=x.dtype, device=dev)
-        ones = torch.ones((), dtype=x.dtype, device=dev).expand(len(flat) - n_seen)
-        counts.index_put_((owner[n_seen:], flat[n_seen:]), ones, accumulate=True)
+        counts.index_put_((said_row, said_ids), torch.ones((), dtype=x.dtype, device=dev).expand(len(said_ids)),
+                          accumulate=True)
         x = x - ((counts > 0) * pres[:, None] + freq[:, None] * counts)
     logits[idx] = x
 
@@ -223,12 +232,18 @@ class Sampler:
     def __init__(self, argmax=None):
         self._argmax = argmax if argmax is not None else (lambda logits: logits.argmax(-1))
 
-    def tokens(self, logits: torch.Tensor, params: list[SamplingParams],
-               generators: list[random.Random | None]) -> torch.Tensor:
+    def tokens(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[random.Random | None],
+               prompt_ids: list[list[int]] | None = None, output_ids: list[list[int]] | None = None,
+               pending: torch.Tensor | None = None) -> torch.Tensor:
         """The chosen token of every row [n, vocab], on the logits' device, without waiting for it (the
-        pipelined decode launches the next step from them): greedy rows by the argmax, the others by
-        sample_rows. No penalties here (__call__ applies them first)."""
+        pipelined decode launches the next step from them): penalties on a copy (penalise_rows; pending:
+        each row's token still on the device, as there), then greedy rows by the argmax, the others by
+        sample_rows."""
         n = logits.shape[0]
+        penalised = [i for i, p in enumerate(params) if has_penalties(p)]
+        if penalised:
+            logits = logits.clone()
+            penalise_rows(logits, penalised, params, prompt_ids, output_ids, pending)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         if len(greedy) == n:
             return self._argmax(logits)
@@ -248,12 +263,7 @@ class Sampler:
         # logits: [num_rows, vocab] float32, on the backend's device. Penalties change a copy: logprobs
         # are under the raw model distribution.
         dev = logits.device
-        work = logits
-        penalised = [i for i, p in enumerate(params) if has_penalties(p)]
-        if penalised:
-            work = logits.clone()
-            penalise_rows(work, penalised, params, prompt_ids, output_ids)
-        chosen = self.tokens(work, params, generators)
+        chosen = self.tokens(logits, params, generators, prompt_ids, output_ids)
         asked = [i for i, p in enumerate(params) if p.logprobs is not None]
         if not asked:
             return [SampleResult(t, None, None) for t in chosen.tolist()]

@@ -71,8 +71,9 @@ def test_arrivals_and_sampling_rows_fall_back_and_resume():
 
 def test_sampled_rows_pipeline_with_their_own_generators():
     """Seeded sampled rows (top-k, top-p, min-p, plain temperature) beside greedy ones run pipelined, drawing
-    each token from the request's own generator as the synchronous engine does; a row with a penalty or
-    logprobs needs the host, so steps with it in the batch stay synchronous, and outputs still match."""
+    each token from the request's own generator as the synchronous engine does. Penalised rows pipeline too,
+    their penalties counting the token still in flight; a row with logprobs needs the host, so steps with
+    it in the batch stay synchronous. Outputs match the synchronous engine's throughout."""
     ps = prompts(6, seed=9)
     kinds = [dict(temperature=0.9, top_k=30), dict(temperature=1.1, top_p=0.8), dict(temperature=0.0),
              dict(temperature=1.3, min_p=0.05), dict(temperature=1.5), dict(temperature=0.7, top_p=0.95, top_k=50)]
@@ -85,7 +86,17 @@ def test_sampled_rows_pipeline_with_their_own_generators():
     assert_all_free(eng)
     assert len({tuple(t) for t, _ in sync}) == len(sync)
     reqs[4] = (ps[4], SamplingParams(temperature=1.5, seed=44, max_tokens=22, ignore_eos=True, repetition_penalty=1.3))
-    reqs[2] = (ps[2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))
+    reqs[2] = (ps[2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=1.5,
+                                     frequency_penalty=1.0))
+    reqs[0] = (ps[0], SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=3.0))
+    _, sync = run(False, reqs)
+    eng, piped = run(True, reqs)
+    assert piped == sync
+    assert eng.counters["steps_ahead"] > 15, "penalised rows did not pipeline"
+    assert_all_free(eng)
+    _, plain = run(False, [(p, SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)) for p in ps[:1]])
+    assert plain[0][0] != sync[0][0]                       # the penalty changed the greedy row's tokens
+    reqs[1] = (ps[1], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))
     _, sync = run(False, reqs)
     eng, piped = run(True, reqs)
     assert piped == sync

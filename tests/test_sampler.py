@@ -230,3 +230,23 @@ def test_penalties_of_many_rows_at_once_equal_the_one_row_form():
         want = apply_penalties(logits[i].clone(), params[i], prompts[i], outputs[i]) if i in rows else logits[i]
         assert torch.equal(got[i], want), i
     assert not torch.equal(got[3], logits[3])
+
+
+def test_pending_tokens_count_as_appended():
+    """penalise_rows' pending token (the pipelined step's, still on the device) penalises as if output_ids
+    held it already: same logits, bit for bit, including a row with no output yet."""
+    from engine.sampler import penalise_rows
+    gen = torch.Generator().manual_seed(5)
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1.4), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=0.0, presence_penalty=0.6, frequency_penalty=0.4),
+              SamplingParams(temperature=1.0, repetition_penalty=0.9, frequency_penalty=-0.5)]
+    prompts = [[1, 2, 3], [4], [5, 6], [7, 7]]
+    outputs = [[9, 9], [8], [], [3]]
+    pending = torch.tensor([9, 1, 6, 3])
+    logits = torch.randn(4, 64, generator=gen) * 2
+    rows = [0, 2, 3]
+    got, want = logits.clone(), logits.clone()
+    penalise_rows(got, rows, params, prompts, outputs, pending)
+    penalise_rows(want, rows, params, prompts, [o + [int(t)] for o, t in zip(outputs, pending)])
+    assert torch.equal(got, want)
+    assert not torch.equal(got[2], logits[2])             # the pending token alone is penalised in row 2
