@@ -183,23 +183,33 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> Filtered:
     return Filtered(vals, ids, keep, cum)
 
 
+def by_group(logits: torch.Tensor, groups) -> torch.Tensor:
+    """int64 [n] on the logits' device, one token a row, from groups of rows that are decided alike:
+    (row indices, pick(group's logits, row indices, their index tensor or None)). A group of every row gets
+    the logits as they are; the others a gathered copy, their tokens scattered back."""
+    n = logits.shape[0]
+    for rows, pick in groups:
+        if len(rows) == n:
+            return pick(logits, rows, None)
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    for rows, pick in groups:
+        if rows:
+            idx = upload(torch.tensor(rows), logits.device)
+            out[idx] = pick(logits[idx], rows, idx).long()
+    return out
+
+
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 generators: list[random.Random | None]) -> torch.Tensor:
     """One token per row of logits [n, vocab] (float32, any device; no greedy rows) -> int64 [n] on that
     device: the filters (filter_rows), then the inverse CDF of the candidates with one uniform from each
     row's own generator, drawn in row order -- a row's token depends on its logits, its parameters and
     its generator only, never on its neighbours. Nothing here waits for the device."""
-    n, vocab = logits.shape
-    dev = logits.device
-    u = upload(torch.tensor([uniform(g) for g in generators], dtype=torch.float32), dev)
-    out = torch.empty(n, dtype=torch.long, device=dev)
-    ranked = [is_ranked(p, vocab) for p in params]
-    for want in (True, False):
-        rows = [i for i, r in enumerate(ranked) if r == want]
-        if not rows:
-            continue
-        idx = None if len(rows) == n else upload(torch.tensor(rows), dev)
-        f = filter_rows(logits if idx is None else logits[idx], [params[i] for i in rows])
+    vocab = logits.shape[1]
+    u = upload(torch.tensor([uniform(g) for g in generators], dtype=torch.float32), logits.device)
+
+    def draw(x: torch.Tensor, rows: list[int], idx: torch.Tensor | None) -> torch.Tensor:
+        f = filter_rows(x, [params[i] for i in rows])
         uu = u if idx is None else u[idx]
         width = f.values.shape[-1]
         if f.cum is not None:                  # ranked: the kept prefix of the running sum
@@ -215,11 +225,9 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
                 j = j.clamp(max=width - 1)
             else:                              # past the end: the last kept token
                 j = torch.where(j >= width, width - 1 - f.keep.flip(-1).int().argmax(-1), j)
-        tok = j if f.ids is None else f.ids.gather(1, j[:, None])[:, 0]
-        if idx is None:
-            return tok
-        out[idx] = tok
-    return out
+        return j if f.ids is None else f.ids.gather(1, j[:, None])[:, 0]
+    ranked = [is_ranked(p, vocab) for p in params]
+    return by_group(logits, [([i for i, r in enumerate(ranked) if r == want], draw) for want in (True, False)])
 
 
 class Sampler:
@@ -239,24 +247,15 @@ class Sampler:
         pipelined decode launches the next step from them): penalties on a copy (penalise_rows; pending:
         each row's token still on the device, as there), then greedy rows by the argmax, the others by
         sample_rows."""
-        n = logits.shape[0]
         penalised = [i for i, p in enumerate(params) if has_penalties(p)]
         if penalised:
             logits = logits.clone()
             penalise_rows(logits, penalised, params, prompt_ids, output_ids, pending)
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
-        if len(greedy) == n:
-            return self._argmax(logits)
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
-        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-        for rows, pick in ((greedy, lambda x, r: self._argmax(x)),
-                           (sampled, lambda x, r: sample_rows(x, [params[i] for i in r], [generators[i] for i in r]))):
-            if len(rows) == n:
-                return pick(logits, rows)
-            if rows:
-                idx = upload(torch.tensor(rows), logits.device)
-                chosen[idx] = pick(logits[idx], rows).long()
-        return chosen
+        return by_group(logits, [(greedy, lambda x, r, idx: self._argmax(x)),
+                                 (sampled, lambda x, r, idx: sample_rows(x, [params[i] for i in r],
+                                                                         [generators[i] for i in r]))])
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[random.Random | None]) -> list[SampleResult]:
@@ -294,19 +293,19 @@ def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tens
     if params.top_k and params.top_k < vocab:
         logits, ids = logits.topk(params.top_k)
     if params.top_p < 1.0:
-        lse = torch.logsumexp(logits.double(), -1)
-        m = min(64, logits.shape[-1])
+        lse = torch.logsumexp(logits.double(), -1)     # float64: the boundary of a wide nucleus sits
+        m = min(64, logits.shape[-1])                  # among ~1e-6 probabilities
         while True:
             vals, order = logits.topk(m)
             probs = (vals.double() - lse).exp()
-            keep = (probs.cumsum(-1) - probs) < params.top_p
+            keep = (probs.cumsum(-1) - probs) < params.top_p       # the first token always stays
             if not keep[-1] or m == logits.shape[-1]:
                 break
             m = min(2 * m, logits.shape[-1])
         vals, order = vals[keep], order[keep]
         ids = order if ids is None else ids[order]
         logits = vals
-    if params.min_p > 0.0:
+    if params.min_p > 0.0:                 # p_i >= min_p * p_max  <=>  logit_i >= max + log(min_p)
         keep = logits >= logits.max() + math.log(params.min_p)
         ids = keep.nonzero()[:, 0] if ids is None else ids[keep]
         logits = logits[keep]
