@@ -1,0 +1,426 @@
+// sample.cu -- one sampled token a row in one launch: temperature, top-k, top-p, min-p and the inverse CDF,
+// one block a row, without sorting the row (pa_sample_rows_cuda in pa.h).
+//
+// The row's order is descending x = logit / temperature, equal x by index (a 64-bit key: the float's
+// order-preserving bits, then ~index). Every filter keeps a prefix of that order, and the draw is the
+// element where the prefix mass crosses a target, so each step is one question -- which element does a
+// prefix weight (a count for top-k, the mass for top-p and the draw) cross t at -- answered in two levels:
+//   1. a histogram of the row over NB buckets of d = max - x (1/128 wide, the rest of the row in the last:
+//      none of it has mass), counts and masses, scanned once; the bucket holding the crossing is the one
+//      whose prefix range holds t;
+//   2. that bucket's elements gathered into shared memory and sorted (bitonic; a few hundred elements on
+//      flat rows), or -- when the bucket holds more than the gather capacity (many equal values) -- found
+//      by bisection over the key, each probe a pass over the row, and among equal values by index.
+// Masses are exp(x - max) rounded to multiples of 2^-40 (exact integer sums, so order and run do not
+// change a total; an element below 2^-41 has none), computed in float64 as the torch path computes them.
+// Rows without top-k or top-p walk the mass in index order instead: per-warp sums over contiguous segments,
+// then one warp scans its segment.
+#include "common.cuh"
+
+namespace {
+
+constexpr int THREADS = 1024;
+constexpr int WARPS = THREADS / 32;
+constexpr unsigned FULL = 0xffffffffu;
+constexpr int NB = 4 * THREADS;            // buckets of d = max - x: [b / 128, (b + 1) / 128), the last open
+constexpr float PER_UNIT = 128.f;
+constexpr int CAP = 4 * THREADS;           // the most elements of one bucket sorted in shared memory
+constexpr double FIX = 1099511627776.0;    // 2^40 units of mass
+constexpr double NO_MASS_D = 28.5;         // exp(-28.5) * 2^40 < 0.5: no mass past this d
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t u = __float_as_uint(x);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key_value(uint32_t k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ int bucket_of(float m, float x) {
+    const float d = m - x;                    // monotone in x; NaN (no maximum) -> the last bucket
+    return d < float(NB) / PER_UNIT ? int(d * PER_UNIT) : NB - 1;
+}
+
+__device__ __forceinline__ u64 mass_of(float m, float x) {
+    const double d = double(m) - double(x);   // exact for two floats
+    return d <= NO_MASS_D ? __double2ull_rn(exp(-d) * FIX) : 0ull;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_inclusive(T v, int lane) {
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const T y = __shfl_up_sync(FULL, v, o);
+        if (lane >= o) v += y;
+    }
+    return v;
+}
+
+struct Shared {
+    u64 mass[NB + 1];      // bucket masses, then their exclusive prefix ([NB]: the total)
+    uint32_t count[NB + 1];
+    u64 sorted[CAP];       // the gathered bucket: (key << 32 | ~index), descending
+    u64 smass[CAP + 1];    // their masses' exclusive prefix
+    u64 red[WARPS];
+    u64 best, target, base;
+    int gathered;          // the bucket in sorted[], -1: none
+    int hit_bucket, hit;
+    uint32_t n;
+};
+
+// The block's sum of v (every thread calls it; red reusable after it returns).
+__device__ u64 block_sum(u64 v, Shared &s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    if (lane == 0) s.red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = warp_sum(s.red[lane]);
+        if (lane == 0) s.red[0] = v;
+    }
+    __syncthreads();
+    v = s.red[0];
+    __syncthreads();
+    return v;
+}
+
+// a[0 .. 4 THREADS) in place -> its exclusive prefix, a[4 THREADS] = the total.
+template <typename T>
+__device__ void scan4(T *a, Shared &s) {
+    const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
+    const T v0 = a[4 * t], v1 = a[4 * t + 1], v2 = a[4 * t + 2], v3 = a[4 * t + 3];
+    const T mine = v0 + v1 + v2 + v3;
+    const T inc = warp_inclusive(mine, lane);
+    if (lane == 31) s.red[warp] = u64(inc);
+    __syncthreads();
+    if (warp == 0) {
+        const u64 w = s.red[lane];
+        s.red[lane] = warp_inclusive(w, lane) - w;
+    }
+    __syncthreads();
+    const T ex = T(s.red[warp]) + inc - mine;
+    a[4 * t] = ex;
+    a[4 * t + 1] = ex + v0;
+    a[4 * t + 2] = ex + v0 + v1;
+    a[4 * t + 3] = ex + v0 + v1 + v2;
+    if (t == THREADS - 1) a[4 * THREADS] = ex + mine;
+    __syncthreads();
+}
+
+// The thread's share of a row: warp w owns the contiguous segment [w seg, (w + 1) seg), its lanes 32 apart
+// (index order is warp order, then step order, then lane order).
+struct Row {
+    const float *logits;
+    int vocab, seg;
+    float temperature, m;
+
+    __device__ float x(int i) const { return logits[i] / temperature; }
+};
+
+
+// Index order: the element at which the prefix of weight(i, x) crosses t = target(total weight), i.e.
+// prefix <= t < prefix + its own weight; -1 when the total is 0.
+template <typename Weight, typename Target>
+__device__ int select_in_index_order(const Row &row, Shared &s, Weight weight, Target target) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int begin = warp * row.seg, end = min(row.vocab, begin + row.seg);
+    u64 mine = 0;
+    for (int i = begin + lane; i < end; i += 32) mine += weight(i, row.x(i));
+    mine = warp_sum(mine);
+    if (lane == 0) s.red[warp] = mine;
+    __syncthreads();
+    if (warp == 0) {
+        const u64 w = s.red[lane];
+        const u64 inc = warp_inclusive(w, lane), total = __shfl_sync(FULL, inc, 31);
+        const u64 t = total ? target(total) : 0;
+        if (lane == 0) {
+            s.hit = -1;
+            s.hit_bucket = -1;
+            s.target = t;
+        }
+        __syncwarp();
+        if (total && inc - w <= t && t < inc) {   // one lane: its warp's segment holds the crossing
+            s.hit_bucket = lane;
+            s.base = inc - w;
+        }
+    }
+    __syncthreads();
+    if (warp == s.hit_bucket) {
+        u64 base = s.base;
+        const u64 t = s.target;
+        for (int i0 = begin; i0 < end; i0 += 32) {
+            const int i = i0 + lane;
+            const u64 w = i < end ? weight(i, row.x(i)) : 0ull;
+            const u64 inc = warp_inclusive(w, lane);
+            const bool here = base + inc - w <= t && t < base + inc;
+            if (here) s.hit = i;
+            if (__any_sync(FULL, here)) break;
+            base += __shfl_sync(FULL, inc, 31);
+        }
+    }
+    __syncthreads();
+    const int hit = s.hit;
+    __syncthreads();
+    return hit;
+}
+
+// The row's maximum x and its first index (torch.argmax's choice), as (key << 32 | ~index).
+__device__ u64 row_best(const Row &row, Shared &s) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 best = 0;
+    for (int i = threadIdx.x; i < row.vocab; i += THREADS)
+        best = max(best, (u64(order_key(row.x(i))) << 32) | u64(~uint32_t(i)));
+#pragma unroll
+    for (int o = 16; o; o >>= 1) best = max(best, __shfl_xor_sync(FULL, best, o));
+    if (lane == 0) s.red[warp] = best;
+    __syncthreads();
+    if (warp == 0) {
+        best = s.red[lane];
+#pragma unroll
+        for (int o = 16; o; o >>= 1) best = max(best, __shfl_xor_sync(FULL, best, o));
+        if (lane == 0) s.best = best;
+    }
+    __syncthreads();
+    best = s.best;
+    __syncthreads();
+    return best;
+}
+
+// Bucket b's elements into s.sorted, descending, and their masses' exclusive prefix into s.smass.
+__device__ void gather_sorted(const Row &row, Shared &s, int b) {
+    const int tid = threadIdx.x, lane = tid & 31;
+    if (tid == 0) s.n = 0;
+    __syncthreads();
+    for (int i0 = 0; i0 < row.vocab; i0 += THREADS) {
+        const int i = i0 + tid;
+        const float x = i < row.vocab ? row.x(i) : 0.f;
+        const bool in = i < row.vocab && bucket_of(row.m, x) == b;
+        const unsigned ball = __ballot_sync(FULL, in);
+        if (ball) {
+            uint32_t at = 0;
+            if (lane == 0) at = atomicAdd(&s.n, uint32_t(__popc(ball)));
+            at = __shfl_sync(FULL, at, 0) + __popc(ball & ((1u << lane) - 1u));
+            if (in) s.sorted[at] = (u64(order_key(x)) << 32) | u64(~uint32_t(i));
+        }
+    }
+    __syncthreads();
+    const uint32_t n = s.n;
+    uint32_t width = 1;
+    while (width < n) width <<= 1;
+    for (uint32_t j = n + tid; j < width; j += THREADS) s.sorted[j] = 0;   // below every element
+    __syncthreads();
+    for (uint32_t k = 2; k <= width; k <<= 1) {          // bitonic, descending
+        for (uint32_t j = k >> 1; j; j >>= 1) {
+            for (uint32_t i = tid; i < width; i += THREADS) {
+                const uint32_t l = i ^ j;
+                if (l > i) {
+                    const u64 a = s.sorted[i], c = s.sorted[l];
+                    if ((i & k) == 0 ? a < c : a > c) {
+                        s.sorted[i] = c;
+                        s.sorted[l] = a;
+                    }
+                }
+            }
+            __syncthreads();
+        }
+    }
+    for (uint32_t j = tid; j < CAP; j += THREADS)
+        s.smass[j] = j < n ? mass_of(row.m, key_value(uint32_t(s.sorted[j] >> 32))) : 0ull;
+    __syncthreads();
+    scan4(s.smass, s);
+    if (tid == 0) s.gathered = b;
+    __syncthreads();
+}
+
+struct Hit {
+    uint32_t pos;      // its position in the row's order
+    u64 mass_incl;     // the mass of the prefix through it
+    int index;         // its token (-1: none)
+};
+
+// The element where the prefix count (by_mass false) or mass crosses t (< the row's total of it).
+__device__ Hit resolve(const Row &row, Shared &s, bool by_mass, u64 t, int cap) {
+    const int tid = threadIdx.x;
+    if (tid == 0) {
+        s.hit_bucket = -1;
+        s.hit = -1;
+    }
+    __syncthreads();
+    for (int j = 4 * tid; j < 4 * tid + 4; ++j) {
+        const u64 lo = by_mass ? s.mass[j] : s.count[j], hi = by_mass ? s.mass[j + 1] : s.count[j + 1];
+        if (lo <= t && t < hi) s.hit_bucket = j;
+    }
+    __syncthreads();
+    const int b = s.hit_bucket;
+    Hit h = {0, 0, -1};
+    if (b < 0) return h;
+    const u64 tl = t - (by_mass ? s.mass[b] : u64(s.count[b]));
+    if (s.count[b + 1] - s.count[b] <= uint32_t(cap)) {
+        if (s.gathered != b) gather_sorted(row, s, b);
+        if (!by_mass) {
+            s.hit = int(tl);                              // every thread writes the same
+        } else {
+            for (int j = 4 * tid; j < 4 * tid + 4; ++j)
+                if (s.smass[j] <= tl && tl < s.smass[j + 1]) s.hit = j;
+        }
+        __syncthreads();
+        const int j = s.hit;
+        if (j >= 0) {                                       // (always: t is inside the bucket)
+            h.pos = s.count[b] + j;
+            h.mass_incl = s.mass[b] + s.smass[j + 1];
+            h.index = int(~uint32_t(s.sorted[j]));
+        }
+        __syncthreads();
+        return h;
+    }
+    // Too many elements to sort here: bisection over the key within the bucket, G(K) = the weight of its
+    // elements with key >= K (G(lo) > tl >= G(hi)), then the equal values by index.
+    u64 lo = 0, hi = 1ull << 32, c_hi = 0, m_hi = 0;
+    while (hi - lo > 1) {
+        const u64 mid = (lo + hi) >> 1;
+        u64 c = 0, ms = 0;
+        for (int i = tid; i < row.vocab; i += THREADS) {
+            const float x = row.x(i);
+            if (bucket_of(row.m, x) == b && order_key(x) >= mid) {
+                ++c;
+                ms += mass_of(row.m, x);
+            }
+        }
+        c = block_sum(c, s);
+        ms = block_sum(ms, s);
+        if ((by_mass ? ms : c) > tl) {
+            lo = mid;
+        } else {
+            hi = mid;
+            c_hi = c;
+            m_hi = ms;
+        }
+    }
+    const uint32_t key = uint32_t(lo);
+    const u64 e = mass_of(row.m, key_value(key));
+    const u64 r = by_mass ? (tl - m_hi) / e : tl - c_hi;
+    h.pos = s.count[b] + uint32_t(c_hi + r);
+    h.mass_incl = s.mass[b] + m_hi + (r + 1) * e;
+    h.index = select_in_index_order(
+        row, s, [key](int, float x) { return order_key(x) == key ? 1ull : 0ull; }, [r](u64) { return r; });
+    return h;
+}
+
+__device__ __forceinline__ u64 draw_target(u64 u24, u64 total) {      // floor(u * total), u = u24 / 2^24
+    return u64((unsigned __int128)u24 * total >> 24);
+}
+
+__global__ void __launch_bounds__(THREADS, 1)
+sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const double *knobs, int vocab, int cap) {
+    extern __shared__ __align__(16) unsigned char smem[];
+    Shared &s = *reinterpret_cast<Shared *>(smem);
+    const int tid = threadIdx.x, r = blockIdx.x;
+    const double *kn = knobs + 5 * size_t(r);
+    Row row;
+    row.logits = logits + r * row_stride;
+    row.vocab = vocab;
+    row.seg = (vocab + THREADS - 1) / THREADS * 32;
+    row.temperature = float(kn[0]);
+    const int top_k = int(kn[1]);
+    const double top_p = kn[2];
+    const float log_min_p = float(kn[3]);
+    const u64 u24 = u64(kn[4] * 16777216.0);
+    if (tid == 0) s.gathered = -1;
+    const u64 best = row_best(row, s);
+    const float m = key_value(uint32_t(best >> 32));
+    row.m = m;
+    int token = int(~uint32_t(best));                   // when nothing has mass (no finite maximum)
+    const bool cut_k = top_k > 0 && top_k < vocab, cut_min_p = log_min_p > -INFINITY;
+    const float floor_x = m + log_min_p;
+    if (!cut_k && !(top_p < 1.0)) {                      // the whole row (or min-p's part) in index order
+        const int hit = select_in_index_order(
+            row, s, [m, cut_min_p, floor_x](int, float x) { return !cut_min_p || x >= floor_x ? mass_of(m, x) : 0ull; },
+            [u24](u64 total) { return draw_target(u24, total); });
+        if (hit >= 0) token = hit;
+    } else {
+        for (int j = tid; j <= NB; j += THREADS) {
+            s.mass[j] = 0;
+            s.count[j] = 0;
+        }
+        __syncthreads();
+        const int lane = tid & 31;
+        u64 min_count = 0, min_mass = 0;
+        for (int i0 = 0; i0 < vocab; i0 += THREADS) {
+            const int i = i0 + tid;
+            int b = -1;
+            u64 e = 0;
+            if (i < vocab) {
+                const float x = row.x(i);
+                b = bucket_of(m, x);
+                e = mass_of(m, x);
+                if (cut_min_p && x >= floor_x) {
+                    ++min_count;
+                    min_mass += e;
+                }
+            }
+            const unsigned tail = __ballot_sync(FULL, b == NB - 1);   // long rows: most of them
+            if (b >= 0 && b < NB - 1) atomicAdd(&s.count[b], 1u);
+            if (tail && lane == __ffs(tail) - 1) atomicAdd(&s.count[NB - 1], uint32_t(__popc(tail)));
+            if (e) atomicAdd(&s.mass[b], e);
+        }
+        if (cut_min_p) {
+            min_count = block_sum(min_count, s);
+            min_mass = block_sum(min_mass, s);
+        }
+        __syncthreads();
+        scan4(s.mass, s);
+        scan4(s.count, s);
+        u64 kept = u64(vocab), kept_mass = s.mass[NB];
+        if (cut_k) {
+            kept = u64(top_k);
+            if (u64(top_k - 1) >= s.count[NB - 1])        // past every element with mass
+                kept_mass = s.mass[NB];
+            else
+                kept_mass = resolve(row, s, false, u64(top_k - 1), cap).mass_incl;
+        }
+        if (top_p < 1.0 && kept_mass > 0) {
+            const double p = ceil(top_p * double(kept_mass));
+            const u64 need = p < 1.0 ? 1ull : (p >= double(kept_mass) ? kept_mass : u64(p));
+            const Hit h = resolve(row, s, true, need - 1, cap);   // its prefix before it < need <= through it
+            if (h.index >= 0 && h.pos + 1 < kept) {
+                kept = h.pos + 1;
+                kept_mass = h.mass_incl;
+            }
+        }
+        if (cut_min_p && min_count < kept) {
+            kept = min_count;
+            kept_mass = min_mass;
+        }
+        if (kept_mass > 0) {
+            const Hit h = resolve(row, s, true, draw_target(u24, kept_mass), cap);
+            if (h.index >= 0) token = h.index;
+        }
+    }
+    if (tid == 0) out[r] = token;
+}
+
+}  // namespace
+
+extern "C" pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
+                                         int32_t num_rows, int32_t vocab, int32_t gather_cap, void *stream) {
+    const char *name = "sample_rows_kernel";
+    if (out == nullptr || logits == nullptr || knobs == nullptr || num_rows < 0 || vocab < 1 ||
+        vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP)
+        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d)",
+                         name, (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap);
+    if (num_rows == 0) return PA_OK;
+    PA_RETURN_IF_ERR(raise_smem_limit<sample_rows_kernel>(name));
+    sample_rows_kernel<<<num_rows, THREADS, sizeof(Shared), static_cast<cudaStream_t>(stream)>>>(
+        out, logits, row_stride, knobs, vocab, gather_cap < 0 ? CAP : gather_cap);
+    return check_launch(name);
+}
