@@ -63,7 +63,7 @@ class Engine(PipelinedDecode):
             log.info("warm-up: %d step shapes prepared in %.1f s", self.warmup_shapes, self.warmup_s)
         self.blocks = BlockManager(self.num_blocks, self.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.blocks)
-        self.sampler = Sampler(argmax=backend.argmax)
+        self.sampler = Sampler(argmax=backend.argmax, sample=backend.sample)
         self.eos_token_ids = tuple(tokenizer.eos_token_ids) if tokenizer else tuple(model_config.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._inbox: queue.Queue = queue.Queue()

@@ -230,15 +230,27 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     return by_group(logits, [([i for i, r in enumerate(ranked) if r == want], draw) for want in (True, False)])
 
 
+def row_knobs(params: list[SamplingParams], generators: list[random.Random | None], vocab: int) -> torch.Tensor:
+    """What a fused sampling kernel (pa_sample_rows_cuda) takes a row: float64 [n, 5] on the host --
+    temperature, top_k (0: none), top_p, log(min_p) (-inf: none) and the row's uniform, drawn from each
+    generator in row order as sample_rows draws it."""
+    return torch.tensor([[p.temperature, p.top_k if p.top_k and p.top_k < vocab else 0, p.top_p,
+                          math.log(p.min_p) if p.min_p > 0.0 else float("-inf"), uniform(g)]
+                         for p, g in zip(params, generators)], dtype=torch.float64).reshape(len(params), 5)
+
+
 class Sampler:
     """Picks one token per row, all rows at once on the logits' device (a CUDA step's logits never leave
     the GPU; only the chosen ids, and asked-for logprobs, cross to the host). Each row's randomness comes
     only from its own generator.
     argmax: the greedy rows' argmax over [n, vocab] on the logits' device (a backend's, e.g. CUDA's
-    two-pass one); torch.argmax when not given."""
+    two-pass one); torch.argmax when not given.
+    sample: the sampled rows' draw, sample_rows' signature and tokens (a backend's, e.g. CUDA's fused
+    kernel); sample_rows when not given."""
 
-    def __init__(self, argmax=None):
+    def __init__(self, argmax=None, sample=None):
         self._argmax = argmax if argmax is not None else (lambda logits: logits.argmax(-1))
+        self._sample = sample if sample is not None else sample_rows
 
     def tokens(self, logits: torch.Tensor, params: list[SamplingParams], generators: list[random.Random | None],
                prompt_ids: list[list[int]] | None = None, output_ids: list[list[int]] | None = None,
@@ -254,8 +266,8 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.is_greedy]
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         return by_group(logits, [(greedy, lambda x, r, idx: self._argmax(x)),
-                                 (sampled, lambda x, r, idx: sample_rows(x, [params[i] for i in r],
-                                                                         [generators[i] for i in r]))])
+                                 (sampled, lambda x, r, idx: self._sample(x, [params[i] for i in r],
+                                                                          [generators[i] for i in r]))])
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], prompt_ids: list[list[int]],
                  output_ids: list[list[int]], generators: list[random.Random | None]) -> list[SampleResult]:

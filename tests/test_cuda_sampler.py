@@ -6,18 +6,111 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import Sampler, make_generator
+from engine.sampler import Sampler, make_generator, row_knobs, sample_rows, upload
 from engine.sequence import SamplingParams
-from tests.test_sampler import MIXED, sampler_matches_one_row_reference
+from tests.test_sampler import MIXED, draws_walk_the_cdf, sampler_matches_one_row_reference
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="no CUDA GPU visible to torch: GPU sampler parity not run")]
 
 
+@pytest.fixture(scope="module")
+def kernels():
+    from engine.backends.cuda import CudaKernels
+    return CudaKernels()
+
+
+def fused(kernels, gather_cap: int = -1, poison: int = -7):
+    """sample_rows' contract through the fused kernel (what CudaBackend.sample runs), its output poisoned
+    before the launch."""
+    def draw(logits, params, generators):
+        knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
+        out = torch.full((logits.shape[0],), poison, dtype=torch.int64, device=logits.device)
+        return kernels.sample_rows(logits, knobs, out=out, gather_cap=gather_cap)
+    return draw
+
+
 @pytest.mark.parametrize("rows,vocab", [(128, 49152), (33, 128256), (1, 49152)])
-def test_gpu_sampler_matches_the_one_row_reference(rows, vocab):
-    sampler_matches_one_row_reference("cuda", rows=rows, rounds=4, vocab=vocab)
+@pytest.mark.parametrize("path", ["torch", "fused kernel"])
+def test_gpu_sampler_matches_the_one_row_reference(rows, vocab, path, kernels):
+    sampler = Sampler(sample=fused(kernels)) if path == "fused kernel" else Sampler()
+    sampler_matches_one_row_reference("cuda", rows=rows, rounds=4, vocab=vocab, sampler=sampler)
+
+
+@pytest.mark.parametrize("gather_cap", [-1, 0, 2])
+def test_fused_kernel_walks_the_cdf(kernels, gather_cap):
+    """Exact tokens on power-of-two probabilities (tests/test_sampler.py's draws_walk_the_cdf), through the
+    gathered-bucket path, the bisection path (gather_cap 0), and a mix of both (2)."""
+    draws_walk_the_cdf(lambda x, p, g: fused(kernels, gather_cap)(x.cuda(), p, g).cpu())
+
+
+def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
+    """Rows a bucket histogram can trip on: flat and peaked random rows, bf16-rounded ones (hundreds of
+    tokens a value, as a bf16 lm_head gives), a row of one value, rows with -inf runs, a single finite
+    value, huge spreads (most of the row without mass)."""
+    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]
+    rows += [(torch.randn(vocab, generator=gen) * s).bfloat16().float() for s in (1.0, 3.0, 8.0)]
+    rows.append(torch.full((vocab,), 0.25))
+    r = torch.randn(vocab, generator=gen)
+    r[::3] = float("-inf")
+    rows.append(r)
+    r = torch.full((vocab,), float("-inf"))
+    r[vocab // 2] = 1.0
+    rows.append(r)
+    r = torch.randn(vocab, generator=gen) * 2
+    r[: vocab // 2] = -1e4
+    rows.append(r)
+    return torch.stack(rows)
+
+
+KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.999), dict(top_k=1),
+         dict(top_k=40, temperature=0.05), dict(top_k=3000, top_p=0.5), dict(min_p=0.1), dict(top_p=0.95, min_p=0.02),
+         dict(temperature=1.5, top_p=0.3, top_k=7), dict(top_p=1e-6)]
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 1000, 1031, 49152])
+def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
+    """On awkward rows with every filter kind: the gathered-bucket and bisection paths give the same token,
+    bit for bit (same integer masses, same order), and a token of the value the torch path (sample_rows on
+    the GPU) picks but for a draw within rounding of a CDF step; top_k=1 and a one-token nucleus are the
+    argmax."""
+    gen = torch.Generator().manual_seed(vocab)
+    base = awkward_rows(gen, vocab)
+    logits = base.repeat(len(KINDS), 1).cuda()                           # every row kind under every filter
+    params = [SamplingParams(**kw) for kw in KINDS for _ in range(base.shape[0])]
+    n = len(params)
+    seeds = [make_generator(7 * i + vocab) for i in range(n)]
+    states = [g.getstate() for g in seeds]
+
+    def gens():
+        out = [make_generator(0) for _ in range(n)]
+        for g, st in zip(out, states):
+            g.setstate(st)
+        return out
+    fast = fused(kernels)(logits, params, gens())
+    slow = fused(kernels, gather_cap=0, poison=-9)(logits, params, gens())
+    assert torch.equal(fast, slow)
+    assert (fast >= 0).all() and (fast < vocab).all()
+    assert torch.isfinite(logits.gather(1, fast[:, None])).all()       # never a token without mass
+    finite = torch.isfinite(logits).any(-1)
+    greedy = [i for i, p in enumerate(params) if (p.top_k == 1 or p.top_p == 1e-6) and finite[i]]
+    assert fast[greedy].tolist() == logits[greedy].argmax(-1).tolist()
+    ref = sample_rows(logits, params, gens())
+    # equal values may come in another order from torch's topk: compare the chosen values
+    differ = (logits.gather(1, fast[:, None]) != logits.gather(1, ref[:, None])).nonzero()[:, 0].tolist()
+    assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
+
+
+def test_fused_kernel_checks_its_inputs(kernels):
+    from engine.native import NativeError
+    x = torch.randn(2, 10, device="cuda")
+    knobs = torch.zeros(2, 5, dtype=torch.float64, device="cuda")
+    with pytest.raises(NativeError, match="dtype"):
+        kernels.sample_rows(x.double(), knobs)
+    with pytest.raises(NativeError, match="shape"):
+        kernels.sample_rows(x, knobs[:1])
+    assert kernels.sample_rows(x[:0], knobs[:0]).numel() == 0
 
 
 def test_gpu_sampler_uses_the_backends_argmax_and_is_repeatable():

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import engine.sampler as sampler_module
-from engine.sampler import Sampler, apply_penalties, filter_rows, make_generator, pick_one_row, uniform
+from engine.sampler import (Sampler, apply_penalties, filter_rows, make_generator, pick_one_row, sample_rows,
+                            uniform)
 from engine.sequence import SamplingParams
 
 
@@ -136,7 +137,8 @@ MIXED = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top
          dict(temperature=0.0, repetition_penalty=1.2), dict(temperature=2.0, top_k=5)]
 
 
-def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab: int = 49152) -> None:
+def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab: int = 49152,
+                                      sampler: Sampler | None = None) -> None:
     """Sampler over a batch of mixed rows (greedy, penalties, every filter; some rows with tokens at
     -inf, as min_tokens masks EOS) against pick_one_row on each row alone, on the CPU, with generators in
     the same states: the same tokens, except where the row's target u * total lies within rounding of a
@@ -150,7 +152,7 @@ def sampler_matches_one_row_reference(device: str, rows: int, rounds: int, vocab
                for _ in range(rows)]
     ours = [make_generator(1000 + i) for i in range(rows)]
     theirs = [make_generator(1000 + i) for i in range(rows)]
-    sampler = Sampler()
+    sampler = sampler or Sampler()
     near = 0
     for r in range(rounds):
         scale = (0.5, 2.0, 6.0)[r % 3]
@@ -195,16 +197,65 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     assert ((counts / n - expected).abs() <= 4 * (expected * (1 - expected) / n).sqrt() + 1e-9).all(), counts / n
 
 
-def test_greedy_rows_use_the_backends_argmax():
-    """Greedy rows without penalties go through the argmax the engine hands in (the backend's)."""
+def test_greedy_rows_use_the_backends_argmax_and_sampled_rows_its_draw():
+    """Greedy rows without penalties go through the argmax the engine hands in (the backend's), sampled
+    rows through its draw (sample), each group once, its tokens back in the batch's order."""
     seen = []
 
     def argmax(x):
-        seen.append(tuple(x.shape))
+        seen.append(("argmax", tuple(x.shape)))
         return x.argmax(-1)
-    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    res = Sampler(argmax=argmax)(logits, [SamplingParams(temperature=0.0)] * 2, [[], []], [[], []], [None, None])
-    assert [r.token_id for r in res] == [1, 0] and seen == [(2, 3)]
+
+    def sample(x, params, generators):
+        seen.append(("sample", tuple(x.shape), len(params), len(generators)))
+        return sample_rows(x, params, generators)
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0], [0.0, 0.0, 9.0]])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0), SamplingParams(top_k=1)]
+    res = Sampler(argmax=argmax, sample=sample)(logits, params, [[]] * 3, [[]] * 3, [None] * 3)
+    assert [r.token_id for r in res] == [1, 0, 2]
+    assert seen == [("argmax", (2, 3)), ("sample", (1, 3), 1, 1)]
+
+
+class FixedUniform:
+    """A generator whose every uniform() is the given multiple of 2^-24."""
+
+    def __init__(self, u: float):
+        self.bits = int(u * 2 ** 24)
+        assert self.bits * 2.0 ** -24 == u
+
+    def getrandbits(self, k: int) -> int:
+        return self.bits
+
+
+# Probabilities that are powers of two, so that every CDF step sits on a multiple of 1/16 (or 1/7 after
+# min-p renormalises): (params, the tokens in the order the inverse CDF walks them, their weights).
+DYADIC = [0.125, 0.5, 0.0625, 0.25, 0.0625]
+WALKS = [(dict(temperature=1.0), [0, 1, 2, 3, 4], [2, 8, 1, 4, 1]),                 # index order
+         (dict(top_p=0.999), [1, 3, 0, 2, 4], [8, 4, 2, 1, 1]),                      # descending, ties by index
+         (dict(top_p=0.7), [1, 3], [8, 4]),                                          # 0.5 + 0.25 reaches 0.7
+         (dict(top_k=2), [1, 3], [8, 4]),
+         (dict(top_k=4, top_p=0.95), [1, 3, 0, 2], [8, 4, 2, 1]),                    # 0.875 < 0.95 * 0.9375
+         (dict(min_p=0.2), [0, 1, 3], [2, 8, 4]),                                    # p >= 0.1, index order
+         (dict(top_p=0.999, min_p=0.2), [1, 3, 0], [8, 4, 2])]
+
+
+def draws_walk_the_cdf(draw) -> None:
+    """draw(logits [n, vocab], params, generators) -> tokens [n]: on logits whose probabilities are
+    powers of two, 64 uniforms between the CDF's steps give exactly the token whose step holds them, for
+    every filter kind: the walk's order (index order unfiltered or min-p only, descending once top-k or
+    top-p cuts, equal values by index) and each filter's cut."""
+    logits = torch.tensor(DYADIC, dtype=torch.float64).log().float()
+    us = [(j + 0.5) / 64 for j in range(64)]
+    for kw, order, weights in WALKS:
+        edges = torch.tensor(weights, dtype=torch.float64).cumsum(0) / sum(weights)
+        want = [order[int((edges <= u).sum())] for u in us]
+        p = SamplingParams(**kw)
+        got = draw(logits[None].expand(len(us), -1).contiguous(), [p] * len(us), [FixedUniform(u) for u in us])
+        assert got.tolist() == want, (kw, got.tolist(), want)
+
+
+def test_draws_walk_the_cdf(row_sort):
+    draws_walk_the_cdf(sample_rows)
 
 
 def test_penalties_of_many_rows_at_once_equal_the_one_row_form():

@@ -9,6 +9,7 @@ import torch
 
 from engine.batch import Batch
 from engine.config import ModelConfig
+from engine.sampler import sample_rows
 
 
 def settle_heap() -> None:
@@ -90,6 +91,11 @@ class Backend(ABC):
         """Greedy tokens of logits [n, vocab] (first maximum, as torch.argmax), on the logits' device; the
         pipelined engine takes the next step's inputs from it without a host round trip."""
         return logits.argmax(-1)
+
+    def sample(self, logits: torch.Tensor, params: list, generators: list) -> torch.Tensor:
+        """The sampled rows' tokens (engine.sampler.sample_rows' contract: int64 [n] on the logits' device,
+        one uniform from each row's generator, nothing waited for); sample_rows itself by default."""
+        return sample_rows(logits, params, generators)
 
     def prepare(self, batch: Batch) -> Batch:
         """Move/convert the batch's index tensors to what this backend's ops read."""

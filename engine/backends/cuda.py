@@ -18,6 +18,7 @@ from engine.backends.base import Backend
 from engine.backends.torch_ref import gather_pages
 from engine.batch import Batch
 from engine.config import ModelConfig
+from engine.sampler import row_knobs, upload
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1}      # PA_CUDA_DTYPE_* in pa.h
 PREFILL_MIN_SPAN = 256      # fewest keys a span when the tensor-core prefill kernel splits them (prefill_split)
@@ -376,6 +377,24 @@ class CudaKernels:
                    part_v.numel(), self._p(x), self._p(weight), self._p(norm_weight), rows, n, k, mode, float(eps),
                    self._gemv_flags(pdl, deep), self._code(x))
         return out, tokens
+
+    def sample_rows(self, logits: torch.Tensor, knobs: torch.Tensor, out: torch.Tensor | None = None,
+                    gather_cap: int = -1) -> torch.Tensor:
+        """One sampled token a row of logits [n, vocab] (float32, contiguous) -> int64 [n], in one launch
+        (pa_sample_rows_cuda): knobs [n, 5] float64 on the GPU, engine.sampler.row_knobs' columns.
+        gather_cap: the kernel's largest in-shared-memory bucket (-1: its default; 0 forces the bisection
+        path, for tests)."""
+        op = "pa_sample_rows_cuda"
+        self._check(op, "logits", logits, torch.float32)
+        if logits.dim() != 2:
+            raise native.NativeError(f"{op}: logits must be [rows, vocab], got shape {tuple(logits.shape)}")
+        n, vocab = logits.shape
+        self._check(op, "knobs", knobs, torch.float64, (n, 5))
+        if out is None:
+            out = torch.empty(n, dtype=torch.int64, device=logits.device)              # [n]
+        self._check(op, "out", out, torch.int64, (n,))
+        self._call(op, self._p(out), self._p(logits), vocab, self._p(knobs), n, vocab, int(gather_cap))
+        return out
 
     def greedy_advance(self, tokens: torch.Tensor, step: torch.Tensor, token_log: torch.Tensor, input_ids: torch.Tensor,
                        positions: torch.Tensor, context_lens: torch.Tensor, slot_mapping: torch.Tensor,
@@ -997,6 +1016,15 @@ class CudaBackend(Backend):
         """Two passes over 256-wide slices (argmax_rows): 8 us for a 128k vocabulary on the H200, where
         torch's one-pass argmax takes 27."""
         return argmax_rows(logits) if logits.is_cuda and logits.dim() == 2 else logits.argmax(-1)
+
+    def sample(self, logits: torch.Tensor, params: list, generators: list) -> torch.Tensor:
+        """Every sampled row in one launch (CudaKernels.sample_rows: no sort of the rows, ~20 torch launches
+        fewer than sample_rows): the same tokens as sample_rows on the same logits and generator states,
+        but for a draw within rounding of a CDF step."""
+        if not logits.is_cuda:
+            return super().sample(logits, params, generators)
+        knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
+        return self.kernels.sample_rows(logits, knobs)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU: the engine's sampler decides greedy rows there."""
