@@ -20,10 +20,12 @@ Engine's steps through the logits graph + Backend.argmax instead of Backend.forw
 default+pdl:o/gate_up.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
---sampled adds sampled requests (SAMPLED settings): the Engine's batched GPU sampler next to the one-row host
-sampler it replaced and HF generate(do_sample=True) on the same weights.
+--sampled adds sampled requests (SAMPLED settings): the Engine (its sampled rows through the CUDA backend's
+fused kernel, pa_sample_rows_cuda) next to the same Engine with session 14's torch-path sampler
+(engine.sampler.sample_rows: a row sort and ~20 launches) and HF generate(do_sample=True) on the same
+weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 s a step).
 
-    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled]
+    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled [--one-row]]
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.batch import Batch  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import LlamaModel, fuse_weights  # noqa: E402
+from engine.sampler import Sampler  # noqa: E402
 
 MODELS = {
     "smollm2": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -359,9 +362,11 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--layers-profile", action="store_true",
                     help="phase times of the persistent decode-layers launch at batch 1 (kernel timestamps)")
+    ap.add_argument("--one-row", action="store_true",
+                    help="with --sampled: also the one-row host sampler (engine.sampler.pick_one_row a row at a time)")
     ap.add_argument("--sampled", action="store_true",
-                    help="also sampled requests (SAMPLED): the Engine with its batched GPU sampler, with the "
-                         "one-row host sampler it replaced, and HF generate(do_sample=True)")
+                    help="also sampled requests (SAMPLED): the Engine (fused sampling kernel), the Engine with the "
+                         "torch-path sampler, and HF generate(do_sample=True)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
@@ -374,9 +379,10 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
     sampled = ["| model | batch | sampling | Engine tok/s pipelined (steps ahead) | synchronous tok/s | its sample ms "
-               "a step | one-row host sampler tok/s (synchronous, the replaced path) | its sample ms | HF generate "
-               "tok/s (do_sample) | Engine / HF | Engine / one-row |",
-               "|---|---|---|---|---|---|---|---|---|---|---|"]
+               "a step | Engine with the torch-path sampler, pipelined tok/s | its synchronous sample ms | "
+               + ("one-row host sampler tok/s | " if args.one_row else "") + "HF generate tok/s (do_sample) | "
+               "Engine / HF | Engine / torch-path sampler |",
+               "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.one_row else "")]
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
@@ -458,12 +464,19 @@ def main() -> None:
                                                                      do_sample=True, top_k=0, **kw)
                     ours = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw)
                     sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, pipelined=False)
-                    old = engine_run(cfg, backend, b, args.prompt_len, min(args.steps, 16), warmup=2, sampling=kw,
-                                     sampler=OneRowSampler(), pipelined=False)     # up to 1.7 s a step
+                    plain = Sampler(argmax=backend.argmax)              # session 14's: sample_rows
+                    tp = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, sampler=plain)
+                    tp_sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, sampler=plain,
+                                         pipelined=False)
+                    one_row = ""
+                    if args.one_row:
+                        old = engine_run(cfg, backend, b, args.prompt_len, min(args.steps, 16), warmup=2,
+                                         sampling=kw, sampler=OneRowSampler(), pipelined=False)   # up to 1.7 s a step
+                        one_row = f"{old['tok_s']:,.0f} | "
                     sampled.append(f"| {name} | {b} | {label} | {ours['tok_s']:,.0f} ({ours['ahead']:.0%}) | "
                                    f"{sync['tok_s']:,.0f} | {sync['sample_ms']:.2f} | "
-                                   f"{old['tok_s']:,.0f} | {old['sample_ms']:.2f} | {hf_ts:,.0f} | "
-                                   f"{ours['tok_s'] / hf_ts:.1f}x | {ours['tok_s'] / old['tok_s']:.1f}x |")
+                                   f"{tp['tok_s']:,.0f} | {tp_sync['sample_ms']:.2f} | {one_row}{hf_ts:,.0f} | "
+                                   f"{ours['tok_s'] / hf_ts:.1f}x | {ours['tok_s'] / tp['tok_s']:.2f}x |")
                     print(sampled[-1], flush=True)
         del model, backend, hf
         gc.collect()

@@ -2,8 +2,11 @@
 same request (its TopPLogitsWarper: a row sort, cumsum, scatter, then torch.multinomial).
 
 Per batch size and vocabulary: torch's descending row sort alone, and Sampler.tokens end to end (host work
-included: each call synchronised) at T=1.0 and at T=0.7 / top_p=0.9, against the HF-style warper chain; --profile
-prints torch.profiler's op table of the top-p call at the smallest and largest batch.
+included: each call synchronised) at T=1.0 and at T=0.7 / top_p=0.9, through the torch path (sample_rows:
+a row sort, scans, ~20 launches) and through the fused kernel the CUDA backend runs (pa_sample_rows_cuda:
+one launch, no sort; also with top_k=50 + top_p=0.95 + min_p=0.05 together), against the HF-style warper
+chain; --profile prints torch.profiler's op table of the torch path's top-p call at the smallest and largest
+batch.
 Logits are flat (random-weights-like: a nucleus of most of the vocabulary, the sort's worst case) or peaked
 (a trained model's: a nucleus of a few tokens).
 
@@ -21,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.backends.cuda import CudaKernels, fused_sample  # noqa: E402
 from engine.sampler import Sampler, make_generator  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 
@@ -59,10 +63,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = ["| logits | batch | vocab | row sort ms | T=1.0 ms | T=0.7, top_p=0.9 ms | HF top-p warper + "
-             "multinomial ms | HF / ours (top-p) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
+             "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
+             "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sampler = Sampler()
+    kernels = CudaKernels()
+    fused = Sampler(sample=lambda x, p, g: fused_sample(kernels, x, p, g))
     for kind, scale in (("flat", 0.5), ("peaked", 8.0)):
         for vocab in args.vocabs:
             for n in args.batches:
@@ -71,12 +78,16 @@ def main() -> None:
                 gens = [make_generator(i) for i in range(n)]
                 t1 = [SamplingParams(temperature=1.0)] * n
                 tp = [SamplingParams(temperature=0.7, top_p=0.9)] * n
+                mix = [SamplingParams(temperature=0.8, top_k=50, top_p=0.95, min_p=0.05)] * n
                 r_row = wall_ms(lambda: x.sort(-1, descending=True))
                 s_t1 = wall_ms(lambda: sampler.tokens(x, t1, gens))
                 s_tp = wall_ms(lambda: sampler.tokens(x, tp, gens))
+                f_t1 = wall_ms(lambda: fused.tokens(x, t1, gens))
+                f_tp = wall_ms(lambda: fused.tokens(x, tp, gens))
+                f_mix = wall_ms(lambda: fused.tokens(x, mix, gens))
                 hf = wall_ms(lambda: hf_top_p(x, 0.7, 0.9))
-                lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {hf:.3f} | "
-                             f"{hf / s_tp:.2f}x |")
+                lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {f_t1:.3f} | "
+                             f"{f_tp:.3f} | {f_mix:.3f} | {hf:.3f} | {hf / f_tp:.2f}x | {s_tp / f_tp:.2f}x |")
                 print(lines[-1], flush=True)
                 ends = (args.batches[0], args.batches[-1])
                 if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in ends:

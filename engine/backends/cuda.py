@@ -66,6 +66,13 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return j * 256 + idx.gather(1, j[:, None])[:, 0]
 
 
+def fused_sample(kernels: "CudaKernels", logits: torch.Tensor, params: list, generators: list) -> torch.Tensor:
+    """engine.sampler.sample_rows' contract in one launch of the fused kernel (CudaKernels.sample_rows):
+    each row's knobs and uniform uploaded together, nothing waited for."""
+    knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
+    return kernels.sample_rows(logits, knobs)
+
+
 def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
                        ctx: int, scale: float) -> torch.Tensor:
     """Causal attention of one sequence's query chunk q [L, nh, D] -- the last L of its ctx positions -- over
@@ -1023,8 +1030,7 @@ class CudaBackend(Backend):
         but for a draw within rounding of a CDF step."""
         if not logits.is_cuda:
             return super().sample(logits, params, generators)
-        knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
-        return self.kernels.sample_rows(logits, knobs)
+        return fused_sample(self.kernels, logits, params, generators)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU: the engine's sampler decides greedy rows there."""
