@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.backends.cuda import CudaKernels, fused_sample  # noqa: E402
-from engine.sampler import Sampler, make_generator  # noqa: E402
+from engine.sampler import Sampler, make_generator, row_knobs, upload  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 
 
@@ -41,6 +41,21 @@ def wall_ms(fn, reps: int = 30) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
+
+
+def device_us(fn, reps: int = 50) -> float:
+    """Device time of fn() in us: reps launches back to back between two CUDA events (launch cost hidden
+    behind the kernels when they run longer than it)."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
 
 
 def hf_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -65,8 +80,9 @@ def main() -> None:
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
     lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
              "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
-             "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) | fused kernel alone, device us "
+             "(T=1.0 / top-p) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sampler = Sampler()
     kernels = CudaKernels()
     fused = Sampler(sample=lambda x, p, g: fused_sample(kernels, x, p, g))
@@ -86,8 +102,12 @@ def main() -> None:
                 f_tp = wall_ms(lambda: fused.tokens(x, tp, gens))
                 f_mix = wall_ms(lambda: fused.tokens(x, mix, gens))
                 hf = wall_ms(lambda: hf_top_p(x, 0.7, 0.9))
+                k_t1, k_tp = (upload(row_knobs(p, gens, vocab), x.device) for p in (t1, tp))
+                d_t1 = device_us(lambda: kernels.sample_rows(x, k_t1))
+                d_tp = device_us(lambda: kernels.sample_rows(x, k_tp))
                 lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {f_t1:.3f} | "
-                             f"{f_tp:.3f} | {f_mix:.3f} | {hf:.3f} | {hf / f_tp:.2f}x | {s_tp / f_tp:.2f}x |")
+                             f"{f_tp:.3f} | {f_mix:.3f} | {hf:.3f} | {hf / f_tp:.2f}x | {s_tp / f_tp:.2f}x | "
+                             f"{d_t1:.1f} / {d_tp:.1f} |")
                 print(lines[-1], flush=True)
                 ends = (args.batches[0], args.batches[-1])
                 if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in ends:

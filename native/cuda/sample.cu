@@ -12,9 +12,12 @@
 //      flat rows), or -- when the bucket holds more than the gather capacity (many equal values) -- found
 //      by bisection over the key, each probe a pass over the row, and among equal values by index.
 // Masses are exp(x - max) rounded to multiples of 2^-40 (exact integer sums, so order and run do not
-// change a total; an element below 2^-41 has none), computed in float64 as the torch path computes them.
+// change a total; an element below 2^-41 has none), in float64 as the torch path computes them: a table
+// of exp(-j / 128) times a degree-6 series for the rest (a third of libdevice's exp's float64 work).
 // Rows without top-k or top-p walk the mass in index order instead: per-warp sums over contiguous segments,
 // then one warp scans its segment.
+// Every pass over the row puts 8 elements a thread in flight before it uses them (float4 chunks where the
+// rows allow): one block reads a row, so a pass is bound by its round trips, not by bandwidth.
 #include "common.cuh"
 
 namespace {
@@ -27,6 +30,7 @@ constexpr float PER_UNIT = 128.f;
 constexpr int CAP = 4 * THREADS;           // the most elements of one bucket sorted in shared memory
 constexpr double FIX = 1099511627776.0;    // 2^40 units of mass
 constexpr double NO_MASS_D = 28.5;         // exp(-28.5) * 2^40 < 0.5: no mass past this d
+constexpr int PER_THREAD = 8;              // elements a thread loads before using them, a pass's round
 
 typedef unsigned long long u64;
 
@@ -42,11 +46,6 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 __device__ __forceinline__ int bucket_of(float m, float x) {
     const float d = m - x;                    // monotone in x; NaN (no maximum) -> the last bucket
     return d < float(NB) / PER_UNIT ? int(d * PER_UNIT) : NB - 1;
-}
-
-__device__ __forceinline__ u64 mass_of(float m, float x) {
-    const double d = double(m) - double(x);   // exact for two floats
-    return d <= NO_MASS_D ? __double2ull_rn(exp(-d) * FIX) : 0ull;
 }
 
 template <typename T>
@@ -71,6 +70,7 @@ struct Shared {
     uint32_t count[NB + 1];
     u64 sorted[CAP];       // the gathered bucket: (key << 32 | ~index), descending
     u64 smass[CAP + 1];    // their masses' exclusive prefix
+    double etab[NB];       // exp(-j / 128)
     u64 red[WARPS];
     u64 best, target, base;
     int gathered;          // the bucket in sorted[], -1: none
@@ -117,25 +117,86 @@ __device__ void scan4(T *a, Shared &s) {
     __syncthreads();
 }
 
-// The thread's share of a row: warp w owns the contiguous segment [w seg, (w + 1) seg), its lanes 32 apart
-// (index order is warp order, then step order, then lane order).
+// A row as E-element chunks (E = 4: float4 loads, the row 16-byte aligned and vocab a multiple of 4).
+// Warp w owns the contiguous chunks [w seg, (w + 1) seg) where index order matters, its lanes 32 apart.
+template <int E>
 struct Row {
     const float *logits;
-    int vocab, seg;
+    const double *etab;
+    int vocab, chunks, seg;
     float temperature, m;
 
-    __device__ float x(int i) const { return logits[i] / temperature; }
+    __device__ __forceinline__ void load(int c, float (&v)[E]) const {
+        if constexpr (E == 4) {
+            const float4 q = __ldg(reinterpret_cast<const float4 *>(logits) + c);
+            v[0] = q.x;
+            v[1] = q.y;
+            v[2] = q.z;
+            v[3] = q.w;
+        } else {
+            v[0] = __ldg(logits + c);
+        }
+    }
+    __device__ __forceinline__ float x(float logit) const { return logit / temperature; }
+
+    // exp(x - m) in 2^-40 units: exp(-j / 128) from the table times exp(-r), r = d - j / 128 in [0, 1/128)
+    // (exact), by its series to r^6 (the next term < 2^-60).
+    __device__ __forceinline__ u64 mass(float xv) const {
+        const double d = double(m) - double(xv);               // exact for two floats
+        if (!(d <= NO_MASS_D)) return 0ull;
+        const int j = int(d * 128.0);
+        const double r = d - j * (1.0 / 128.0);
+        double p = 1.0 / 720.0;
+        p = fma(p, -r, 1.0 / 120.0);
+        p = fma(p, -r, 1.0 / 24.0);
+        p = fma(p, -r, 1.0 / 6.0);
+        p = fma(p, -r, 0.5);
+        p = fma(p, -r, 1.0);
+        p = fma(p, -r, 1.0);
+        return __double2ull_rn(etab[j] * p * FIX);
+    }
 };
 
+// f(i, x) on every element (any order), a round of PER_THREAD loads in flight at a time.
+template <int E, typename F>
+__device__ __forceinline__ void for_each(const Row<E> &row, F f) {
+    constexpr int U = PER_THREAD / E;
+    for (int c0 = threadIdx.x; c0 < row.chunks; c0 += U * THREADS) {
+        float v[U][E];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (c0 + u * THREADS < row.chunks) row.load(c0 + u * THREADS, v[u]);
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int c = c0 + u * THREADS;
+            if (c < row.chunks) {
+#pragma unroll
+                for (int e = 0; e < E; ++e) f(c * E + e, row.x(v[u][e]));
+            }
+        }
+    }
+}
 
-// Index order: the element at which the prefix of weight(i, x) crosses t = target(total weight), i.e.
+// Index order: the element at which the prefix of weight(x) crosses t = target(total weight), i.e.
 // prefix <= t < prefix + its own weight; -1 when the total is 0.
-template <typename Weight, typename Target>
-__device__ int select_in_index_order(const Row &row, Shared &s, Weight weight, Target target) {
+template <int E, typename Weight, typename Target>
+__device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
+    constexpr int U = PER_THREAD / E;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int begin = warp * row.seg, end = min(row.vocab, begin + row.seg);
+    const int begin = warp * row.seg, end = min(row.chunks, begin + row.seg);
     u64 mine = 0;
-    for (int i = begin + lane; i < end; i += 32) mine += weight(i, row.x(i));
+    for (int c0 = begin + lane; c0 < end; c0 += 32 * U) {
+        float v[U][E];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (c0 + 32 * u < end) row.load(c0 + 32 * u, v[u]);
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (c0 + 32 * u < end) {
+#pragma unroll
+                for (int e = 0; e < E; ++e) mine += weight(row.x(v[u][e]));
+            }
+    }
     mine = warp_sum(mine);
     if (lane == 0) s.red[warp] = mine;
     __syncthreads();
@@ -155,17 +216,37 @@ __device__ int select_in_index_order(const Row &row, Shared &s, Weight weight, T
         }
     }
     __syncthreads();
-    if (warp == s.hit_bucket) {
+    if (warp == s.hit_bucket) {                    // that warp walks its segment, 32 chunks a step
         u64 base = s.base;
         const u64 t = s.target;
-        for (int i0 = begin; i0 < end; i0 += 32) {
-            const int i = i0 + lane;
-            const u64 w = i < end ? weight(i, row.x(i)) : 0ull;
-            const u64 inc = warp_inclusive(w, lane);
-            const bool here = base + inc - w <= t && t < base + inc;
-            if (here) s.hit = i;
-            if (__any_sync(FULL, here)) break;
-            base += __shfl_sync(FULL, inc, 31);
+        bool found = false;
+        for (int c0 = begin; c0 < end && !found; c0 += 32 * U) {
+            float v[U][E];
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                if (c0 + 32 * u + lane < end) row.load(c0 + 32 * u + lane, v[u]);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int c = c0 + 32 * u + lane;
+                u64 w[E], own = 0;
+#pragma unroll
+                for (int e = 0; e < E; ++e) {
+                    w[e] = c < end ? weight(row.x(v[u][e])) : 0ull;
+                    own += w[e];
+                }
+                const u64 inc = warp_inclusive(own, lane);
+                const bool here = !found && base + inc - own <= t && t < base + inc;
+                if (here) {
+                    u64 at = base + inc - own;
+#pragma unroll
+                    for (int e = 0; e < E; ++e) {
+                        if (at <= t && t < at + w[e]) s.hit = c * E + e;
+                        at += w[e];
+                    }
+                }
+                found = found || __any_sync(FULL, here);
+                base += __shfl_sync(FULL, inc, 31);
+            }
         }
     }
     __syncthreads();
@@ -175,11 +256,11 @@ __device__ int select_in_index_order(const Row &row, Shared &s, Weight weight, T
 }
 
 // The row's maximum x and its first index (torch.argmax's choice), as (key << 32 | ~index).
-__device__ u64 row_best(const Row &row, Shared &s) {
+template <int E>
+__device__ u64 row_best(const Row<E> &row, Shared &s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64 best = 0;
-    for (int i = threadIdx.x; i < row.vocab; i += THREADS)
-        best = max(best, (u64(order_key(row.x(i))) << 32) | u64(~uint32_t(i)));
+    for_each(row, [&best](int i, float x) { best = max(best, (u64(order_key(x)) << 32) | u64(~uint32_t(i))); });
 #pragma unroll
     for (int o = 16; o; o >>= 1) best = max(best, __shfl_xor_sync(FULL, best, o));
     if (lane == 0) s.red[warp] = best;
@@ -197,22 +278,15 @@ __device__ u64 row_best(const Row &row, Shared &s) {
 }
 
 // Bucket b's elements into s.sorted, descending, and their masses' exclusive prefix into s.smass.
-__device__ void gather_sorted(const Row &row, Shared &s, int b) {
-    const int tid = threadIdx.x, lane = tid & 31;
+template <int E>
+__device__ void gather_sorted(const Row<E> &row, Shared &s, int b) {
+    const int tid = threadIdx.x;
     if (tid == 0) s.n = 0;
     __syncthreads();
-    for (int i0 = 0; i0 < row.vocab; i0 += THREADS) {
-        const int i = i0 + tid;
-        const float x = i < row.vocab ? row.x(i) : 0.f;
-        const bool in = i < row.vocab && bucket_of(row.m, x) == b;
-        const unsigned ball = __ballot_sync(FULL, in);
-        if (ball) {
-            uint32_t at = 0;
-            if (lane == 0) at = atomicAdd(&s.n, uint32_t(__popc(ball)));
-            at = __shfl_sync(FULL, at, 0) + __popc(ball & ((1u << lane) - 1u));
-            if (in) s.sorted[at] = (u64(order_key(x)) << 32) | u64(~uint32_t(i));
-        }
-    }
+    const float m = row.m;
+    for_each(row, [&s, m, b](int i, float x) {
+        if (bucket_of(m, x) == b) s.sorted[atomicAdd(&s.n, 1u)] = (u64(order_key(x)) << 32) | u64(~uint32_t(i));
+    });
     __syncthreads();
     const uint32_t n = s.n;
     uint32_t width = 1;
@@ -235,7 +309,7 @@ __device__ void gather_sorted(const Row &row, Shared &s, int b) {
         }
     }
     for (uint32_t j = tid; j < CAP; j += THREADS)
-        s.smass[j] = j < n ? mass_of(row.m, key_value(uint32_t(s.sorted[j] >> 32))) : 0ull;
+        s.smass[j] = j < n ? row.mass(key_value(uint32_t(s.sorted[j] >> 32))) : 0ull;
     __syncthreads();
     scan4(s.smass, s);
     if (tid == 0) s.gathered = b;
@@ -249,7 +323,8 @@ struct Hit {
 };
 
 // The element where the prefix count (by_mass false) or mass crosses t (< the row's total of it).
-__device__ Hit resolve(const Row &row, Shared &s, bool by_mass, u64 t, int cap) {
+template <int E>
+__device__ Hit resolve(const Row<E> &row, Shared &s, bool by_mass, u64 t, int cap) {
     const int tid = threadIdx.x;
     if (tid == 0) {
         s.hit_bucket = -1;
@@ -286,16 +361,16 @@ __device__ Hit resolve(const Row &row, Shared &s, bool by_mass, u64 t, int cap) 
     // Too many elements to sort here: bisection over the key within the bucket, G(K) = the weight of its
     // elements with key >= K (G(lo) > tl >= G(hi)), then the equal values by index.
     u64 lo = 0, hi = 1ull << 32, c_hi = 0, m_hi = 0;
+    const float m = row.m;
     while (hi - lo > 1) {
         const u64 mid = (lo + hi) >> 1;
         u64 c = 0, ms = 0;
-        for (int i = tid; i < row.vocab; i += THREADS) {
-            const float x = row.x(i);
-            if (bucket_of(row.m, x) == b && order_key(x) >= mid) {
+        for_each(row, [&](int, float x) {
+            if (bucket_of(m, x) == b && order_key(x) >= mid) {
                 ++c;
-                ms += mass_of(row.m, x);
+                ms += row.mass(x);
             }
-        }
+        });
         c = block_sum(c, s);
         ms = block_sum(ms, s);
         if ((by_mass ? ms : c) > tl) {
@@ -307,12 +382,12 @@ __device__ Hit resolve(const Row &row, Shared &s, bool by_mass, u64 t, int cap) 
         }
     }
     const uint32_t key = uint32_t(lo);
-    const u64 e = mass_of(row.m, key_value(key));
+    const u64 e = row.mass(key_value(key));
     const u64 r = by_mass ? (tl - m_hi) / e : tl - c_hi;
     h.pos = s.count[b] + uint32_t(c_hi + r);
     h.mass_incl = s.mass[b] + m_hi + (r + 1) * e;
     h.index = select_in_index_order(
-        row, s, [key](int, float x) { return order_key(x) == key ? 1ull : 0ull; }, [r](u64) { return r; });
+        row, s, [key](float x) { return order_key(x) == key ? 1ull : 0ull; }, [r](u64) { return r; });
     return h;
 }
 
@@ -320,23 +395,27 @@ __device__ __forceinline__ u64 draw_target(u64 u24, u64 total) {      // floor(u
     return u64((unsigned __int128)u24 * total >> 24);
 }
 
+template <int E>
 __global__ void __launch_bounds__(THREADS, 1)
 sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const double *knobs, int vocab, int cap) {
     extern __shared__ __align__(16) unsigned char smem[];
     Shared &s = *reinterpret_cast<Shared *>(smem);
     const int tid = threadIdx.x, r = blockIdx.x;
     const double *kn = knobs + 5 * size_t(r);
-    Row row;
+    Row<E> row;
     row.logits = logits + r * row_stride;
+    row.etab = s.etab;
     row.vocab = vocab;
-    row.seg = (vocab + THREADS - 1) / THREADS * 32;
+    row.chunks = vocab / E;
+    row.seg = (row.chunks + THREADS - 1) / THREADS * 32;
     row.temperature = float(kn[0]);
     const int top_k = int(kn[1]);
     const double top_p = kn[2];
     const float log_min_p = float(kn[3]);
     const u64 u24 = u64(kn[4] * 16777216.0);
     if (tid == 0) s.gathered = -1;
-    const u64 best = row_best(row, s);
+    for (int j = tid; j < NB; j += THREADS) s.etab[j] = exp(-j * (1.0 / 128.0));
+    const u64 best = row_best(row, s);                 // (its barriers publish etab too)
     const float m = key_value(uint32_t(best >> 32));
     row.m = m;
     int token = int(~uint32_t(best));                   // when nothing has mass (no finite maximum)
@@ -344,7 +423,7 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     const float floor_x = m + log_min_p;
     if (!cut_k && !(top_p < 1.0)) {                      // the whole row (or min-p's part) in index order
         const int hit = select_in_index_order(
-            row, s, [m, cut_min_p, floor_x](int, float x) { return !cut_min_p || x >= floor_x ? mass_of(m, x) : 0ull; },
+            row, s, [&row, cut_min_p, floor_x](float x) { return !cut_min_p || x >= floor_x ? row.mass(x) : 0ull; },
             [u24](u64 total) { return draw_target(u24, total); });
         if (hit >= 0) token = hit;
     } else {
@@ -353,30 +432,26 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
             s.count[j] = 0;
         }
         __syncthreads();
-        const int lane = tid & 31;
-        u64 min_count = 0, min_mass = 0;
-        for (int i0 = 0; i0 < vocab; i0 += THREADS) {
-            const int i = i0 + tid;
-            int b = -1;
-            u64 e = 0;
-            if (i < vocab) {
-                const float x = row.x(i);
-                b = bucket_of(m, x);
-                e = mass_of(m, x);
-                if (cut_min_p && x >= floor_x) {
-                    ++min_count;
-                    min_mass += e;
-                }
-            }
-            const unsigned tail = __ballot_sync(FULL, b == NB - 1);   // long rows: most of them
-            if (b >= 0 && b < NB - 1) atomicAdd(&s.count[b], 1u);
-            if (tail && lane == __ffs(tail) - 1) atomicAdd(&s.count[NB - 1], uint32_t(__popc(tail)));
+        u64 min_count = 0, min_mass = 0, tail = 0;
+        for_each(row, [&](int, float x) {
+            const int b = bucket_of(m, x);
+            const u64 e = row.mass(x);
+            if (b < NB - 1)
+                atomicAdd(&s.count[b], 1u);
+            else
+                ++tail;                                   // long rows: most of them, counted apart
             if (e) atomicAdd(&s.mass[b], e);
-        }
+            if (cut_min_p && x >= floor_x) {
+                ++min_count;
+                min_mass += e;
+            }
+        });
+        tail = block_sum(tail, s);
         if (cut_min_p) {
             min_count = block_sum(min_count, s);
             min_mass = block_sum(min_mass, s);
         }
+        if (tid == 0) s.count[NB - 1] += uint32_t(tail);
         __syncthreads();
         scan4(s.mass, s);
         scan4(s.count, s);
@@ -409,18 +484,28 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     if (tid == 0) out[r] = token;
 }
 
+template <int E>
+pa_status launch(int64_t *out, const float *logits, int64_t row_stride, const double *knobs, int32_t num_rows,
+                 int32_t vocab, int32_t cap, cudaStream_t stream) {
+    const char *name = E == 4 ? "sample_rows_kernel<4>" : "sample_rows_kernel<1>";
+    PA_RETURN_IF_ERR(raise_smem_limit<sample_rows_kernel<E>>(name));
+    sample_rows_kernel<E><<<num_rows, THREADS, sizeof(Shared), stream>>>(out, logits, row_stride, knobs, vocab, cap);
+    return check_launch(name);
+}
+
 }  // namespace
 
 extern "C" pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
                                          int32_t num_rows, int32_t vocab, int32_t gather_cap, void *stream) {
-    const char *name = "sample_rows_kernel";
     if (out == nullptr || logits == nullptr || knobs == nullptr || num_rows < 0 || vocab < 1 ||
         vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP)
-        return cuda_fail(PA_ERR_INVALID_ARG, "%s: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d)",
-                         name, (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap);
+        return cuda_fail(PA_ERR_INVALID_ARG,
+                         "sample_rows_kernel: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d)",
+                         (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap);
     if (num_rows == 0) return PA_OK;
-    PA_RETURN_IF_ERR(raise_smem_limit<sample_rows_kernel>(name));
-    sample_rows_kernel<<<num_rows, THREADS, sizeof(Shared), static_cast<cudaStream_t>(stream)>>>(
-        out, logits, row_stride, knobs, vocab, gather_cap < 0 ? CAP : gather_cap);
-    return check_launch(name);
+    const int cap = gather_cap < 0 ? CAP : gather_cap;
+    const cudaStream_t st = static_cast<cudaStream_t>(stream);
+    if (vocab % 4 == 0 && row_stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
+        return launch<4>(out, logits, row_stride, knobs, num_rows, vocab, cap, st);
+    return launch<1>(out, logits, row_stride, knobs, num_rows, vocab, cap, st);
 }
