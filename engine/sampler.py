@@ -213,10 +213,11 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
         uu = u if idx is None else u[idx]
         width = f.values.shape[-1]
         if f.cum is not None:                  # ranked: the kept prefix of the running sum
-            count = f.keep.sum(-1)
-            total = f.cum.gather(1, (count - 1)[:, None])
+            # the last candidate (a row without one -- every logit -inf, a NaN CDF -- its first token)
+            last = (f.keep.sum(-1) - 1).clamp(min=0)
+            total = f.cum.gather(1, last[:, None])
             j = torch.searchsorted(f.cum, uu.double()[:, None] * total, right=True)[:, 0]
-            j = torch.minimum(j, count - 1)   # u * total rounded up to the total: the last candidate
+            j = torch.minimum(j, last)         # u * total rounded up to the total: the last candidate
         else:
             x = f.values if f.keep is None else f.values.masked_fill(~f.keep, float("-inf"))
             cdf = x.softmax(-1).cumsum(-1)

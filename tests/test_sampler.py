@@ -301,3 +301,17 @@ def test_pending_tokens_count_as_appended():
     penalise_rows(want, rows, params, prompts, [o + [int(t)] for o, t in zip(outputs, pending)])
     assert torch.equal(got, want)
     assert not torch.equal(got[2], logits[2])             # the pending token alone is penalised in row 2
+
+
+def test_a_row_without_a_finite_logit_still_gets_a_token(row_sort):
+    """A row of -inf (nothing left to sample: a NaN CDF) gets a token in range under every filter kind,
+    beside ordinary rows that keep theirs; no out-of-range index reaches a gather (on a GPU that is a
+    device-side assert, which ends the process's CUDA context)."""
+    kinds = [dict(temperature=1.0), dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(top_k=3, top_p=0.5)]
+    for kw in kinds:
+        logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+        logits[1] = float("-inf")
+        p = [SamplingParams(**kw)] * 3
+        got = sample_rows(logits, p, [make_generator(i) for i in range(3)])
+        assert ((got >= 0) & (got < 50)).all(), (kw, got)
+        assert torch.isfinite(logits[[0, 2], got[[0, 2]]]).all()

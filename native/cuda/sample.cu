@@ -427,9 +427,13 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
             [u24](u64 total) { return draw_target(u24, total); });
         if (hit >= 0) token = hit;
     } else {
-        for (int j = tid; j <= NB; j += THREADS) {
-            s.mass[j] = 0;
-            s.count[j] = 0;
+        for (int j = tid; j <= NB; j += THREADS) s.count[j] = 0;
+        // Bucket masses as 32-bit halves (shared memory has no 64-bit atomic add: a CAS loop, contended on
+        // flat rows), a wrap of the low half carried into the high one; joined into s.mass after.
+        uint32_t *lo = reinterpret_cast<uint32_t *>(s.smass), *hi = lo + NB;
+        for (int j = tid; j < NB; j += THREADS) {
+            lo[j] = 0;
+            hi[j] = 0;
         }
         __syncthreads();
         u64 min_count = 0, min_mass = 0, tail = 0;
@@ -440,18 +444,23 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
                 atomicAdd(&s.count[b], 1u);
             else
                 ++tail;                                   // long rows: most of them, counted apart
-            if (e) atomicAdd(&s.mass[b], e);
+            if (e) {
+                const uint32_t low = uint32_t(e), before = atomicAdd(&lo[b], low);
+                const uint32_t high = uint32_t(e >> 32) + (before + low < before ? 1u : 0u);
+                if (high) atomicAdd(&hi[b], high);
+            }
             if (cut_min_p && x >= floor_x) {
                 ++min_count;
                 min_mass += e;
             }
         });
-        tail = block_sum(tail, s);
+        tail = block_sum(tail, s);                        // (its barriers: every add above is done)
         if (cut_min_p) {
             min_count = block_sum(min_count, s);
             min_mass = block_sum(min_mass, s);
         }
         if (tid == 0) s.count[NB - 1] += uint32_t(tail);
+        for (int j = tid; j < NB; j += THREADS) s.mass[j] = (u64(hi[j]) << 32) | lo[j];
         __syncthreads();
         scan4(s.mass, s);
         scan4(s.count, s);
