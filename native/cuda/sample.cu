@@ -506,12 +506,13 @@ pa_status launch(int64_t *out, const float *logits, int64_t row_stride, const do
 
 extern "C" pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
                                          int32_t num_rows, int32_t vocab, int32_t gather_cap, void *stream) {
-    if (out == nullptr || logits == nullptr || knobs == nullptr || num_rows < 0 || vocab < 1 ||
-        vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP)
+    if (num_rows < 0 || vocab < 1 || vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP)
         return cuda_fail(PA_ERR_INVALID_ARG,
                          "sample_rows_kernel: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d)",
                          (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap);
-    if (num_rows == 0) return PA_OK;
+    if (num_rows == 0) return PA_OK;                  // (an empty tensor's pointer may be NULL)
+    if (out == nullptr || logits == nullptr || knobs == nullptr)
+        return cuda_fail(PA_ERR_INVALID_ARG, "sample_rows_kernel: a NULL pointer for %d rows", (int)num_rows);
     const int cap = gather_cap < 0 ? CAP : gather_cap;
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
     if (vocab % 4 == 0 && row_stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
