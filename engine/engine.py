@@ -21,7 +21,7 @@ from engine.config import EngineConfig, ModelConfig
 from engine.model import LlamaModel
 from engine.pipeline import PipelinedDecode, InflightStep
 from engine.request import Request, RequestHandle, RequestOutput
-from engine.sampler import Sampler, make_generator
+from engine.sampler import SampleResult, Sampler, make_generator
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, SamplingParams, Sequence
 
@@ -242,12 +242,16 @@ class Engine(PipelinedDecode):
                                [r.seq.output_ids for r in reqs], [r.generator for r in reqs])
         now = time.monotonic()
         for req, res in zip(reqs, results):
-            if req.seq.first_token_time is None:
-                req.seq.first_token_time = now
-            if req.params.logprobs is not None:
-                req.pending_logprobs.append({"token_id": res.token_id, "logprob": res.logprob,
-                                             "top": res.top_logprobs or []})
-            self._deliver(req, res.token_id)
+            self._publish(req, res, now)
+
+    def _publish(self, req: Request, res: SampleResult, now: float) -> None:
+        """A sampled token (and its logprobs, when asked) to its request."""
+        if req.seq.first_token_time is None:
+            req.seq.first_token_time = now
+        if req.params.logprobs is not None:
+            req.pending_logprobs.append({"token_id": res.token_id, "logprob": res.logprob,
+                                         "top": res.top_logprobs or []})
+        self._deliver(req, res.token_id)
 
     def _deliver(self, req: Request, token_id: int) -> None:
         """Append a sampled token; finish the request or send its update."""

@@ -123,17 +123,11 @@ class Request:
     pending_logprobs: list[dict] = field(default_factory=list)
 
     @property
-    def plain(self) -> bool:
-        """No logprobs: the next token is chosen on the device from this step's logits, the request's own
-        generator and its token history (penalties), with nothing the host must read first (Engine
-        pipelining; Sampler.tokens)."""
-        return self.params.logprobs is None
-
-    @property
     def plain_greedy(self) -> bool:
-        """Plain, greedy and unpenalised: the next token is the argmax alone (a graph that returns tokens)."""
+        """Greedy, unpenalised and without logprobs: the next token is the argmax alone (a graph that
+        returns tokens, Backend.forward_tokens)."""
         p = self.params
-        return (self.plain and p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
+        return (p.logprobs is None and p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
                 and not p.frequency_penalty)
 
     @property

@@ -274,23 +274,56 @@ class Sampler:
                  output_ids: list[list[int]], generators: list[random.Random | None]) -> list[SampleResult]:
         # logits: [num_rows, vocab] float32, on the backend's device. Penalties change a copy: logprobs
         # are under the raw model distribution.
-        dev = logits.device
         chosen = self.tokens(logits, params, generators, prompt_ids, output_ids)
-        asked = [i for i, p in enumerate(params) if p.logprobs is not None]
-        if not asked:
-            return [SampleResult(t, None, None) for t in chosen.tolist()]
-        # Logprobs only for the rows that asked, moved to the host together with the chosen ids.
-        idx = upload(torch.tensor(asked), dev)
-        raw = logits[idx].log_softmax(-1)
-        mine = raw.gather(1, chosen[idx].long()[:, None])[:, 0]
-        most = max(params[i].logprobs for i in asked)
-        top_vals, top_ids = raw.topk(most, -1) if most else (raw[:, :0], raw[:, :0].long())
-        tokens, mine, top_vals, top_ids = (t.tolist() for t in (chosen, mine, top_vals, top_ids))
-        results = [SampleResult(t, None, None) for t in tokens]
-        for r, i in enumerate(asked):
+        return sample_results(chosen.tolist(), logprob_rows(logits, chosen, params), params)
+
+
+class Logprobs(NamedTuple):
+    """The logprobs of the rows that asked (their indices `rows`), under the raw model distribution: each
+    one's chosen token's, and its n most likely tokens' (n the largest asked; a row keeps its own)."""
+    rows: list[int]
+    chosen: torch.Tensor            # [a] float32
+    top_values: torch.Tensor        # [a, n] float32
+    top_ids: torch.Tensor           # [a, n] int64
+
+    def to_host(self) -> "Logprobs":
+        """Pinned host copies in flight (non_blocking: valid once the device has passed this point)."""
+        if not self.chosen.is_cuda:
+            return self
+        copies = []
+        for t in (self.chosen, self.top_values, self.top_ids):
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            copies.append(host.copy_(t, non_blocking=True))
+        return Logprobs(self.rows, *copies)
+
+
+def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]) -> Logprobs | None:
+    """The asked-for logprobs of a step's rows [n, vocab] (raw logits) and their chosen tokens [n], on the
+    logits' device without waiting for it; None when no row asks."""
+    asked = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not asked:
+        return None
+    idx = upload(torch.tensor(asked), logits.device)
+    raw = logits[idx].log_softmax(-1)
+    mine = raw.gather(1, chosen[idx].long()[:, None])[:, 0]
+    most = max(params[i].logprobs for i in asked)
+    top_vals, top_ids = raw.topk(most, -1) if most else (raw[:, :0], raw[:, :0].long())
+    return Logprobs(asked, mine, top_vals, top_ids)
+
+
+def sample_results(tokens: list[int], logprobs: Logprobs | None,
+                   params: list[SamplingParams | None]) -> list[SampleResult]:
+    """One SampleResult a row from its token and, for the rows that asked, its logprobs (read here); a
+    row whose params are None (its request gone) gets its token alone."""
+    results = [SampleResult(t, None, None) for t in tokens]
+    if logprobs is not None:
+        mine, top_vals, top_ids = (t.tolist() for t in logprobs[1:])
+        for r, i in enumerate(logprobs.rows):
+            if params[i] is None:
+                continue
             m = params[i].logprobs
             results[i] = SampleResult(tokens[i], mine[r], list(zip(top_ids[r][:m], top_vals[r][:m])))
-        return results
+    return results
 
 
 # ---- the one-row reference ----------------------------------------------------------------------

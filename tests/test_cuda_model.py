@@ -451,7 +451,7 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
                                                  max_batched_tokens=256, warmup=warmup))
         done = run_to_completion(eng, [eng.submit(p, sp) for p, sp in zip(prompt_list, param_list)])
         assert eng.blocks.num_used_blocks == 0
-        return [c.token_ids for c in done], eng.counters["steps_ahead"]
+        return [c.token_ids for c in done], eng.counters["steps_ahead"], [c.logprobs for c in done]
     n = 12
     fused_t, _, prompts_t, _ = trained
     like = lambda **kw: [SamplingParams(max_tokens=n, ignore_eos=True, **kw)] * len(prompts_t)
@@ -463,13 +463,20 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
     # prompts of one length: every row decodes and finishes in the same steps, so the pipelined run's steps
     # hold the same rows as the synchronous run's (no finished row carried in a step launched ahead)
     even = [p[:16] for p in prompts if len(p) >= 16]
-    first, ahead = run(fused, even, seeded)
+    first, ahead, _ = run(fused, even, seeded)
     assert ahead >= n - 2, "sampled rows did not pipeline"
     assert run(fused, even, seeded, pipelined=False)[0] == first
     assert first != run(fused, even, like(temperature=0.0))[0]
+    # rows with logprobs pipeline too: their logprobs come back with the step's tokens, as synchronously
+    asking = [SamplingParams(**{**vars(sp), "logprobs": (0, 2, 5)[i % 3]}) for i, sp in enumerate(seeded)]
+    asking[1] = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3)
+    tokens, ahead, logprobs = run(fused, even, asking)
+    assert ahead >= n - 2, "rows with logprobs did not pipeline"
+    assert run(fused, even, asking, pipelined=False)[::2] == (tokens, logprobs)
+    assert all([e["token_id"] for e in lp] == t for t, lp in zip(tokens, logprobs))
     others = [SamplingParams(**{**MIXED_CUDA[i % len(MIXED_CUDA)], "max_tokens": n, "ignore_eos": True})
               for i in range(len(prompts))]
-    mixed, _ = run(fused, prompts, [s if i % 2 else o for i, (s, o) in enumerate(zip(seeded, others))], warmup=True)
+    mixed, _, _ = run(fused, prompts, [s if i % 2 else o for i, (s, o) in enumerate(zip(seeded, others))], warmup=True)
     assert all(len(t) == n for t in mixed)
 
 

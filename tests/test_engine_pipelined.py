@@ -72,8 +72,8 @@ def test_arrivals_and_sampling_rows_fall_back_and_resume():
 def test_sampled_rows_pipeline_with_their_own_generators():
     """Seeded sampled rows (top-k, top-p, min-p, plain temperature) beside greedy ones run pipelined, drawing
     each token from the request's own generator as the synchronous engine does. Penalised rows pipeline too,
-    their penalties counting the token still in flight; a row with logprobs needs the host, so steps with
-    it in the batch stay synchronous. Outputs match the synchronous engine's throughout."""
+    their penalties counting the token still in flight, and so does a row with logprobs beside them.
+    Outputs match the synchronous engine's throughout."""
     ps = prompts(6, seed=9)
     kinds = [dict(temperature=0.9, top_k=30), dict(temperature=1.1, top_p=0.8), dict(temperature=0.0),
              dict(temperature=1.3, min_p=0.05), dict(temperature=1.5), dict(temperature=0.7, top_p=0.95, top_k=50)]
@@ -100,7 +100,44 @@ def test_sampled_rows_pipeline_with_their_own_generators():
     _, sync = run(False, reqs)
     eng, piped = run(True, reqs)
     assert piped == sync
+    assert eng.counters["steps_ahead"] > 15, "a row with logprobs stopped the pipeline"
     assert_all_free(eng)
+
+
+def test_logprobs_rows_pipeline_with_their_logprobs():
+    """Rows asking for logprobs (greedy and sampled, penalised, n from 0 -- the chosen token's alone -- to
+    5) pipeline like the others, their logprobs computed on the device beside the step's tokens and read
+    with them: every token's logprobs equal the synchronous engine's (to rounding), rows finishing
+    mid-flight included."""
+    ps = prompts(5, seed=12)
+    kinds = [dict(temperature=0.0, logprobs=3), dict(temperature=0.9, top_p=0.9, seed=3, logprobs=1),
+             dict(temperature=0.0), dict(temperature=1.2, seed=5, logprobs=0),
+             dict(temperature=0.0, repetition_penalty=1.2, logprobs=5)]
+    reqs = [(p, SamplingParams(**kw, max_tokens=8 + 5 * i, ignore_eos=True)) for i, (p, kw) in enumerate(zip(ps, kinds))]
+
+    def outputs(pipelined: bool):
+        eng = make_engine(pipelined)
+        done = run_to_completion(eng, [eng.submit(p, params) for p, params in reqs])
+        return eng, [(c.token_ids, c.logprobs) for c in done]
+    _, sync = outputs(False)
+    eng, piped = outputs(True)
+    # the same tokens and top ids; values equal up to the last bits (a step launched ahead can carry a
+    # finished row, and a batch of another size can round a logit differently)
+    assert [t for t, _ in piped] == [t for t, _ in sync]
+    for (_, got), (_, want) in zip(piped, sync):
+        assert (got is None) == (want is None)
+        for g, w in zip(got or [], want or []):
+            assert g["token_id"] == w["token_id"] and abs(g["logprob"] - w["logprob"]) < 1e-4
+            assert [i for i, _ in g["top"]] == [i for i, _ in w["top"]]
+            assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(g["top"], w["top"]))
+    assert eng.counters["steps_ahead"] > 15, "rows with logprobs did not pipeline"
+    assert_all_free(eng)
+    for (tokens, logprobs), (_, params) in zip(sync, reqs):
+        if params.logprobs is None:
+            assert logprobs is None
+            continue
+        assert [e["token_id"] for e in logprobs] == tokens
+        assert all(len(e["top"]) == params.logprobs and e["logprob"] <= 0.0 for e in logprobs)
 
 
 def test_abort_while_a_step_is_in_flight_frees_every_block():
