@@ -23,9 +23,10 @@ Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-
 --sampled adds sampled requests (SAMPLED settings): the Engine (its sampled rows through the CUDA backend's
 fused kernel, pa_sample_rows_cuda) next to the same Engine with session 14's torch-path sampler
 (engine.sampler.sample_rows: a row sort and ~20 launches) and HF generate(do_sample=True) on the same
-weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 s a step).
+weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 s a step); --logprobs adds
+requests asking for 5 logprobs a token.
 
-    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled [--one-row]]
+    python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled [--one-row] [--logprobs]]
 """
 from __future__ import annotations
 
@@ -148,6 +149,8 @@ class OneRowSampler:
 
 SAMPLED = {"T=0.7, top_p=0.9": {"temperature": 0.7, "top_p": 0.9},     # a chat UI's usual setting
            "T=1.0": {"temperature": 1.0}}                                # an OpenAI client's defaults
+# --logprobs: an OpenAI client asking for top_logprobs=5 (pipelined since session 15; synchronous before)
+LOGPROBS = {"T=0.7, top_p=0.9, logprobs=5": {"temperature": 0.7, "top_p": 0.9, "logprobs": 5}}
 
 
 def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4,
@@ -362,6 +365,9 @@ def main() -> None:
     ap.add_argument("--gemv", action="store_true", help="per-GEMV bandwidth of the 1B-like model, batch 1")
     ap.add_argument("--layers-profile", action="store_true",
                     help="phase times of the persistent decode-layers launch at batch 1 (kernel timestamps)")
+    ap.add_argument("--logprobs", action="store_true",
+                    help="with --sampled: also rows asking for 5 logprobs (the synchronous column is how they ran "
+                         "before they pipelined)")
     ap.add_argument("--one-row", action="store_true",
                     help="with --sampled: also the one-row host sampler (engine.sampler.pick_one_row a row at a time)")
     ap.add_argument("--sampled", action="store_true",
@@ -459,9 +465,13 @@ def main() -> None:
                              f"{sync['other_ms']:.2f}) | {fwd:,.0f} | {multi:,.0f} | {hf_ts:,.0f} | "
                              f"{eng['tok_s'] / hf_ts:.1f}x | {build * 1e3:.2f} |")
             if args.sampled:
-                for label, kw in SAMPLED.items():
+                settings = dict(SAMPLED, **(LOGPROBS if args.logprobs else {}))
+                for label, kw in settings.items():
+                    hf_kw = {k: v for k, v in kw.items() if k != "logprobs"}     # HF: output_scores
+                    if "logprobs" in kw:
+                        hf_kw.update(output_scores=True, return_dict_in_generate=True)
                     hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps,
-                                                                     do_sample=True, top_k=0, **kw)
+                                                                     do_sample=True, top_k=0, **hf_kw)
                     ours = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw)
                     sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, pipelined=False)
                     plain = Sampler(argmax=backend.argmax)              # session 14's: sample_rows
