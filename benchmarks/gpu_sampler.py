@@ -75,9 +75,24 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--vocabs", type=int, nargs="+", default=[49152, 128256])
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--probe", action="store_true",
+                    help="only a few fused-kernel calls (T=1.0, then top-p) per shape, on flat logits: for ncu")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
+    if args.probe:
+        kernels = CudaKernels()
+        for vocab in args.vocabs:
+            for n in args.batches:
+                x = torch.randn(n, vocab, device="cuda") * 0.5
+                gens = [make_generator(i) for i in range(n)]
+                for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9)):
+                    knobs = upload(row_knobs([p] * n, gens, vocab), x.device)
+                    for _ in range(2):
+                        kernels.sample_rows(x, knobs)
+                    torch.cuda.synchronize()
+                    print(f"probe: batch {n} vocab {vocab} {p.top_p=}", flush=True)
+        return
     lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
              "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
              "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) | fused kernel alone, device us "
