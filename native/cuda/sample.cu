@@ -137,7 +137,7 @@ struct Row {
             v[0] = __ldg(logits + c);
         }
     }
-    __device__ __forceinline__ float x(float logit) const { return logit / temperature; }
+    __device__ __forceinline__ float x(float logit) const { return temperature == 1.f ? logit : logit / temperature; }
 
     // exp(x - m) in 2^-40 units: exp(-j / 128) from the table times exp(-r), r = d - j / 128 in [0, 1/128)
     // (exact), by its series to r^6 (the next term < 2^-60).
@@ -157,8 +157,9 @@ struct Row {
     }
 };
 
-// f(i, x) on every element (any order), a round of PER_THREAD loads in flight at a time.
-template <int E, typename F>
+// f(i, x) on every element (any order), a round of PER_THREAD loads in flight at a time (Scaled false:
+// f(i, logit)).
+template <bool Scaled = true, int E, typename F>
 __device__ __forceinline__ void for_each(const Row<E> &row, F f) {
     constexpr int U = PER_THREAD / E;
     for (int c0 = threadIdx.x; c0 < row.chunks; c0 += U * THREADS) {
@@ -171,21 +172,18 @@ __device__ __forceinline__ void for_each(const Row<E> &row, F f) {
             const int c = c0 + u * THREADS;
             if (c < row.chunks) {
 #pragma unroll
-                for (int e = 0; e < E; ++e) f(c * E + e, row.x(v[u][e]));
+                for (int e = 0; e < E; ++e) f(c * E + e, Scaled ? row.x(v[u][e]) : v[u][e]);
             }
         }
     }
 }
 
-// Index order: the element at which the prefix of weight(x) crosses t = target(total weight), i.e.
-// prefix <= t < prefix + its own weight; -1 when the total is 0.
-template <int E, typename Weight, typename Target>
-__device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
+// One lane's share of the weights of chunks [begin, end), its lanes 32 chunks apart.
+template <int E, typename Weight>
+__device__ __forceinline__ u64 lane_weight(const Row<E> &row, int begin, int end, Weight weight) {
     constexpr int U = PER_THREAD / E;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int begin = warp * row.seg, end = min(row.chunks, begin + row.seg);
     u64 mine = 0;
-    for (int c0 = begin + lane; c0 < end; c0 += 32 * U) {
+    for (int c0 = begin + (threadIdx.x & 31); c0 < end; c0 += 32 * U) {
         float v[U][E];
 #pragma unroll
         for (int u = 0; u < U; ++u)
@@ -197,41 +195,62 @@ __device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight
                 for (int e = 0; e < E; ++e) mine += weight(row.x(v[u][e]));
             }
     }
-    mine = warp_sum(mine);
-    if (lane == 0) s.red[warp] = mine;
-    __syncthreads();
-    if (warp == 0) {
-        const u64 w = s.red[lane];
-        const u64 inc = warp_inclusive(w, lane), total = __shfl_sync(FULL, inc, 31);
-        const u64 t = total ? target(total) : 0;
-        if (lane == 0) {
-            s.hit = -1;
-            s.hit_bucket = -1;
-            s.target = t;
+    return mine;
+}
+
+// Index order: the element at which the prefix of weight(x) crosses t = target(total weight), i.e.
+// prefix <= t < prefix + its own weight; -1 when the total is 0. Two levels of per-warp sums narrow the
+// row to 1/1024 of it (warp w sums the w-th of 32 contiguous ranges; the range holding the crossing is split
+// again), which one warp then walks.
+template <int E, typename Weight, typename Target>
+__device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
+    constexpr int U = PER_THREAD / E;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int lo = 0, hi = row.chunks, len = row.seg;         // row.seg: a multiple of 32
+    for (int level = 0; level < 2; ++level) {
+        const int b = lo + warp * len;
+        const u64 mine = warp_sum(lane_weight(row, b, min(hi, b + len), weight));
+        if (lane == 0) s.red[warp] = mine;
+        __syncthreads();
+        if (warp == 0) {
+            const u64 w = s.red[lane];
+            const u64 inc = warp_inclusive(w, lane), total = __shfl_sync(FULL, inc, 31);
+            const u64 base = level ? s.base : 0ull;
+            const u64 t = level ? s.target : (total ? target(total) : 0ull);
+            if (lane == 0) {
+                s.hit = -1;
+                s.hit_bucket = -1;
+                s.target = t;
+            }
+            __syncwarp();
+            if (total && base + inc - w <= t && t < base + inc) {   // one lane: its range holds the crossing
+                s.hit_bucket = lane;
+                s.base = base + inc - w;
+            }
         }
-        __syncwarp();
-        if (total && inc - w <= t && t < inc) {   // one lane: its warp's segment holds the crossing
-            s.hit_bucket = lane;
-            s.base = inc - w;
-        }
+        __syncthreads();
+        const int w_hit = s.hit_bucket;
+        if (w_hit < 0) break;                            // (no weight at all: level 0 only)
+        lo += w_hit * len;
+        hi = min(hi, lo + len);
+        len /= 32;
     }
-    __syncthreads();
-    if (warp == s.hit_bucket) {                    // that warp walks its segment, 32 chunks a step
+    if (warp == 0 && s.hit_bucket >= 0) {                // walk [lo, hi), 32 chunks a step
         u64 base = s.base;
         const u64 t = s.target;
         bool found = false;
-        for (int c0 = begin; c0 < end && !found; c0 += 32 * U) {
+        for (int c0 = lo; c0 < hi && !found; c0 += 32 * U) {
             float v[U][E];
 #pragma unroll
             for (int u = 0; u < U; ++u)
-                if (c0 + 32 * u + lane < end) row.load(c0 + 32 * u + lane, v[u]);
+                if (c0 + 32 * u + lane < hi) row.load(c0 + 32 * u + lane, v[u]);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int c = c0 + 32 * u + lane;
                 u64 w[E], own = 0;
 #pragma unroll
                 for (int e = 0; e < E; ++e) {
-                    w[e] = c < end ? weight(row.x(v[u][e])) : 0ull;
+                    w[e] = c < hi ? weight(row.x(v[u][e])) : 0ull;
                     own += w[e];
                 }
                 const u64 inc = warp_inclusive(own, lane);
@@ -255,12 +274,13 @@ __device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight
     return hit;
 }
 
-// The row's maximum x and its first index (torch.argmax's choice), as (key << 32 | ~index).
+// The row's largest logit and its first index (torch.argmax's choice), as (key << 32 | ~index): x / T is
+// monotone in the logit, so its x is the row's largest (no division an element).
 template <int E>
 __device__ u64 row_best(const Row<E> &row, Shared &s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64 best = 0;
-    for_each(row, [&best](int i, float x) { best = max(best, (u64(order_key(x)) << 32) | u64(~uint32_t(i))); });
+    for_each<false>(row, [&best](int i, float v) { best = max(best, (u64(order_key(v)) << 32) | u64(~uint32_t(i))); });
 #pragma unroll
     for (int o = 16; o; o >>= 1) best = max(best, __shfl_xor_sync(FULL, best, o));
     if (lane == 0) s.red[warp] = best;
@@ -416,7 +436,7 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     if (tid == 0) s.gathered = -1;
     for (int j = tid; j < NB; j += THREADS) s.etab[j] = exp(-j * (1.0 / 128.0));
     const u64 best = row_best(row, s);                 // (its barriers publish etab too)
-    const float m = key_value(uint32_t(best >> 32));
+    const float m = row.x(key_value(uint32_t(best >> 32)));
     row.m = m;
     int token = int(~uint32_t(best));                   // when nothing has mass (no finite maximum)
     const bool cut_k = top_k > 0 && top_k < vocab, cut_min_p = log_min_p > -INFINITY;
