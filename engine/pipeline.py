@@ -18,7 +18,7 @@ import torch
 from engine.batch import Batch
 from engine.block_manager import NoFreeBlocksError
 from engine.request import Request
-from engine.sampler import Logprobs, logprob_rows, sample_results
+from engine.sampler import Logprobs, download, logprob_rows, sample_results
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -67,8 +67,7 @@ class PipelinedDecode:
         logprobs' host copies)."""
         if not tokens.is_cuda:
             return tokens, tokens, None, logprobs
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+        host = download(tokens)
         logprobs = logprobs.to_host() if logprobs is not None else None
         landed = torch.cuda.Event()
         landed.record()

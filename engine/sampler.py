@@ -58,6 +58,18 @@ def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return pinned.to(device, non_blocking=True)
 
 
+def download(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor's host copy in pinned memory, in flight (non_blocking: valid once the device has
+    passed this point; an event recorded after it says when)."""
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
+def log_min_p(p: SamplingParams) -> float:
+    """log(min_p), -inf without the filter (x >= max + log(min_p) keeps a token)."""
+    return math.log(p.min_p) if p.min_p > 0.0 else float("-inf")
+
+
 def penalise_rows(logits: torch.Tensor, rows: list[int], params: list[SamplingParams], prompt_ids: list[list[int]],
                   output_ids: list[list[int]], pending: torch.Tensor | None = None) -> None:
     """apply_penalties on logits[rows] in place, all rows at once: the seen tokens as one mask and the
@@ -145,15 +157,14 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> Filtered:
         raise ValueError("filter_rows: rows must be all ranked or all unranked")
     top_k = [p.top_k if p.top_k and p.top_k < vocab else vocab for p in params]
     host = torch.tensor([[p.temperature for p in params], top_k, [p.top_p for p in params],
-                         [math.log(p.min_p) if p.min_p > 0.0 else float("-inf") for p in params]],
-                        dtype=torch.float64)
-    temperature, k, top_p, log_min_p = upload(host, dev)
+                         [log_min_p(p) for p in params]], dtype=torch.float64)
+    temperature, k, top_p, floor = upload(host, dev)
     logits = logits / temperature.float()[:, None]
-    log_min_p = log_min_p.float()[:, None]
+    floor = floor.float()[:, None]
     if not ranked[0]:
         if not any(p.min_p > 0.0 for p in params):
             return Filtered(logits, None, None, None)
-        return Filtered(logits, None, logits >= logits.amax(-1, keepdim=True) + log_min_p, None)
+        return Filtered(logits, None, logits >= logits.amax(-1, keepdim=True) + floor, None)
     k = k.long()[:, None]
     any_p = any(p.top_p < 1.0 for p in params)
     m = min(vocab, max(max((kk for kk in top_k if kk < vocab), default=0), 64 if any_p else 0))
@@ -179,7 +190,7 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> Filtered:
                 m = min(2 * m, vocab)
                 continue
         break
-    keep &= vals >= vals[:, :1] + log_min_p
+    keep &= vals >= vals[:, :1] + floor
     return Filtered(vals, ids, keep, cum)
 
 
@@ -235,8 +246,8 @@ def row_knobs(params: list[SamplingParams], generators: list[random.Random | Non
     """What a fused sampling kernel (pa_sample_rows_cuda) takes a row: float64 [n, 5] on the host --
     temperature, top_k (0: none), top_p, log(min_p) (-inf: none) and the row's uniform, drawn from each
     generator in row order as sample_rows draws it."""
-    return torch.tensor([[p.temperature, p.top_k if p.top_k and p.top_k < vocab else 0, p.top_p,
-                          math.log(p.min_p) if p.min_p > 0.0 else float("-inf"), uniform(g)]
+    return torch.tensor([[p.temperature, p.top_k if p.top_k and p.top_k < vocab else 0, p.top_p, log_min_p(p),
+                          uniform(g)]
                          for p, g in zip(params, generators)], dtype=torch.float64).reshape(len(params), 5)
 
 
@@ -275,7 +286,8 @@ class Sampler:
         # logits: [num_rows, vocab] float32, on the backend's device. Penalties change a copy: logprobs
         # are under the raw model distribution.
         chosen = self.tokens(logits, params, generators, prompt_ids, output_ids)
-        return sample_results(chosen.tolist(), logprob_rows(logits, chosen, params), params)
+        logprobs = logprob_rows(logits, chosen, params)      # launched before the tokens are read
+        return sample_results(chosen.tolist(), logprobs, params)
 
 
 class Logprobs(NamedTuple):
@@ -290,11 +302,7 @@ class Logprobs(NamedTuple):
         """Pinned host copies in flight (non_blocking: valid once the device has passed this point)."""
         if not self.chosen.is_cuda:
             return self
-        copies = []
-        for t in (self.chosen, self.top_values, self.top_ids):
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            copies.append(host.copy_(t, non_blocking=True))
-        return Logprobs(self.rows, *copies)
+        return Logprobs(self.rows, download(self.chosen), download(self.top_values), download(self.top_ids))
 
 
 def logprob_rows(logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]) -> Logprobs | None:
