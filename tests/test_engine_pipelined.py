@@ -39,6 +39,17 @@ def assert_all_free(eng) -> None:
     assert eng.blocks.num_free_blocks == eng.num_blocks
 
 
+def pipelines_like_synchronous(reqs, what: str, min_ahead: int = 15):
+    """The synchronous engine's outputs for reqs, after checking the pipelined engine gives the same, ran
+    more than min_ahead steps ahead (else: `what` did not pipeline) and freed every block."""
+    _, sync = run(False, reqs)
+    eng, piped = run(True, reqs)
+    assert piped == sync
+    assert eng.counters["steps_ahead"] > min_ahead, f"{what} did not pipeline"
+    assert_all_free(eng)
+    return sync
+
+
 def test_pipelined_equals_synchronous_with_mixed_finishes():
     ps = prompts(6, seed=3)
     lengths = [3, 24, 9, 17, 1, 30]
@@ -48,12 +59,8 @@ def test_pipelined_equals_synchronous_with_mixed_finishes():
     reqs[1] = (ps[1], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True,
                                      stop_token_ids=(sync[1][0][6],)))
     reqs[3] = (ps[3], SamplingParams(temperature=0.0, max_tokens=17, stop_token_ids=(sync[3][0][2],)))
-    _, sync = run(False, reqs)
-    eng, piped = run(True, reqs)
-    assert piped == sync
+    sync = pipelines_like_synchronous(reqs, "greedy rows", min_ahead=10)
     assert sync[1][1] == "stop" and len(sync[1][0]) < 24
-    assert eng.counters["steps_ahead"] > 10, "the pipeline did not run"
-    assert_all_free(eng)
 
 
 def test_arrivals_and_sampling_rows_fall_back_and_resume():
@@ -79,29 +86,17 @@ def test_sampled_rows_pipeline_with_their_own_generators():
              dict(temperature=1.3, min_p=0.05), dict(temperature=1.5), dict(temperature=0.7, top_p=0.95, top_k=50)]
     reqs = [(p, SamplingParams(**kw, seed=40 + i, max_tokens=10 + 3 * i, ignore_eos=True))
             for i, (p, kw) in enumerate(zip(ps, kinds))]
-    _, sync = run(False, reqs)
-    eng, piped = run(True, reqs)
-    assert piped == sync
-    assert eng.counters["steps_ahead"] > 15, "sampled rows did not pipeline"
-    assert_all_free(eng)
+    sync = pipelines_like_synchronous(reqs, "sampled rows")
     assert len({tuple(t) for t, _ in sync}) == len(sync)
     reqs[4] = (ps[4], SamplingParams(temperature=1.5, seed=44, max_tokens=22, ignore_eos=True, repetition_penalty=1.3))
     reqs[2] = (ps[2], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, presence_penalty=1.5,
                                      frequency_penalty=1.0))
     reqs[0] = (ps[0], SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=3.0))
-    _, sync = run(False, reqs)
-    eng, piped = run(True, reqs)
-    assert piped == sync
-    assert eng.counters["steps_ahead"] > 15, "penalised rows did not pipeline"
-    assert_all_free(eng)
+    sync = pipelines_like_synchronous(reqs, "penalised rows")
     _, plain = run(False, [(p, SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)) for p in ps[:1]])
     assert plain[0][0] != sync[0][0]                       # the penalty changed the greedy row's tokens
     reqs[1] = (ps[1], SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2))
-    _, sync = run(False, reqs)
-    eng, piped = run(True, reqs)
-    assert piped == sync
-    assert eng.counters["steps_ahead"] > 15, "a row with logprobs stopped the pipeline"
-    assert_all_free(eng)
+    pipelines_like_synchronous(reqs, "a batch with a logprobs row")
 
 
 def test_logprobs_rows_pipeline_with_their_logprobs():
