@@ -21,7 +21,8 @@ default+pdl:o/gate_up.
 Batch.build's own cost is printed apart; --gemv times each GEMV shape of the 1B-like model alone.
 
 --sampled adds sampled requests (SAMPLED settings): the Engine (its sampled rows through the CUDA backend's
-fused kernel, pa_sample_rows_cuda) next to the same Engine with session 14's torch-path sampler
+fused kernel, pa_sample_rows_cuda, inside the decode graph since session 16) next to the same Engine
+without the sampled graph (session 15: the logits graph, then the kernel), with session 14's torch-path sampler
 (engine.sampler.sample_rows: a row sort and ~20 launches) and HF generate(do_sample=True) on the same
 weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 s a step); --logprobs adds
 requests asking for 5 logprobs a token.
@@ -154,11 +155,13 @@ LOGPROBS = {"T=0.7, top_p=0.9, logprobs=5": {"temperature": 0.7, "top_p": 0.9, "
 
 
 def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: int, warmup: int = 4,
-               pipelined: bool = True, sampling: dict | None = None, sampler=None) -> dict:
+               pipelined: bool = True, sampling: dict | None = None, sampler=None, sample_graph: bool = True) -> dict:
     """The real Engine over backend: B random prompts, stepped on this thread until every sequence
     decodes, then `steps` timed decode steps. Returns tok/s and the host-side split of a step.
     pipelined=False turns off the engine's pipelined decode (Engine.step) for comparison; sampling: the
-    requests' SamplingParams other than greedy (seeded per request); sampler: in place of the Engine's."""
+    requests' SamplingParams other than greedy (seeded per request); sampler: in place of the Engine's (which
+    then takes every step: no sampled graph); sample_graph=False: pipelined sampled steps replay the logits
+    graph and launch the Sampler after it (session 15's path), not the graph with the sampling kernel inside."""
     backend.supports_async = pipelined
     from engine.backends.base import settle_heap
     from engine.config import EngineConfig
@@ -178,6 +181,8 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
         eng.submit(torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).tolist(), params)
     if sampler is not None:
         eng.sampler = sampler
+    if sampler is not None or not sample_graph:
+        eng.model.sample_step = lambda *args: None      # (Backend.sample_step declining: the Sampler's path)
     while eng.counters["prefill_tokens"] < batch * prompt_len:
         eng.step()
     for _ in range(warmup):
@@ -384,11 +389,12 @@ def main() -> None:
              "Engine / HF | Batch.build ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
-    sampled = ["| model | batch | sampling | Engine tok/s pipelined (steps ahead) | synchronous tok/s | its sample ms "
+    sampled = ["| model | batch | sampling | Engine tok/s pipelined (steps ahead) | without the sampled graph "
+               "(logits graph, then the kernel), pipelined tok/s (Engine / it) | synchronous tok/s | its sample ms "
                "a step | Engine with the torch-path sampler, pipelined tok/s | its synchronous sample ms | "
                + ("one-row host sampler tok/s | " if args.one_row else "") + "HF generate tok/s (do_sample) | "
                "Engine / HF | Engine / torch-path sampler |",
-               "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.one_row else "")]
+               "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.one_row else "")]
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)
@@ -473,6 +479,7 @@ def main() -> None:
                     hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps,
                                                                      do_sample=True, top_k=0, **hf_kw)
                     ours = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw)
+                    nograph = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, sample_graph=False)
                     sync = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, pipelined=False)
                     plain = Sampler(argmax=backend.argmax)              # session 14's: sample_rows
                     tp = engine_run(cfg, backend, b, args.prompt_len, args.steps, sampling=kw, sampler=plain)
@@ -484,6 +491,7 @@ def main() -> None:
                                          sampling=kw, sampler=OneRowSampler(), pipelined=False)   # up to 1.7 s a step
                         one_row = f"{old['tok_s']:,.0f} | "
                     sampled.append(f"| {name} | {b} | {label} | {ours['tok_s']:,.0f} ({ours['ahead']:.0%}) | "
+                                   f"{nograph['tok_s']:,.0f} ({ours['tok_s'] / nograph['tok_s']:.2f}x) | "
                                    f"{sync['tok_s']:,.0f} | {sync['sample_ms']:.2f} | "
                                    f"{tp['tok_s']:,.0f} | {tp_sync['sample_ms']:.2f} | {one_row}{hf_ts:,.0f} | "
                                    f"{ours['tok_s'] / hf_ts:.1f}x | {ours['tok_s'] / tp['tok_s']:.2f}x |")

@@ -57,6 +57,12 @@ class LlamaModel:
         backend call (Backend.forward_tokens), or None: then forward() and Backend.argmax."""
         return self.backend.forward_tokens(batch)
 
+    def sample_step(self, batch: Batch, params: list, generators: list) -> torch.Tensor | None:
+        """The tokens of a decode step whose every row wants logits -- greedy rows' argmax, sampled rows'
+        draw from their own generators -- computed on the device in one backend call (Backend.sample_step),
+        or None (no uniform drawn): then forward() and the Sampler."""
+        return self.backend.sample_step(batch, params, generators)
+
     @torch.inference_mode()
     def forward(self, batch: Batch) -> torch.Tensor:
         b = self.backend

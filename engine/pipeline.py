@@ -89,8 +89,12 @@ class PipelinedDecode:
         ids = prev.tokens if len(keep) == len(prev.rows) else \
             prev.tokens[torch.tensor(keep, device=prev.tokens.device)]
         batch.device_input_ids = ids
-        argmax = all(self._requests[seq.request_id].plain_greedy for seq in rows)
-        tokens = self.model.forward_tokens(batch) if argmax else None   # one graph replay, the argmax inside
+        reqs = [self._requests[seq.request_id] for seq in rows]
+        tokens = None
+        if all(r.plain_greedy for r in reqs):            # one graph replay, the argmax inside
+            tokens = self.model.forward_tokens(batch)
+        elif all(r.plain for r in reqs):                 # one graph replay, the sampling kernel inside
+            tokens = self.model.sample_step(batch, [r.params for r in reqs], [r.generator for r in reqs])
         launched = self._to_host(tokens) if tokens is not None else \
             self._device_tokens(rows, self.model.forward(batch), pending=ids)
         for seq in rows:

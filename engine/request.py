@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from engine.sampler import has_penalties
 from engine.sequence import FinishReason, SamplingParams, Sequence
 
 
@@ -126,9 +127,14 @@ class Request:
     def plain_greedy(self) -> bool:
         """Greedy, unpenalised and without logprobs: the next token is the argmax alone (a graph that
         returns tokens, Backend.forward_tokens)."""
+        return self.plain and self.params.is_greedy
+
+    @property
+    def plain(self) -> bool:
+        """Unpenalised and without logprobs, greedy or sampled: the next token is the argmax or the fused
+        draw alone, from the logits as they are (a graph that returns tokens, Backend.sample_step)."""
         p = self.params
-        return (p.logprobs is None and p.is_greedy and p.repetition_penalty == 1.0 and not p.presence_penalty
-                and not p.frequency_penalty)
+        return p.logprobs is None and not has_penalties(p)
 
     @property
     def max_stop_len(self) -> int:

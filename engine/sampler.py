@@ -242,12 +242,17 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams],
     return by_group(logits, [([i for i, r in enumerate(ranked) if r == want], draw) for want in (True, False)])
 
 
+GREEDY_KNOBS = (0.0, 0.0, 1.0, float("-inf"), 0.0)
+
+
 def row_knobs(params: list[SamplingParams], generators: list[random.Random | None], vocab: int) -> torch.Tensor:
     """What a fused sampling kernel (pa_sample_rows_cuda) takes a row: float64 [n, 5] on the host --
     temperature, top_k (0: none), top_p, log(min_p) (-inf: none) and the row's uniform, drawn from each
-    generator in row order as sample_rows draws it."""
-    return torch.tensor([[p.temperature, p.top_k if p.top_k and p.top_k < vocab else 0, p.top_p, log_min_p(p),
-                          uniform(g)]
+    sampled row's generator in row order as Sampler.tokens draws it. A greedy row draws nothing: temperature
+    0 (GREEDY_KNOBS), its argmax."""
+    return torch.tensor([GREEDY_KNOBS if p.is_greedy else
+                         (p.temperature, p.top_k if p.top_k and p.top_k < vocab else 0, p.top_p, log_min_p(p),
+                          uniform(g))
                          for p, g in zip(params, generators)], dtype=torch.float64).reshape(len(params), 5)
 
 

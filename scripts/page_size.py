@@ -28,12 +28,16 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.kv_layout import served_tables  # noqa: E402
 
 
-def grouped_perm(n: int, group: int, g, torch):
+def grouped_perm(n: int, group: int, g, torch, shuffle: bool = True):
     """A permutation of n pool blocks in which each run of `group` consecutive logical blocks maps onto one
-    group of `group` consecutive physical blocks (the groups shuffled, the blocks shuffled inside each)."""
+    group of `group` consecutive physical blocks (the groups shuffled; the blocks shuffled inside each, or in
+    order when not `shuffle`: then a unit reads runs of `group` pages)."""
     ng = n // group
     order = torch.randperm(ng, generator=g, device="cuda")
-    inner = torch.argsort(torch.rand(ng, group, generator=g, device="cuda"), dim=1)
+    if shuffle:
+        inner = torch.argsort(torch.rand(ng, group, generator=g, device="cuda"), dim=1)
+    else:
+        inner = torch.arange(group, device="cuda").expand(ng, group)
     return (order[:, None] * group + inner).reshape(-1)
 
 
@@ -41,7 +45,8 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
                  group_mb: float = 0.0) -> list:
     """n_sets decode calls over pools of one layout. pages: 'pool' (scattered), 'group' (scattered within
     group_mb MB), 'order' (each unit's pages in order), 'kv' (scattered, K|V of a block side by side in
-    one pool) or 'served' (the engine's allocator on a busy pool)."""
+    one pool), 'extent' (runs of int(group_mb) pages in order, the runs scattered) or 'served' (the engine's
+    allocator on a busy pool)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     seqs, nkv = (b, ga.NKV) if heads == ga.NKV else (b * ga.NKV, 1)
     nblk = ctx // bs
@@ -66,6 +71,8 @@ def layout_calls(ga, torch, kernels, b: int, ctx: int, n_sets: int, heads: int, 
                 perm = torch.arange(n, device="cuda")
             elif pages == "group":
                 perm = grouped_perm(n, int(group_mb * 2**20) // (nkv * bs * ga.HD * 2), g, torch)
+            elif pages == "extent":     # runs of int(group_mb) pages in order, the runs scattered
+                perm = grouped_perm(n, int(group_mb), g, torch, shuffle=False)
             else:
                 perm = torch.randperm(n, generator=g, device="cuda") * (2 if pages == "kv" else 1)
             tables = perm.to(torch.int32).view(seqs, nblk).contiguous()
@@ -82,6 +89,9 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--groups", action="store_true", help="pages within groups of --group-mb MB, or in order")
     mode.add_argument("--interleave", action="store_true", help="K and V of a block side by side in one pool")
+    mode.add_argument("--extents", type=int, nargs="+", default=None, metavar="PAGES",
+                      help="16-token pages in runs of PAGES in order, the runs scattered (1 head: a kv-head-major "
+                           "pool), next to scattered and in order")
     mode.add_argument("--served", action="store_true",
                       help="what the engine's allocator hands out on a busy pool, next to scattered and in order")
     ap.add_argument("--rounds", type=int, default=1, help="time every column this many times, in turn")
@@ -103,6 +113,9 @@ def main() -> None:
         kernels = CudaKernels()
     if args.groups:         # (label, block size, pages, group MB)
         layouts = ([("pool", 16, "pool", 0.0)] + [(f"{mb:g} MB", 16, "group", mb) for mb in args.group_mb]
+                   + [("in order", 16, "order", 0.0)])
+    elif args.extents:
+        layouts = ([("pool", 16, "pool", 0.0)] + [(f"runs of {e}", 16, "extent", float(e)) for e in args.extents]
                    + [("in order", 16, "order", 0.0)])
     elif args.served:
         layouts = [("scattered", 16, "pool", 0.0), ("served", 16, "served", 0.0), ("in order", 16, "order", 0.0)]

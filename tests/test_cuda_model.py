@@ -449,8 +449,16 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
         backend.supports_async = pipelined
         eng = Engine(SMOL, backend, EngineConfig(backend="cuda", block_size=BLOCK, num_blocks=512, max_num_seqs=16,
                                                  max_batched_tokens=256, warmup=warmup))
+        real, graphed = backend.sample_step, []
+
+        def sample_step(*args):                      # count the steps the sampled graph took
+            out = real(*args)
+            graphed.append(out is not None)
+            return out
+        backend.sample_step = sample_step
         done = run_to_completion(eng, [eng.submit(p, sp) for p, sp in zip(prompt_list, param_list)])
         assert eng.blocks.num_used_blocks == 0
+        run.graphed = sum(graphed)
         return [c.token_ids for c in done], eng.counters["steps_ahead"], [c.logprobs for c in done]
     n = 12
     fused_t, _, prompts_t, _ = trained
@@ -465,6 +473,7 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
     even = [p[:16] for p in prompts if len(p) >= 16]
     first, ahead, _ = run(fused, even, seeded)
     assert ahead >= n - 2, "sampled rows did not pipeline"
+    assert run.graphed >= n - 2, "sampled rows did not take the sampled graph"
     assert run(fused, even, seeded, pipelined=False)[0] == first
     assert first != run(fused, even, like(temperature=0.0))[0]
     # rows with logprobs pipeline too: their logprobs come back with the step's tokens, as synchronously
@@ -472,6 +481,7 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
     asking[1] = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3)
     tokens, ahead, logprobs = run(fused, even, asking)
     assert ahead >= n - 2, "rows with logprobs did not pipeline"
+    assert run.graphed == 0, "rows with logprobs need the logits: not the sampled graph's steps"
     assert run(fused, even, asking, pipelined=False)[::2] == (tokens, logprobs)
     assert all([e["token_id"] for e in lp] == t for t, lp in zip(tokens, logprobs))
     others = [SamplingParams(**{**MIXED_CUDA[i % len(MIXED_CUDA)], "max_tokens": n, "ignore_eos": True})
@@ -528,6 +538,39 @@ def test_forward_tokens_equal_the_argmax_of_the_logits(fused, prompts, rows):
     # a step whose rows do not all want logits is not a tokens step
     partial = Batch.build(items, BLOCK, [True] * (rows - 1) + [False])
     assert model.forward_tokens(partial) is None
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_sample_step_equals_forward_and_sampler(fused, prompts, rows):
+    """The sampled graph (Backend.sample_step: the fused sampling kernel inside the decode graph, the knobs
+    in its one upload) gives the same tokens as the logits graph followed by the Sampler on cloned
+    generators: greedy rows among sampled ones take the argmax, each sampled row draws one uniform from its
+    own generator, padding rows (3 in a graph of 4) change nothing. A step whose rows do not all want
+    logits is not a sampled step, and draws nothing."""
+    from engine.backends.cuda import CudaBackend
+    from engine.sampler import Sampler, make_generator
+    ps = (prompts * 2)[:rows]
+    cuda = CudaBackend(SMOL)
+    cuda.load_weights(fused)
+    first, _ = greedy(cuda, ps, new_tokens=1)
+    per_seq, _ = num_blocks_for(ps)
+    items = [([f[0]], len(p), list(range(s * per_seq, (s + 1) * per_seq))) for s, (p, f) in enumerate(zip(ps, first))]
+    model = LlamaModel(SMOL, cuda)
+    batch = Batch.build(items, BLOCK, [True] * rows)
+    kinds = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9),
+             dict(temperature=1.2, top_k=50), dict(temperature=0.9, min_p=0.02)]
+    params = [SamplingParams(**kinds[i % len(kinds)]) for i in range(rows)]
+    gens = [make_generator(500 + i) for i in range(rows)]
+    twins = [copy.deepcopy(g) for g in gens]
+    want = Sampler(argmax=cuda.argmax, sample=cuda.sample).tokens(model.forward(batch), params, twins)
+    got = model.sample_step(batch, params, gens)
+    assert got is not None and got.is_cuda and got.dtype == torch.int64 and got.shape == (rows,)
+    assert torch.equal(got, want)
+    assert [g.getstate() for g in gens] == [g.getstate() for g in twins]     # one uniform a sampled row
+    assert "sampled" in {k[2] for k in cuda._graphs}
+    partial = Batch.build(items, BLOCK, [True] * (rows - 1) + [False])
+    state = [g.getstate() for g in gens]
+    assert model.sample_step(partial, params, gens) is None and [g.getstate() for g in gens] == state
 
 
 # ---- a trained model: confident predictions, literal equality -------------------------------------------

@@ -102,6 +102,27 @@ def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
     assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
 
 
+@pytest.mark.parametrize("vocab", [1, 5, 1031, 49152])
+def test_fused_kernel_greedy_rows_take_the_argmax(kernels, vocab):
+    """Temperature 0 (row_knobs' greedy rows, what the sampled decode graph runs for greedy requests and
+    padding): torch.argmax's token -- the first largest -- on awkward rows (bf16 ties, one value
+    throughout, -inf runs), with no uniform drawn; the sampled rows beside them draw as they would alone."""
+    gen = torch.Generator().manual_seed(vocab + 1)
+    base = awkward_rows(gen, vocab).cuda()
+    n = base.shape[0]
+    logits = torch.cat([base, base])
+    params = [SamplingParams(temperature=0.0)] * n + [SamplingParams(**KINDS[i % len(KINDS)]) for i in range(n)]
+    gens = [make_generator(300 + i) for i in range(2 * n)]
+    states = [g.getstate() for g in gens]
+    got = fused(kernels)(logits, params, gens)
+    assert got[:n].tolist() == base.argmax(-1).tolist()
+    assert [g.getstate() for g in gens[:n]] == states[:n]               # greedy rows drew nothing
+    alone = [make_generator(0) for _ in range(n)]
+    for g, st in zip(alone, states[n:]):
+        g.setstate(st)
+    assert torch.equal(got[n:], fused(kernels, poison=-3)(base, params[n:], alone))
+
+
 def test_fused_kernel_checks_its_inputs(kernels):
     from engine.native import NativeError
     x = torch.randn(2, 10, device="cuda")

@@ -99,6 +99,43 @@ def test_sampled_rows_pipeline_with_their_own_generators():
     pipelines_like_synchronous(reqs, "a batch with a logprobs row")
 
 
+def test_plain_rows_take_the_backends_sample_step():
+    """A step of unpenalised rows without logprobs (sampled, greedy beside them) goes to the backend's
+    sample_step whole (CUDA: one graph replay with the sampling kernel inside). Stood in for here by the
+    forward and the Sampler, it must be handed every such step with the rows' own generators, and when it
+    declines (None: no graph fits, nothing drawn) the engine samples itself: the outputs equal the
+    synchronous engine's either way. A penalised row or one with logprobs keeps its steps off it."""
+    ps = prompts(5, seed=21)
+    kinds = [dict(temperature=0.9, top_k=30), dict(temperature=0.0), dict(temperature=1.1, top_p=0.8),
+             dict(temperature=1.3, min_p=0.05), dict(temperature=0.7, top_p=0.95, top_k=50)]
+    reqs = [(p, SamplingParams(**kw, seed=60 + i, max_tokens=12 + 4 * i, ignore_eos=True))
+            for i, (p, kw) in enumerate(zip(ps, kinds))]
+
+    def with_sample_step(requests):
+        eng, calls = make_engine(True), []
+
+        def sample_step(batch, params, generators):
+            assert [p.logprobs for p in params] == [None] * len(params)
+            calls.append(len(params))
+            if len(calls) % 3 == 0:                    # declined: the engine's own path takes the step
+                return None
+            return eng.sampler.tokens(eng.model.forward(batch), params, generators)
+        eng.model.sample_step = sample_step
+        done = run_to_completion(eng, [eng.submit(p, params) for p, params in requests])
+        assert_all_free(eng)
+        return calls, [(c.token_ids, c.finish_reason) for c in done]
+
+    _, sync = run(False, reqs)
+    calls, piped = with_sample_step(reqs)
+    assert piped == sync
+    assert len(calls) > 15 and max(calls) == len(reqs)
+    for extra in (dict(repetition_penalty=1.3), dict(logprobs=2)):      # the longest row, in every step
+        reqs[4] = (ps[4], SamplingParams(**kinds[4], seed=64, max_tokens=40, ignore_eos=True, **extra))
+        _, sync = run(False, reqs)
+        calls, piped = with_sample_step(reqs)
+        assert piped == sync and calls == [], extra
+
+
 def test_logprobs_rows_pipeline_with_their_logprobs():
     """Rows asking for logprobs (greedy and sampled, penalised, n from 0 -- the chosen token's alone -- to
     5) pipeline like the others, their logprobs computed on the device beside the step's tokens and read

@@ -150,6 +150,13 @@ class Backend(ABC):
         until its next step; None means forward() then argmax()."""
         return None
 
+    def sample_step(self, batch: Batch, params: list, generators: list) -> torch.Tensor | None:
+        """A backend may run a decode step of unpenalised rows without logprobs whole, its sampling included
+        -> device tokens [num_seqs] (greedy rows' argmax, the others drawn as Sampler.tokens draws them: one
+        uniform from each sampled row's generator, in row order), valid until its next step; None (having
+        drawn nothing) means forward() then the Sampler."""
+        return None
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final hidden rows [n, hidden] (already normed) -> float32 logits [n, vocab] on this backend's
         device; the sampler decides greedy rows there and moves only what it needs to the host."""

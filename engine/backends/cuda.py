@@ -701,22 +701,34 @@ class _StepGraph:
     ([seqs, width]). A decode graph has one row a sequence (tokens == seqs); its padding rows have slot -1
     and context 0. A prefill graph (prefill=True: chunks of any length, decode rows among them) pads
     with rows of slot -1 that no sequence owns and with sequences of no rows and context 0; its contexts
-    are at most `context` tokens (what the prefill kernel's key spans are cut for)."""
+    are at most `context` tokens (what the prefill kernel's key spans are cut for). With knobs (a sampled
+    decode graph) each row's sampling knobs (engine.sampler.step_knobs: float64 [S, 5]) travel in the same
+    upload, before the tables; a padding row's are zeros (temperature 0: the argmax)."""
 
     def __init__(self, size: int, width: int, block_size: int, partition: int | None, max_splits: int | None,
-                 device, tokens: int | None = None, prefill: bool = False, context: int | None = None):
+                 device, tokens: int | None = None, prefill: bool = False, context: int | None = None,
+                 knobs: bool = False):
         S, T = size, size if tokens is None else tokens
         self.size, self.num_rows, self.width, self.prefill = S, T, width, prefill
-        # layout: ids [T] | positions [T] | slots [T] | context_lens [S] | logits rows [S] | qsl [S+1] | tables
-        self._ctx, self._rows, self._qsl, self._tables = 3 * T, 3 * T + S, 3 * T + 2 * S, 3 * T + 3 * S + 1
+        # layout: ids [T] | positions [T] | slots [T] | context_lens [S] | logits rows [S] | qsl [S+1] |
+        # (knobs: float64 [S, 5], at an even offset) | tables [S, width]
+        self._ctx, self._rows, self._qsl = 3 * T, 3 * T + S, 3 * T + 2 * S
+        self._tables = 3 * T + 3 * S + 1
+        self._knobs = self._tables + self._tables % 2 if knobs else None
+        if knobs:
+            self._tables = self._knobs + 10 * S
         self.host = torch.empty(self._tables + S * width, dtype=torch.int32, pin_memory=True)
         self.ints = torch.empty(self.host.shape, dtype=torch.int32, device=device)
+        # float64 views of the knobs' words: the host's filled by load, the device's read by the sampling kernel
+        k = slice(self._knobs, self._tables) if knobs else None
+        self.knobs_host = self.host[k].view(torch.float64).view(S, 5) if knobs else None
+        self.knobs = self.ints[k].view(torch.float64).view(S, 5) if knobs else None
         self.copied = torch.cuda.Event()
         self.load_padding()
         d = self.ints
         self.batch = CudaBatch(
             input_ids=d[:T], positions=d[T:2 * T], slot_mapping=d[2 * T:3 * T], context_lens=d[self._ctx:self._rows],
-            logits_indices=d[self._rows:self._qsl], query_start_loc=d[self._qsl:self._tables],
+            logits_indices=d[self._rows:self._qsl], query_start_loc=d[self._qsl:self._qsl + S + 1],
             block_tables=d[self._tables:].view(S, width), max_query_len=T if prefill else 1,
             max_context_len=context or width * block_size, block_size=block_size, partition=partition,
             max_splits=max_splits)
@@ -724,6 +736,7 @@ class _StepGraph:
         self.logits: torch.Tensor | None = None     # what the captured run returned (logits graphs: [S, vocab]
                                                     # float32; tokens graphs: next_tokens), rewritten by each replay
         self.tokens: torch.Tensor | None = None     # greedy graphs: [max_steps, S] int32 chosen tokens
+        self.sampled: torch.Tensor | None = None    # sampled graphs: [S] int64, each replay's tokens
         self.step: torch.Tensor | None = None       # greedy graphs: replays since load, on the GPU (int32 [1])
         self.next_tokens: torch.Tensor | None = None    # tokens / greedy graphs: [S] int32, each replay's argmax
 
@@ -736,15 +749,15 @@ class _StepGraph:
         h[2 * T:3 * T] = -1
         h[self._rows:self._qsl] = torch.arange(S, dtype=torch.int32)
         if not self.prefill:
-            h[self._qsl:self._tables] = torch.arange(S + 1, dtype=torch.int32)
-        h[self._tables:] = -1
+            h[self._qsl:self._qsl + S + 1] = torch.arange(S + 1, dtype=torch.int32)
+        h[self._tables:] = -1                   # (knobs: zeros, temperature 0 -- padding rows take the argmax)
         self.ints.copy_(h)
         self.copied.record()
         self.copied.synchronize()
 
-    def load(self, batch: Batch) -> CudaBatch:
-        """Copy a batch of n <= size sequences (t <= tokens rows) into the static inputs; returns its view of
-        them."""
+    def load(self, batch: Batch, knobs: torch.Tensor | None = None) -> CudaBatch:
+        """Copy a batch of n <= size sequences (t <= tokens rows) -- and a sampled graph's knobs [n, 5]
+        float64 (None: every row's argmax) -- into the static inputs; returns its view of them."""
         S, T, n, t, L = self.size, self.num_rows, batch.num_seqs, batch.num_tokens, batch.logits_indices.shape[0]
         w = min(self.width, batch.block_tables.shape[1])
         h = self.host.numpy()                   # numpy views: far cheaper per assignment than torch's
@@ -757,8 +770,12 @@ class _StepGraph:
         h[self._rows:self._rows + L] = batch.logits_indices.numpy()
         if self.prefill:                        # sequences past n: no rows
             h[self._qsl:self._qsl + n + 1] = batch.query_start_loc.numpy()
-            h[self._qsl + n + 1:self._tables] = t
+            h[self._qsl + n + 1:self._qsl + S + 1] = t
         h[self._tables:].reshape(S, self.width)[:n, :w] = batch.block_tables[:, :w].numpy()
+        if self.knobs_host is not None:
+            kn = self.knobs_host.numpy()
+            kn[:n] = knobs.numpy() if knobs is not None else 0.0
+            kn[n:] = 0.0
         end = self._tables + n * self.width
         self.ints[:end].copy_(self.host[:end], non_blocking=True)
         self.copied.record()
@@ -1058,6 +1075,21 @@ class CudaBackend(Backend):
         return logits.float() if out is None else out.copy_(logits)
 
     @torch.inference_mode()
+    def sample_step(self, batch: Batch, params: list, generators: list) -> torch.Tensor | None:
+        """A decode step of unpenalised rows without logprobs in one graph replay, the fused sampling kernel
+        inside (greedy rows take the argmax there) -> int64 tokens [num_seqs] on the GPU, or None when no
+        graph fits (nothing drawn then). The knobs and uniforms (row_knobs) travel in the graph's one
+        upload. The tokens live in the graph's static buffer until its next replay."""
+        if batch.logits_indices.shape[0] != batch.num_seqs:
+            return None
+        g = self._graph_for(batch, kind="sampled")
+        if g is None:
+            return None
+        self._load_graph(g, batch, row_knobs(params, generators, self.config.vocab_size))
+        g.graph.replay()
+        return g.sampled[:batch.num_seqs]
+
+    @torch.inference_mode()
     def greedy_steps(self, batch: Batch, num_steps: int) -> torch.Tensor:
         """Multi-step greedy decode on the GPU: num_steps graph replays, each feeding its argmax to the next,
         with no host round trip in between. batch is a decode step; its block tables must already hold
@@ -1093,19 +1125,21 @@ class CudaBackend(Backend):
     def _graph_partition(self, size: int) -> int:
         return 256 if size <= 4 else 512 if size <= 16 else 1024 if size <= 64 else 2048
 
-    GRAPH_KINDS = ("logits", "tokens", "greedy")
+    GRAPH_KINDS = ("logits", "tokens", "sampled", "greedy")
 
     @staticmethod
-    def _load_graph(g: _StepGraph, batch: Batch) -> CudaBatch:
-        """The batch into g's static inputs; device input ids copied after the host ids, on the same stream."""
-        loaded = g.load(batch)
+    def _load_graph(g: _StepGraph, batch: Batch, knobs: torch.Tensor | None = None) -> CudaBatch:
+        """The batch (and a sampled graph's knobs) into g's static inputs; device input ids copied after the
+        host ids, on the same stream."""
+        loaded = g.load(batch, knobs)
         if batch.device_input_ids is not None:
             loaded.input_ids[:batch.num_seqs].copy_(batch.device_input_ids)
         return loaded
 
     def _graph_for(self, batch: Batch, kind: str = "logits") -> _StepGraph | None:
         """The captured graph for this step's padded size (capturing it the first time), or None. kind:
-        'logits' (forward_step), 'tokens' (forward_tokens) or 'greedy' (greedy_steps); prefill and mixed
+        'logits' (forward_step), 'tokens' (forward_tokens), 'sampled' (sample_step) or 'greedy' (greedy_steps);
+        prefill and mixed
         steps (_prefill_graph_for) only replay 'logits' graphs."""
         if kind not in self.GRAPH_KINDS:
             raise ValueError(f"graph kind must be one of {self.GRAPH_KINDS}, got {kind!r}")
@@ -1171,7 +1205,7 @@ class CudaBackend(Backend):
         sizes = [s for s in GRAPH_BATCH_SIZES if s <= top]
         longest = min(max_model_len, self.graph_max_context)
         decode = [(s, split, kind) for s in sizes for split in (False, True)
-                  if not split or longest > self._graph_partition(s) for kind in ("logits", "tokens")]
+                  if not split or longest > self._graph_partition(s) for kind in ("logits", "tokens", "sampled")]
         prefill, tokens = [], PREFILL_GRAPH_MIN_TOKENS
         most = min(self.prefill_graph_tokens, max_batched_tokens)      # the budget counts decode rows too
         while tokens < 2 * most:
@@ -1205,13 +1239,17 @@ class CudaBackend(Backend):
         width = -(-self.graph_max_context // self.block_size)
         max_splits = None if partition is None else -(-self.graph_max_context // partition) if split else 1
         prefill = tokens is not None
-        g = _StepGraph(size, width, self.block_size, partition, max_splits, self.device, tokens, prefill, context)
-        if kind != "logits":
+        g = _StepGraph(size, width, self.block_size, partition, max_splits, self.device, tokens, prefill, context,
+                       knobs=kind == "sampled")
+        if kind in ("tokens", "greedy"):
             g.next_tokens = torch.zeros(size, dtype=torch.int32, device=self.device)
+        if kind == "sampled":
+            g.sampled = torch.zeros(size, dtype=torch.int64, device=self.device)
         if kind == "greedy":
             g.tokens = torch.zeros(1024, size, dtype=torch.int32, device=self.device)
             g.step = torch.zeros(1, dtype=torch.int32, device=self.device)
-        run = {"logits": self._run_step, "tokens": self._run_tokens, "greedy": self._run_greedy}[kind]
+        run = {"logits": self._run_step, "tokens": self._run_tokens, "sampled": self._run_sampled,
+               "greedy": self._run_greedy}[kind]
         if prefill and self._prefill_logits is None:
             self._prefill_logits = torch.empty(GRAPH_BATCH_SIZES[-1], self.config.vocab_size, dtype=torch.float32,
                                                device=self.device)
@@ -1284,6 +1322,11 @@ class CudaBackend(Backend):
         """A whole decode step -> its greedy tokens [B] (int32, g.next_tokens)."""
         self._final_norm_lm_head(g, False, g.next_tokens)
         return g.next_tokens
+
+    def _run_sampled(self, g: _StepGraph) -> torch.Tensor:
+        """A whole decode step -> its tokens [B] (int64, g.sampled): the fused sampling kernel on every row's
+        float32 logits with the static knobs (padding rows: temperature 0, the argmax)."""
+        return self.kernels.sample_rows(self._final_norm_lm_head(g, False), g.knobs, out=g.sampled)
 
     def _run_greedy(self, g: _StepGraph):
         """A decode step that picks its argmax and advances the static inputs to the next step."""

@@ -436,6 +436,10 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     if (tid == 0) s.gathered = -1;
     for (int j = tid; j < NB; j += THREADS) s.etab[j] = exp(-j * (1.0 / 128.0));
     const u64 best = row_best(row, s);                 // (its barriers publish etab too)
+    if (!(row.temperature > 0.f)) {                     // a greedy row (T <= 0): the argmax
+        if (tid == 0) out[r] = int64_t(~uint32_t(best));
+        return;
+    }
     const float m = row.x(key_value(uint32_t(best >> 32)));
     row.m = m;
     int token = int(~uint32_t(best));                   // when nothing has mass (no finite maximum)

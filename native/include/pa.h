@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 11
+#define PA_ABI_VERSION 12
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -344,7 +344,8 @@ pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_
  * first candidate whose cumulative mass exceeds u of the candidates' -- walked in descending order when
  * top_k or top_p cuts (top_p < 1), in index order otherwise (as engine/sampler.py's filter_rows and
  * sample_rows decide). Masses are exp(x - max) in fixed point (2^-40 units, exact integer sums; below
- * 2^-41 a token has none). knobs [num_rows][5] float64: temperature (> 0), top_k, top_p (in (0, 1]),
+ * 2^-41 a token has none). knobs [num_rows][5] float64: temperature (<= 0: the row's argmax, its first
+ * largest logit, the other knobs ignored -- a greedy row among sampled ones), top_k, top_p (in (0, 1]),
  * log_min_p, u (in [0, 1), a multiple of 2^-24). out [num_rows] int64. gather_cap: the most elements of
  * one mass bucket the kernel sorts in shared memory (0..4096; -1: 4096); a bigger bucket is searched by
  * bisection over the row (the same tokens, slower; 0 forces it, for tests). vocab <= 2^23. */
