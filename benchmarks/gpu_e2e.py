@@ -28,6 +28,7 @@ weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 
 requests asking for 5 logprobs a token.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled [--one-row] [--logprobs]]
+    python3 benchmarks/gpu_e2e.py --graph-ab 5 --no-hf --steps 256   (the sampled graph alone, A/B)
 """
 from __future__ import annotations
 
@@ -216,6 +217,28 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
             "other_ms": (total - spent["forward"] - spent["sample"]) / steps * 1e3}
 
 
+def graph_ab(cfg: ModelConfig, backend, name: str, batch: int, prompt_len: int, steps: int, rounds: int) -> list[str]:
+    """--graph-ab: the pipelined Engine's sampled steps through the sampled graph (the kernel inside) and
+    through the logits graph then the kernel (sample_graph=False), with greedy requests (the tokens graph)
+    beside them, the three alternated `rounds` times (the host's speed drifts between runs): one table row a
+    sampling setting, medians with their spread."""
+    rows = []
+    for label, kw in SAMPLED.items():
+        runs: dict[str, list[float]] = {"graph": [], "nograph": [], "greedy": []}
+        for _ in range(rounds):
+            runs["graph"].append(engine_run(cfg, backend, batch, prompt_len, steps, sampling=kw)["tok_s"])
+            runs["nograph"].append(engine_run(cfg, backend, batch, prompt_len, steps, sampling=kw,
+                                              sample_graph=False)["tok_s"])
+            runs["greedy"].append(engine_run(cfg, backend, batch, prompt_len, steps)["tok_s"])
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        rows.append(f"| {name} | {batch} | {label} | {med['graph']:,.0f} ({min(runs['graph']):,.0f}-"
+                    f"{max(runs['graph']):,.0f}) | {med['nograph']:,.0f} ({min(runs['nograph']):,.0f}-"
+                    f"{max(runs['nograph']):,.0f}) | {med['graph'] / med['nograph']:.2f}x | {med['greedy']:,.0f} | "
+                    f"{med['graph'] / med['greedy']:.2f}x |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def gemv_bandwidth(cfg: ModelConfig, backend) -> list[str]:
     """Each GEMV of a batch-1 decode step alone: a graph of 20 calls cycling weight copies (so the L2
     holds none of them), plain and PDL launches; GB/s = weight bytes / time."""
@@ -378,6 +401,9 @@ def main() -> None:
     ap.add_argument("--sampled", action="store_true",
                     help="also sampled requests (SAMPLED): the Engine (fused sampling kernel), the Engine with the "
                          "torch-path sampler, and HF generate(do_sample=True)")
+    ap.add_argument("--graph-ab", type=int, default=0, metavar="ROUNDS",
+                    help="only the sampled graph against the logits graph + kernel (and greedy), alternated ROUNDS "
+                         "times a point, medians (use --no-hf)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
@@ -389,6 +415,8 @@ def main() -> None:
              "Engine / HF | Batch.build ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
+    ab = ["| model | batch | sampling | sampled graph tok/s, median (min-max) | logits graph + kernel tok/s | "
+          "graph / no graph | greedy (tokens graph) tok/s | sampled graph / greedy |", "|---|---|---|---|---|---|---|---|"]
     sampled = ["| model | batch | sampling | Engine tok/s pipelined (steps ahead) | without the sampled graph "
                "(logits graph, then the kernel), pipelined tok/s (Engine / it) | synchronous tok/s | its sample ms "
                "a step | Engine with the torch-path sampler, pipelined tok/s | its synchronous sample ms | "
@@ -427,6 +455,9 @@ def main() -> None:
             backend.reset_graphs()
             print("\n".join(extra[-9:]), flush=True)
         for b in args.batches:
+            if args.graph_ab:
+                ab += graph_ab(cfg, backend, name, b, args.prompt_len, args.steps, args.graph_ab)
+                continue
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)
             variants = args.variants
@@ -503,6 +534,9 @@ def main() -> None:
         lines += ["", "Sampled requests (seeded, one generator a request; sample ms includes waiting for the step's "
                   "forward on the GPU):", ""]
         lines += sampled
+    if args.graph_ab:                          # nothing else ran
+        lines = [f"Sampled graph A/B ({args.graph_ab} rounds a point, {args.steps} timed steps a run, pipelined):",
+                 ""] + ab
     lines += [""] + extra
     table = "\n".join(lines)
     print(table)
