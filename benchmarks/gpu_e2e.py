@@ -28,7 +28,7 @@ weights; --one-row adds the one-row host sampler both replaced (slow: up to 1.7 
 requests asking for 5 logprobs a token.
 
     python3 benchmarks/gpu_e2e.py [--models smollm2 llama1b] [--batches 1 32 128] [--steps 64] [--no-hf] [--sampled [--one-row] [--logprobs]]
-    python3 benchmarks/gpu_e2e.py --graph-ab 5 --no-hf --steps 256   (the sampled graph alone, A/B)
+    python3 benchmarks/gpu_e2e.py --graph-ab 5 --no-hf --steps 256 [--ab-other oneblock]   (the sampled graph, A/B)
 """
 from __future__ import annotations
 
@@ -217,23 +217,30 @@ def engine_run(cfg: ModelConfig, backend, batch: int, prompt_len: int, steps: in
             "other_ms": (total - spent["forward"] - spent["sample"]) / steps * 1e3}
 
 
-def graph_ab(cfg: ModelConfig, backend, name: str, batch: int, prompt_len: int, steps: int, rounds: int) -> list[str]:
-    """--graph-ab: the pipelined Engine's sampled steps through the sampled graph (the kernel inside) and
-    through the logits graph then the kernel (sample_graph=False), with greedy requests (the tokens graph)
-    beside them, the three alternated `rounds` times (the host's speed drifts between runs): one table row a
-    sampling setting, medians with their spread."""
+AB_VARIANTS = {"nograph": "logits graph, then the kernel", "oneblock": "one block a row (kernel)"}
+
+
+def graph_ab(cfg: ModelConfig, backend, name: str, batch: int, prompt_len: int, steps: int, rounds: int,
+             other: str = "nograph") -> list[str]:
+    """--graph-ab: the pipelined Engine's sampled steps through the sampled graph (the kernel inside) against
+    `other` -- 'nograph': the logits graph then the kernel (sample_graph=False); 'oneblock': the sampled graph
+    with the kernel at one block a row (no cluster) -- with greedy requests (the tokens graph) beside them,
+    the three alternated `rounds` times (the host's speed drifts between runs): one table row a sampling
+    setting, medians with their spread."""
     rows = []
     for label, kw in SAMPLED.items():
-        runs: dict[str, list[float]] = {"graph": [], "nograph": [], "greedy": []}
+        runs: dict[str, list[float]] = {"graph": [], "other": [], "greedy": []}
         for _ in range(rounds):
             runs["graph"].append(engine_run(cfg, backend, batch, prompt_len, steps, sampling=kw)["tok_s"])
-            runs["nograph"].append(engine_run(cfg, backend, batch, prompt_len, steps, sampling=kw,
-                                              sample_graph=False)["tok_s"])
+            backend.sample_blocks_per_row = 1 if other == "oneblock" else 0
+            runs["other"].append(engine_run(cfg, backend, batch, prompt_len, steps, sampling=kw,
+                                            sample_graph=other != "nograph")["tok_s"])
+            backend.sample_blocks_per_row = 0
             runs["greedy"].append(engine_run(cfg, backend, batch, prompt_len, steps)["tok_s"])
         med = {k: statistics.median(v) for k, v in runs.items()}
         rows.append(f"| {name} | {batch} | {label} | {med['graph']:,.0f} ({min(runs['graph']):,.0f}-"
-                    f"{max(runs['graph']):,.0f}) | {med['nograph']:,.0f} ({min(runs['nograph']):,.0f}-"
-                    f"{max(runs['nograph']):,.0f}) | {med['graph'] / med['nograph']:.2f}x | {med['greedy']:,.0f} | "
+                    f"{max(runs['graph']):,.0f}) | {med['other']:,.0f} ({min(runs['other']):,.0f}-"
+                    f"{max(runs['other']):,.0f}) | {med['graph'] / med['other']:.2f}x | {med['greedy']:,.0f} | "
                     f"{med['graph'] / med['greedy']:.2f}x |")
         print(rows[-1], flush=True)
     return rows
@@ -404,6 +411,8 @@ def main() -> None:
     ap.add_argument("--graph-ab", type=int, default=0, metavar="ROUNDS",
                     help="only the sampled graph against the logits graph + kernel (and greedy), alternated ROUNDS "
                          "times a point, medians (use --no-hf)")
+    ap.add_argument("--ab-other", default="nograph", choices=sorted(AB_VARIANTS),
+                    help="with --graph-ab: what the sampled graph is measured against")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     from engine.backends.cuda import CudaBackend
@@ -415,8 +424,8 @@ def main() -> None:
              "Engine / HF | Batch.build ms |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     extra: list[str] = []
-    ab = ["| model | batch | sampling | sampled graph tok/s, median (min-max) | logits graph + kernel tok/s | "
-          "graph / no graph | greedy (tokens graph) tok/s | sampled graph / greedy |", "|---|---|---|---|---|---|---|---|"]
+    ab = [f"| model | batch | sampling | sampled graph tok/s, median (min-max) | {AB_VARIANTS[args.ab_other]} tok/s | "
+          "sampled graph / it | greedy (tokens graph) tok/s | sampled graph / greedy |", "|---|---|---|---|---|---|---|---|"]
     sampled = ["| model | batch | sampling | Engine tok/s pipelined (steps ahead) | without the sampled graph "
                "(logits graph, then the kernel), pipelined tok/s (Engine / it) | synchronous tok/s | its sample ms "
                "a step | Engine with the torch-path sampler, pipelined tok/s | its synchronous sample ms | "
@@ -456,7 +465,7 @@ def main() -> None:
             print("\n".join(extra[-9:]), flush=True)
         for b in args.batches:
             if args.graph_ab:
-                ab += graph_ab(cfg, backend, name, b, args.prompt_len, args.steps, args.graph_ab)
+                ab += graph_ab(cfg, backend, name, b, args.prompt_len, args.steps, args.graph_ab, args.ab_other)
                 continue
             hf_ts = float("nan") if hf is None else hf_tok_s(hf, b, args.prompt_len, args.hf_steps)
             build = batch_build_cost(b, args.prompt_len + args.steps)

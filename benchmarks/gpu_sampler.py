@@ -93,11 +93,18 @@ def main() -> None:
                     torch.cuda.synchronize()
                     print(f"probe: batch {n} vocab {vocab} {p.top_p=}", flush=True)
         return
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+
+    def blocks_per_row(n: int, vocab: int) -> int:      # the kernel's own choice (auto_blocks_per_row)
+        ranks = 8
+        while ranks > 1 and (n * ranks > sms or vocab < 4096 * ranks):
+            ranks //= 2
+        return ranks
     lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
              "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
              "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) | fused kernel alone, device us "
-             "(T=1.0 / top-p) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(T=1.0 / top-p; blocks a row) | one block a row, device us (T=1.0 / top-p) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     sampler = Sampler()
     kernels = CudaKernels()
     fused = Sampler(sample=lambda x, p, g: fused_sample(kernels, x, p, g))
@@ -120,9 +127,11 @@ def main() -> None:
                 k_t1, k_tp = (upload(row_knobs(p, gens, vocab), x.device) for p in (t1, tp))
                 d_t1 = device_us(lambda: kernels.sample_rows(x, k_t1))
                 d_tp = device_us(lambda: kernels.sample_rows(x, k_tp))
+                o_t1 = device_us(lambda: kernels.sample_rows(x, k_t1, blocks_per_row=1))
+                o_tp = device_us(lambda: kernels.sample_rows(x, k_tp, blocks_per_row=1))
                 lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {f_t1:.3f} | "
                              f"{f_tp:.3f} | {f_mix:.3f} | {hf:.3f} | {hf / f_tp:.2f}x | {s_tp / f_tp:.2f}x | "
-                             f"{d_t1:.1f} / {d_tp:.1f} |")
+                             f"{d_t1:.1f} / {d_tp:.1f} ({blocks_per_row(n, vocab)}) | {o_t1:.1f} / {o_tp:.1f} |")
                 print(lines[-1], flush=True)
                 ends = (args.batches[0], args.batches[-1])
                 if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in ends:

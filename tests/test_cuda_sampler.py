@@ -21,16 +21,17 @@ def kernels():
     return CudaKernels()
 
 
-def fused(kernels, gather_cap: int = -1, poison: int = -7):
+def fused(kernels, gather_cap: int = -1, poison: int = -7, blocks_per_row: int = 0):
     """sample_rows' contract through the fused kernel (what CudaBackend.sample runs), its output poisoned
     before the launch."""
     def draw(logits, params, generators):
         knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
         out = torch.full((logits.shape[0],), poison, dtype=torch.int64, device=logits.device)
-        return kernels.sample_rows(logits, knobs, out=out, gather_cap=gather_cap)
+        return kernels.sample_rows(logits, knobs, out=out, gather_cap=gather_cap, blocks_per_row=blocks_per_row)
     return draw
 
 
+# (the kernel picks a cluster of 8 blocks a row at 1 row, 4 at 33, one block a row at 128)
 @pytest.mark.parametrize("rows,vocab", [(128, 49152), (33, 128256), (1, 49152)])
 @pytest.mark.parametrize("path", ["torch", "fused kernel"])
 def test_gpu_sampler_matches_the_one_row_reference(rows, vocab, path, kernels):
@@ -38,11 +39,13 @@ def test_gpu_sampler_matches_the_one_row_reference(rows, vocab, path, kernels):
     sampler_matches_one_row_reference("cuda", rows=rows, rounds=4, vocab=vocab, sampler=sampler)
 
 
+@pytest.mark.parametrize("blocks_per_row", [1, 8])
 @pytest.mark.parametrize("gather_cap", [-1, 0, 2])
-def test_fused_kernel_walks_the_cdf(kernels, gather_cap):
+def test_fused_kernel_walks_the_cdf(kernels, gather_cap, blocks_per_row):
     """Exact tokens on power-of-two probabilities (tests/test_sampler.py's draws_walk_the_cdf), through the
-    gathered-bucket path, the bisection path (gather_cap 0), and a mix of both (2)."""
-    draws_walk_the_cdf(lambda x, p, g: fused(kernels, gather_cap)(x.cuda(), p, g).cpu())
+    gathered-bucket path, the bisection path (gather_cap 0), and a mix of both (2); one block a row, and a
+    cluster of 8 (most of whose blocks hold a few elements of these short rows, or none)."""
+    draws_walk_the_cdf(lambda x, p, g: fused(kernels, gather_cap, blocks_per_row=blocks_per_row)(x.cuda(), p, g).cpu())
 
 
 def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
@@ -72,7 +75,7 @@ KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.9
 @pytest.mark.parametrize("vocab", [1, 5, 1000, 1031, 49152])
 def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
     """On awkward rows with every filter kind: the gathered-bucket and bisection paths give the same token,
-    bit for bit (same integer masses, same order), and a token of the value the torch path (sample_rows on
+    bit for bit (same integer masses, same order), and so do clusters of 2 and 8 blocks a row, and a token of the value the torch path (sample_rows on
     the GPU) picks but for a draw within rounding of a CDF step; top_k=1 and a one-token nucleus are the
     argmax."""
     gen = torch.Generator().manual_seed(vocab)
@@ -88,9 +91,13 @@ def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
         for g, st in zip(out, states):
             g.setstate(st)
         return out
-    fast = fused(kernels)(logits, params, gens())
-    slow = fused(kernels, gather_cap=0, poison=-9)(logits, params, gens())
+    fast = fused(kernels, blocks_per_row=1)(logits, params, gens())
+    slow = fused(kernels, gather_cap=0, poison=-9, blocks_per_row=1)(logits, params, gens())
     assert torch.equal(fast, slow)
+    for ranks in (2, 8):        # a cluster a row, each block a slice: the same tokens, both paths
+        assert torch.equal(fused(kernels, poison=-5, blocks_per_row=ranks)(logits, params, gens()), fast), ranks
+        assert torch.equal(fused(kernels, gather_cap=0, poison=-4, blocks_per_row=ranks)(logits, params, gens()),
+                           fast), ranks
     assert (fast >= 0).all() and (fast < vocab).all()
     finite = torch.isfinite(logits).any(-1)                             # (vocab 1: a row of -inf)
     assert torch.isfinite(logits.gather(1, fast[:, None]))[finite].all()   # never a token without mass
@@ -114,8 +121,13 @@ def test_fused_kernel_greedy_rows_take_the_argmax(kernels, vocab):
     params = [SamplingParams(temperature=0.0)] * n + [SamplingParams(**KINDS[i % len(KINDS)]) for i in range(n)]
     gens = [make_generator(300 + i) for i in range(2 * n)]
     states = [g.getstate() for g in gens]
-    got = fused(kernels)(logits, params, gens)
+    got = fused(kernels, blocks_per_row=1)(logits, params, gens)
     assert got[:n].tolist() == base.argmax(-1).tolist()
+    for ranks in (2, 8):
+        again = [make_generator(0) for _ in range(2 * n)]
+        for g, st in zip(again, states):
+            g.setstate(st)
+        assert torch.equal(fused(kernels, poison=-2, blocks_per_row=ranks)(logits, params, again), got), ranks
     assert [g.getstate() for g in gens[:n]] == states[:n]               # greedy rows drew nothing
     alone = [make_generator(0) for _ in range(n)]
     for g, st in zip(alone, states[n:]):
@@ -131,6 +143,8 @@ def test_fused_kernel_checks_its_inputs(kernels):
         kernels.sample_rows(x.double(), knobs)
     with pytest.raises(NativeError, match="shape"):
         kernels.sample_rows(x, knobs[:1])
+    with pytest.raises(NativeError, match="blocks_per_row 3"):
+        kernels.sample_rows(x, knobs, blocks_per_row=3)
     assert kernels.sample_rows(x[:0], knobs[:0]).numel() == 0
 
 

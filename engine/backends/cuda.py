@@ -66,11 +66,12 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return j * 256 + idx.gather(1, j[:, None])[:, 0]
 
 
-def fused_sample(kernels: "CudaKernels", logits: torch.Tensor, params: list, generators: list) -> torch.Tensor:
+def fused_sample(kernels: "CudaKernels", logits: torch.Tensor, params: list, generators: list,
+                 blocks_per_row: int = 0) -> torch.Tensor:
     """engine.sampler.sample_rows' contract in one launch of the fused kernel (CudaKernels.sample_rows):
     each row's knobs and uniform uploaded together, nothing waited for."""
     knobs = upload(row_knobs(params, generators, logits.shape[1]), logits.device)
-    return kernels.sample_rows(logits, knobs)
+    return kernels.sample_rows(logits, knobs, blocks_per_row=blocks_per_row)
 
 
 def sdpa_paged_prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, table: torch.Tensor,
@@ -386,11 +387,12 @@ class CudaKernels:
         return out, tokens
 
     def sample_rows(self, logits: torch.Tensor, knobs: torch.Tensor, out: torch.Tensor | None = None,
-                    gather_cap: int = -1) -> torch.Tensor:
+                    gather_cap: int = -1, blocks_per_row: int = 0) -> torch.Tensor:
         """One sampled token a row of logits [n, vocab] (float32, contiguous) -> int64 [n], in one launch
         (pa_sample_rows_cuda): knobs [n, 5] float64 on the GPU, engine.sampler.row_knobs' columns.
         gather_cap: the kernel's largest in-shared-memory bucket (-1: its default; 0 forces the bisection
-        path, for tests)."""
+        path, for tests). blocks_per_row: 1, 2, 4 or 8 (a cluster a row), 0: the kernel's choice (a cluster
+        of 8 at batch 1: the row's passes on 8 SMs)."""
         op = "pa_sample_rows_cuda"
         self._check(op, "logits", logits, torch.float32)
         if logits.dim() != 2:
@@ -400,7 +402,8 @@ class CudaKernels:
         if out is None:
             out = torch.empty(n, dtype=torch.int64, device=logits.device)              # [n]
         self._check(op, "out", out, torch.int64, (n,))
-        self._call(op, self._p(out), self._p(logits), vocab, self._p(knobs), n, vocab, int(gather_cap))
+        self._call(op, self._p(out), self._p(logits), vocab, self._p(knobs), n, vocab, int(gather_cap),
+                   int(blocks_per_row))
         return out
 
     def greedy_advance(self, tokens: torch.Tensor, step: torch.Tensor, token_log: torch.Tensor, input_ids: torch.Tensor,
@@ -848,6 +851,7 @@ class CudaBackend(Backend):
         self.prefill_sdpa_min_work = prefill_route_min_work(config.num_heads, config.head_dim) \
             if prefill_sdpa_min_work is None else int(prefill_sdpa_min_work)
         self.prefill_impl = prefill_impl        # the paged prefill kernel: 'tc' / 'simt'; None: 'tc'
+        self.sample_blocks_per_row = 0          # the sampling kernel's blocks a row (0: its choice; 1: one)
         self.graph_max_context = min(graph_max_context, config.max_position_embeddings)
         # Prefill (and mixed) steps of up to this many tokens replay a graph too, padded to a power of two
         # (prefill_graph_bucket); 0: none. None: prefill_graph_default(config).
@@ -1047,7 +1051,7 @@ class CudaBackend(Backend):
         but for a draw within rounding of a CDF step."""
         if not logits.is_cuda:
             return super().sample(logits, params, generators)
-        return fused_sample(self.kernels, logits, params, generators)
+        return fused_sample(self.kernels, logits, params, generators, self.sample_blocks_per_row)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 [n, vocab] on the GPU: the engine's sampler decides greedy rows there."""
@@ -1326,7 +1330,8 @@ class CudaBackend(Backend):
     def _run_sampled(self, g: _StepGraph) -> torch.Tensor:
         """A whole decode step -> its tokens [B] (int64, g.sampled): the fused sampling kernel on every row's
         float32 logits with the static knobs (padding rows: temperature 0, the argmax)."""
-        return self.kernels.sample_rows(self._final_norm_lm_head(g, False), g.knobs, out=g.sampled)
+        return self.kernels.sample_rows(self._final_norm_lm_head(g, False), g.knobs, out=g.sampled,
+                                        blocks_per_row=self.sample_blocks_per_row)
 
     def _run_greedy(self, g: _StepGraph):
         """A decode step that picks its argmax and advances the static inputs to the next step."""

@@ -18,7 +18,16 @@
 // then one warp scans its segment.
 // Every pass over the row puts 8 elements a thread in flight before it uses them (float4 chunks where the
 // rows allow): one block reads a row, so a pass is bound by its round trips, not by bandwidth.
+// Few rows (a batch-1 step leaves all but one SM idle): a cluster of C blocks a row (CL), each block its
+// contiguous 1/C of the row. Every pass runs on all C slices; the per-block sums, maxima, histograms and
+// gathered buckets are merged through distributed shared memory, and every block then takes the same
+// decisions on the same merged data, so the tokens are the one-block kernel's bit for bit. An index-order
+// walk first finds the block whose slice holds the crossing; that block alone narrows it down.
+#include <cooperative_groups.h>
+
 #include "common.cuh"
+
+namespace cg = cooperative_groups;
 
 namespace {
 
@@ -73,10 +82,13 @@ struct Shared {
     double etab[NB];       // exp(-j / 128)
     u64 red[WARPS];
     u64 best, target, base;
+    u64 xch, gbest;        // clusters: this block's part of a sum, the cluster's maximum
     int gathered;          // the bucket in sorted[], -1: none
-    int hit_bucket, hit;
-    uint32_t n;
+    int hit_bucket, hit, hit_rank;
+    uint32_t n, ln;        // sorted[]'s elements; clusters: this block's gathered ones (staged in smass[])
 };
+// Clusters reuse two arrays for this block's part while it is being merged: the bucket counts in sorted[]
+// (free until a bucket is gathered), the gathered elements in smass[] (free until they are sorted).
 
 // The block's sum of v (every thread calls it; red reusable after it returns).
 __device__ u64 block_sum(u64 v, Shared &s) {
@@ -91,6 +103,26 @@ __device__ u64 block_sum(u64 v, Shared &s) {
     __syncthreads();
     v = s.red[0];
     __syncthreads();
+    return v;
+}
+
+// The cluster's (CL) or the block's sum of v (every thread of every block calls it).
+template <bool CL>
+__device__ u64 group_sum(u64 v, Shared &s) {
+    v = block_sum(v, s);
+    if constexpr (CL) {
+        cg::cluster_group cl = cg::this_cluster();
+        if (threadIdx.x == 0) s.xch = v;
+        cl.sync();
+        if (threadIdx.x < 32) {
+            u64 w = threadIdx.x < cl.num_blocks() ? *cl.map_shared_rank(&s.xch, threadIdx.x) : 0ull;
+            w = warp_sum(w);
+            if (threadIdx.x == 0) s.red[0] = w;
+        }
+        cl.sync();                                       // (every xch read before it is reused)
+        v = s.red[0];
+        __syncthreads();
+    }
     return v;
 }
 
@@ -117,13 +149,14 @@ __device__ void scan4(T *a, Shared &s) {
     __syncthreads();
 }
 
-// A row as E-element chunks (E = 4: float4 loads, the row 16-byte aligned and vocab a multiple of 4).
-// Warp w owns the contiguous chunks [w seg, (w + 1) seg) where index order matters, its lanes 32 apart.
+// A row as E-element chunks (E = 4: float4 loads, the row 16-byte aligned and vocab a multiple of 4), of
+// which this block reads [begin, end) (all of them, or its cluster rank's slice). Warp w owns the contiguous
+// chunks [begin + w seg, begin + (w + 1) seg) where index order matters, its lanes 32 apart.
 template <int E>
 struct Row {
     const float *logits;
     const double *etab;
-    int vocab, chunks, seg;
+    int vocab, chunks, begin, end, seg;
     float temperature, m;
 
     __device__ __forceinline__ void load(int c, float (&v)[E]) const {
@@ -162,15 +195,15 @@ struct Row {
 template <bool Scaled = true, int E, typename F>
 __device__ __forceinline__ void for_each(const Row<E> &row, F f) {
     constexpr int U = PER_THREAD / E;
-    for (int c0 = threadIdx.x; c0 < row.chunks; c0 += U * THREADS) {
+    for (int c0 = row.begin + threadIdx.x; c0 < row.end; c0 += U * THREADS) {
         float v[U][E];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (c0 + u * THREADS < row.chunks) row.load(c0 + u * THREADS, v[u]);
+            if (c0 + u * THREADS < row.end) row.load(c0 + u * THREADS, v[u]);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int c = c0 + u * THREADS;
-            if (c < row.chunks) {
+            if (c < row.end) {
 #pragma unroll
                 for (int e = 0; e < E; ++e) f(c * E + e, Scaled ? row.x(v[u][e]) : v[u][e]);
             }
@@ -198,15 +231,16 @@ __device__ __forceinline__ u64 lane_weight(const Row<E> &row, int begin, int end
     return mine;
 }
 
-// Index order: the element at which the prefix of weight(x) crosses t = target(total weight), i.e.
-// prefix <= t < prefix + its own weight; -1 when the total is 0. Two levels of per-warp sums narrow the
-// row to 1/1024 of it (warp w sums the w-th of 32 contiguous ranges; the range holding the crossing is split
-// again), which one warp then walks.
+// Index order within this block's chunks: the element at which the prefix of weight(x) crosses t =
+// target(total weight), i.e. prefix <= t < prefix + its own weight; -1 when the total is 0 (preset: the
+// prefix before the block's first chunk and t are in s.base and s.target already). Two levels of per-warp
+// sums narrow the range to 1/1024 of it (warp w sums the w-th of 32 contiguous ranges; the range holding
+// the crossing is split again), which one warp then walks.
 template <int E, typename Weight, typename Target>
-__device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
+__device__ int select_in_range(const Row<E> &row, Shared &s, Weight weight, Target target, bool preset) {
     constexpr int U = PER_THREAD / E;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int lo = 0, hi = row.chunks, len = row.seg;         // row.seg: a multiple of 32
+    int lo = row.begin, hi = row.end, len = row.seg;    // row.seg: a multiple of 32
     for (int level = 0; level < 2; ++level) {
         const int b = lo + warp * len;
         const u64 mine = warp_sum(lane_weight(row, b, min(hi, b + len), weight));
@@ -215,8 +249,8 @@ __device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight
         if (warp == 0) {
             const u64 w = s.red[lane];
             const u64 inc = warp_inclusive(w, lane), total = __shfl_sync(FULL, inc, 31);
-            const u64 base = level ? s.base : 0ull;
-            const u64 t = level ? s.target : (total ? target(total) : 0ull);
+            const u64 base = level || preset ? s.base : 0ull;
+            const u64 t = level || preset ? s.target : (total ? target(total) : 0ull);
             if (lane == 0) {
                 s.hit = -1;
                 s.hit_bucket = -1;
@@ -274,9 +308,50 @@ __device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight
     return hit;
 }
 
+// select_in_range over the whole row. A cluster first sums each block's slice, finds the slice holding the
+// crossing, and that block alone searches it; every block returns its answer.
+template <int E, bool CL, typename Weight, typename Target>
+__device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
+    if constexpr (!CL) {
+        return select_in_range(row, s, weight, target, false);
+    } else {
+        cg::cluster_group cl = cg::this_cluster();
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+        u64 mine = 0;
+        for_each(row, [&](int, float x) { mine += weight(x); });
+        mine = block_sum(mine, s);
+        if (threadIdx.x == 0) s.xch = mine;
+        cl.sync();
+        if (warp == 0) {
+            const u64 w = lane < int(cl.num_blocks()) ? *cl.map_shared_rank(&s.xch, lane) : 0ull;
+            const u64 inc = warp_inclusive(w, lane), total = __shfl_sync(FULL, inc, 31);
+            const u64 t = total ? target(total) : 0ull;
+            if (lane == 0) {
+                s.hit_rank = -1;
+                s.target = t;
+            }
+            __syncwarp();
+            if (total && inc - w <= t && t < inc) {
+                s.hit_rank = lane;
+                s.base = inc - w;
+            }
+        }
+        cl.sync();                                       // (every xch read before it is reused)
+        const int h = s.hit_rank;                        // the same in every block
+        if (h < 0) return -1;
+        if (int(cl.block_rank()) == h) select_in_range(row, s, weight, target, true);
+        cl.sync();
+        if (threadIdx.x == 0) s.hit_bucket = *cl.map_shared_rank(&s.hit, h);
+        cl.sync();                                       // (block h's hit read before it changes)
+        const int hit = s.hit_bucket;
+        __syncthreads();
+        return hit;
+    }
+}
+
 // The row's largest logit and its first index (torch.argmax's choice), as (key << 32 | ~index): x / T is
 // monotone in the logit, so its x is the row's largest (no division an element).
-template <int E>
+template <int E, bool CL>
 __device__ u64 row_best(const Row<E> &row, Shared &s) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64 best = 0;
@@ -292,21 +367,48 @@ __device__ u64 row_best(const Row<E> &row, Shared &s) {
         if (lane == 0) s.best = best;
     }
     __syncthreads();
+    if constexpr (CL) {
+        cg::cluster_group cl = cg::this_cluster();
+        cl.sync();
+        if (warp == 0) {
+            best = lane < int(cl.num_blocks()) ? *cl.map_shared_rank(&s.best, lane) : 0ull;
+#pragma unroll
+            for (int o = 16; o; o >>= 1) best = max(best, __shfl_xor_sync(FULL, best, o));
+            if (lane == 0) s.gbest = best;
+        }
+        cl.sync();                                       // (every best read before any block moves on)
+        return s.gbest;
+    }
     best = s.best;
     __syncthreads();
     return best;
 }
 
 // Bucket b's elements into s.sorted, descending, and their masses' exclusive prefix into s.smass.
-template <int E>
+template <int E, bool CL>
 __device__ void gather_sorted(const Row<E> &row, Shared &s, int b) {
     const int tid = threadIdx.x;
-    if (tid == 0) s.n = 0;
+    u64 *dst = CL ? s.smass : s.sorted;                 // clusters: this block's part, staged
+    uint32_t *cnt = CL ? &s.ln : &s.n;
+    if (tid == 0) *cnt = 0;
     __syncthreads();
     const float m = row.m;
-    for_each(row, [&s, m, b](int i, float x) {
-        if (bucket_of(m, x) == b) s.sorted[atomicAdd(&s.n, 1u)] = (u64(order_key(x)) << 32) | u64(~uint32_t(i));
+    for_each(row, [dst, cnt, m, b](int i, float x) {
+        if (bucket_of(m, x) == b) dst[atomicAdd(cnt, 1u)] = (u64(order_key(x)) << 32) | u64(~uint32_t(i));
     });
+    if constexpr (CL) {                                  // every block's part, in rank order, into sorted[]
+        cg::cluster_group cl = cg::this_cluster();
+        cl.sync();
+        uint32_t at = 0;
+        for (unsigned r = 0; r < cl.num_blocks(); ++r) {
+            const uint32_t part = *cl.map_shared_rank(&s.ln, r);
+            const u64 *src = cl.map_shared_rank(s.smass, r);
+            for (uint32_t j = tid; j < part; j += THREADS) s.sorted[at + j] = src[j];
+            at += part;
+        }
+        if (tid == 0) s.n = at;
+        cl.sync();                                       // (every part read before smass[] is reused)
+    }
     __syncthreads();
     const uint32_t n = s.n;
     uint32_t width = 1;
@@ -343,7 +445,7 @@ struct Hit {
 };
 
 // The element where the prefix count (by_mass false) or mass crosses t (< the row's total of it).
-template <int E>
+template <int E, bool CL>
 __device__ Hit resolve(const Row<E> &row, Shared &s, bool by_mass, u64 t, int cap) {
     const int tid = threadIdx.x;
     if (tid == 0) {
@@ -361,7 +463,7 @@ __device__ Hit resolve(const Row<E> &row, Shared &s, bool by_mass, u64 t, int ca
     if (b < 0) return h;
     const u64 tl = t - (by_mass ? s.mass[b] : u64(s.count[b]));
     if (s.count[b + 1] - s.count[b] <= uint32_t(cap)) {
-        if (s.gathered != b) gather_sorted(row, s, b);
+        if (s.gathered != b) gather_sorted<E, CL>(row, s, b);
         if (!by_mass) {
             s.hit = int(tl);                              // every thread writes the same
         } else {
@@ -391,8 +493,8 @@ __device__ Hit resolve(const Row<E> &row, Shared &s, bool by_mass, u64 t, int ca
                 ms += row.mass(x);
             }
         });
-        c = block_sum(c, s);
-        ms = block_sum(ms, s);
+        c = group_sum<CL>(c, s);
+        ms = group_sum<CL>(ms, s);
         if ((by_mass ? ms : c) > tl) {
             lo = mid;
         } else {
@@ -406,7 +508,7 @@ __device__ Hit resolve(const Row<E> &row, Shared &s, bool by_mass, u64 t, int ca
     const u64 r = by_mass ? (tl - m_hi) / e : tl - c_hi;
     h.pos = s.count[b] + uint32_t(c_hi + r);
     h.mass_incl = s.mass[b] + m_hi + (r + 1) * e;
-    h.index = select_in_index_order(
+    h.index = select_in_index_order<E, CL>(
         row, s, [key](float x) { return order_key(x) == key ? 1ull : 0ull; }, [r](u64) { return r; });
     return h;
 }
@@ -415,19 +517,27 @@ __device__ __forceinline__ u64 draw_target(u64 u24, u64 total) {      // floor(u
     return u64((unsigned __int128)u24 * total >> 24);
 }
 
-template <int E>
+// One row a block, or (CL) a cluster a row: its blocks' ranks in blockIdx.x order.
+template <int E, bool CL>
 __global__ void __launch_bounds__(THREADS, 1)
 sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const double *knobs, int vocab, int cap) {
     extern __shared__ __align__(16) unsigned char smem[];
     Shared &s = *reinterpret_cast<Shared *>(smem);
-    const int tid = threadIdx.x, r = blockIdx.x;
+    int ranks = 1, rank = 0;
+    if constexpr (CL) {
+        ranks = int(cg::this_cluster().num_blocks());
+        rank = int(cg::this_cluster().block_rank());
+    }
+    const int tid = threadIdx.x, r = blockIdx.x / ranks;
     const double *kn = knobs + 5 * size_t(r);
     Row<E> row;
     row.logits = logits + r * row_stride;
     row.etab = s.etab;
     row.vocab = vocab;
     row.chunks = vocab / E;
-    row.seg = (row.chunks + THREADS - 1) / THREADS * 32;
+    row.begin = int(int64_t(row.chunks) * rank / ranks);
+    row.end = int(int64_t(row.chunks) * (rank + 1) / ranks);
+    row.seg = (row.end - row.begin + THREADS - 1) / THREADS * 32;
     row.temperature = float(kn[0]);
     const int top_k = int(kn[1]);
     const double top_p = kn[2];
@@ -435,9 +545,9 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     const u64 u24 = u64(kn[4] * 16777216.0);
     if (tid == 0) s.gathered = -1;
     for (int j = tid; j < NB; j += THREADS) s.etab[j] = exp(-j * (1.0 / 128.0));
-    const u64 best = row_best(row, s);                 // (its barriers publish etab too)
+    const u64 best = row_best<E, CL>(row, s);          // (its barriers publish etab too)
     if (!(row.temperature > 0.f)) {                     // a greedy row (T <= 0): the argmax
-        if (tid == 0) out[r] = int64_t(~uint32_t(best));
+        if (tid == 0 && rank == 0) out[r] = int64_t(~uint32_t(best));
         return;
     }
     const float m = row.x(key_value(uint32_t(best >> 32)));
@@ -446,12 +556,13 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
     const bool cut_k = top_k > 0 && top_k < vocab, cut_min_p = log_min_p > -INFINITY;
     const float floor_x = m + log_min_p;
     if (!cut_k && !(top_p < 1.0)) {                      // the whole row (or min-p's part) in index order
-        const int hit = select_in_index_order(
+        const int hit = select_in_index_order<E, CL>(
             row, s, [&row, cut_min_p, floor_x](float x) { return !cut_min_p || x >= floor_x ? row.mass(x) : 0ull; },
             [u24](u64 total) { return draw_target(u24, total); });
         if (hit >= 0) token = hit;
     } else {
-        for (int j = tid; j <= NB; j += THREADS) s.count[j] = 0;
+        uint32_t *count = CL ? reinterpret_cast<uint32_t *>(s.sorted) : s.count;     // clusters: this block's
+        for (int j = tid; j <= NB; j += THREADS) count[j] = 0;
         // Bucket masses as 32-bit halves (shared memory has no 64-bit atomic add: a CAS loop, contended on
         // flat rows), a wrap of the low half carried into the high one; joined into s.mass after.
         uint32_t *lo = reinterpret_cast<uint32_t *>(s.smass), *hi = lo + NB;
@@ -465,7 +576,7 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
             const int b = bucket_of(m, x);
             const u64 e = row.mass(x);
             if (b < NB - 1)
-                atomicAdd(&s.count[b], 1u);
+                atomicAdd(&count[b], 1u);
             else
                 ++tail;                                   // long rows: most of them, counted apart
             if (e) {
@@ -478,13 +589,29 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
                 min_mass += e;
             }
         });
-        tail = block_sum(tail, s);                        // (its barriers: every add above is done)
-        if (cut_min_p) {
-            min_count = block_sum(min_count, s);
-            min_mass = block_sum(min_mass, s);
+        tail = group_sum<CL>(tail, s);                    // (its barriers: every add above is done, in every
+        if (cut_min_p) {                                  // block of a cluster)
+            min_count = group_sum<CL>(min_count, s);
+            min_mass = group_sum<CL>(min_mass, s);
         }
-        if (tid == 0) s.count[NB - 1] += uint32_t(tail);
-        for (int j = tid; j < NB; j += THREADS) s.mass[j] = (u64(hi[j]) << 32) | lo[j];
+        if constexpr (CL) {                               // the blocks' histograms summed, in every block
+            cg::cluster_group cl = cg::this_cluster();
+            for (int j = tid; j < NB; j += THREADS) {
+                u64 ms = 0;
+                uint32_t c = j == NB - 1 ? uint32_t(tail) : 0u;
+                for (unsigned q = 0; q < cl.num_blocks(); ++q) {
+                    const uint32_t *ql = cl.map_shared_rank(lo, q);
+                    ms += (u64(ql[NB + j]) << 32) + ql[j];
+                    c += cl.map_shared_rank(count, q)[j];
+                }
+                s.mass[j] = ms;
+                s.count[j] = c;
+            }
+            cl.sync();                                    // (every part read before sorted[] / smass[] are reused)
+        } else {
+            if (tid == 0) s.count[NB - 1] += uint32_t(tail);
+            for (int j = tid; j < NB; j += THREADS) s.mass[j] = (u64(hi[j]) << 32) | lo[j];
+        }
         __syncthreads();
         scan4(s.mass, s);
         scan4(s.count, s);
@@ -494,12 +621,12 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
             if (u64(top_k - 1) >= s.count[NB - 1])        // past every element with mass
                 kept_mass = s.mass[NB];
             else
-                kept_mass = resolve(row, s, false, u64(top_k - 1), cap).mass_incl;
+                kept_mass = resolve<E, CL>(row, s, false, u64(top_k - 1), cap).mass_incl;
         }
         if (top_p < 1.0 && kept_mass > 0) {
             const double p = ceil(top_p * double(kept_mass));
             const u64 need = p < 1.0 ? 1ull : (p >= double(kept_mass) ? kept_mass : u64(p));
-            const Hit h = resolve(row, s, true, need - 1, cap);   // its prefix before it < need <= through it
+            const Hit h = resolve<E, CL>(row, s, true, need - 1, cap);   // its prefix before it < need <= through it
             if (h.index >= 0 && h.pos + 1 < kept) {
                 kept = h.pos + 1;
                 kept_mass = h.mass_incl;
@@ -510,36 +637,63 @@ sample_rows_kernel(int64_t *out, const float *logits, int64_t row_stride, const 
             kept_mass = min_mass;
         }
         if (kept_mass > 0) {
-            const Hit h = resolve(row, s, true, draw_target(u24, kept_mass), cap);
+            const Hit h = resolve<E, CL>(row, s, true, draw_target(u24, kept_mass), cap);
             if (h.index >= 0) token = h.index;
         }
     }
-    if (tid == 0) out[r] = token;
+    if (tid == 0 && rank == 0) out[r] = token;
 }
 
 template <int E>
 pa_status launch(int64_t *out, const float *logits, int64_t row_stride, const double *knobs, int32_t num_rows,
-                 int32_t vocab, int32_t cap, cudaStream_t stream) {
-    const char *name = E == 4 ? "sample_rows_kernel<4>" : "sample_rows_kernel<1>";
-    PA_RETURN_IF_ERR(raise_smem_limit<sample_rows_kernel<E>>(name));
-    sample_rows_kernel<E><<<num_rows, THREADS, sizeof(Shared), stream>>>(out, logits, row_stride, knobs, vocab, cap);
-    return check_launch(name);
+                 int32_t vocab, int32_t cap, int ranks, cudaStream_t stream) {
+    if (ranks == 1) {
+        const char *name = E == 4 ? "sample_rows_kernel<4>" : "sample_rows_kernel<1>";
+        PA_RETURN_IF_ERR((raise_smem_limit<sample_rows_kernel<E, false>>(name)));
+        sample_rows_kernel<E, false><<<num_rows, THREADS, sizeof(Shared), stream>>>(out, logits, row_stride, knobs,
+                                                                                    vocab, cap);
+        return check_launch(name);
+    }
+    const char *name = E == 4 ? "sample_rows_kernel<4, cluster>" : "sample_rows_kernel<1, cluster>";
+    PA_RETURN_IF_ERR((raise_smem_limit<sample_rows_kernel<E, true>>(name)));
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = unsigned(ranks);
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    return launch_with_attribute(sample_rows_kernel<E, true>, name, dim3(unsigned(num_rows * ranks)), sizeof(Shared),
+                                 THREADS, stream, attr, out, logits, row_stride, knobs, int(vocab), int(cap));
+}
+
+// Blocks a row when the caller leaves it to the kernel: a cluster of up to 8 while the rows leave SMs idle
+// and the row is long enough to split (>= 4096 elements a block).
+int auto_blocks_per_row(int32_t num_rows, int32_t vocab) {
+    const int sms = device_sms();
+    int ranks = 8;
+    while (ranks > 1 && (int64_t(num_rows) * ranks > sms || vocab < 4096 * ranks)) ranks >>= 1;
+    return ranks;
 }
 
 }  // namespace
 
 extern "C" pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
-                                         int32_t num_rows, int32_t vocab, int32_t gather_cap, void *stream) {
-    if (num_rows < 0 || vocab < 1 || vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP)
+                                         int32_t num_rows, int32_t vocab, int32_t gather_cap, int32_t blocks_per_row,
+                                         void *stream) {
+    const bool ranks_ok = blocks_per_row == 0 || blocks_per_row == 1 || blocks_per_row == 2 || blocks_per_row == 4 ||
+                          blocks_per_row == 8;
+    if (num_rows < 0 || vocab < 1 || vocab > (1 << 23) || row_stride < vocab || gather_cap < -1 || gather_cap > CAP ||
+        !ranks_ok || int64_t(num_rows) * (blocks_per_row ? blocks_per_row : 1) > (int64_t(1) << 30))
         return cuda_fail(PA_ERR_INVALID_ARG,
-                         "sample_rows_kernel: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d)",
-                         (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap);
+                         "sample_rows_kernel: bad arguments (rows %d, vocab %d, row stride %lld, gather_cap %d, "
+                         "blocks_per_row %d)",
+                         (int)num_rows, (int)vocab, (long long)row_stride, (int)gather_cap, (int)blocks_per_row);
     if (num_rows == 0) return PA_OK;                  // (an empty tensor's pointer may be NULL)
     if (out == nullptr || logits == nullptr || knobs == nullptr)
         return cuda_fail(PA_ERR_INVALID_ARG, "sample_rows_kernel: a NULL pointer for %d rows", (int)num_rows);
     const int cap = gather_cap < 0 ? CAP : gather_cap;
+    const int ranks = blocks_per_row ? blocks_per_row : auto_blocks_per_row(num_rows, vocab);
     const cudaStream_t st = static_cast<cudaStream_t>(stream);
     if (vocab % 4 == 0 && row_stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0)
-        return launch<4>(out, logits, row_stride, knobs, num_rows, vocab, cap, st);
-    return launch<1>(out, logits, row_stride, knobs, num_rows, vocab, cap, st);
+        return launch<4>(out, logits, row_stride, knobs, num_rows, vocab, cap, ranks, st);
+    return launch<1>(out, logits, row_stride, knobs, num_rows, vocab, cap, ranks, st);
 }

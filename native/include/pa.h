@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 12
+#define PA_ABI_VERSION 13
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -338,7 +338,7 @@ pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_
                                 int32_t block_size, int32_t max_blocks_per_seq, int32_t max_splits, float eps,
                                 float theta, float scale, int32_t dtype, void *stream);
 /* One sampled token a row of logits [num_rows] rows of vocab float32 (row r at logits + r * row_stride), in
- * one launch (one block a row, no sort of the row): x = logits / temperature; the candidates are the
+ * one launch (one block a row, or a cluster of blocks a row; no sort of the row): x = logits / temperature; the candidates are the
  * top_k largest x (top_k <= 0 or >= vocab: all), cut to the shortest prefix (in descending x, equal x by
  * index) whose mass reaches top_p of theirs, and to x >= max + log_min_p (-inf: no cut); the token is the
  * first candidate whose cumulative mass exceeds u of the candidates' -- walked in descending order when
@@ -348,9 +348,12 @@ pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_
  * largest logit, the other knobs ignored -- a greedy row among sampled ones), top_k, top_p (in (0, 1]),
  * log_min_p, u (in [0, 1), a multiple of 2^-24). out [num_rows] int64. gather_cap: the most elements of
  * one mass bucket the kernel sorts in shared memory (0..4096; -1: 4096); a bigger bucket is searched by
- * bisection over the row (the same tokens, slower; 0 forces it, for tests). vocab <= 2^23. */
+ * bisection over the row (the same tokens, slower; 0 forces it, for tests). blocks_per_row: 1, 2, 4 or 8
+ * (a thread-block cluster a row, each block a slice of it; the same tokens), 0: the kernel's choice (up to 8
+ * while num_rows x 8 leaves SMs idle). vocab <= 2^23. */
 pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
-                              int32_t num_rows, int32_t vocab, int32_t gather_cap, void *stream);
+                              int32_t num_rows, int32_t vocab, int32_t gather_cap, int32_t blocks_per_row,
+                              void *stream);
 /* CUDA_EXPORTS_END */
 
 /* PA_CDEF_END */
