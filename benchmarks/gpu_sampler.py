@@ -11,6 +11,7 @@ Logits are flat (random-weights-like: a nucleus of most of the vocabulary, the s
 (a trained model's: a nucleus of a few tokens).
 
     python3 benchmarks/gpu_sampler.py [--batches 1 32 128] [--vocabs 49152 128256] [--profile]
+    python3 benchmarks/gpu_sampler.py --clusters --batches 1 2 4 8 16 32   (the kernel at 1 / 2 / 4 / 8 blocks a row)
 """
 from __future__ import annotations
 
@@ -44,18 +45,58 @@ def wall_ms(fn, reps: int = 30) -> float:
 
 
 def device_us(fn, reps: int = 50) -> float:
-    """Device time of fn() in us: reps launches back to back between two CUDA events (launch cost hidden
-    behind the kernels when they run longer than it)."""
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    """Device time of fn() in us: reps launches captured in one CUDA graph, the median of 5 replays between
+    two CUDA events. (Until session 16 the launches were timed as issued from Python, whose ~20 us a call
+    was the floor under anything faster.)"""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps * 1e3)
+    return statistics.median(times)
+
+
+def cluster_table(kernels, batches: list[int], vocabs: list[int]) -> list[str]:
+    """--clusters: the kernel alone (device us, T=1.0 / top-p) at 1, 2, 4 and 8 blocks a row, flat and peaked
+    rows, next to what the kernel picks itself: the data its automatic choice is drawn from."""
+    lines = ["| logits | batch | vocab | 1 block a row | 2 | 4 | 8 | kernel's choice (blocks) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for kind, scale in (("flat", 0.5), ("peaked", 8.0)):
+        for vocab in vocabs:
+            for n in batches:
+                g = torch.Generator(device="cuda").manual_seed(n)
+                x = torch.randn(n, vocab, device="cuda", generator=g) * scale
+                gens = [make_generator(i) for i in range(n)]
+                knobs = [upload(row_knobs([p] * n, gens, vocab), x.device)
+                         for p in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9))]
+                out = torch.empty(n, dtype=torch.int64, device="cuda")
+                cells = []
+                for ranks in (1, 2, 4, 8, 0):
+                    t1, tp = (device_us(lambda k=k: kernels.sample_rows(x, k, out=out, blocks_per_row=ranks))
+                              for k in knobs)
+                    cells.append(f"{t1:.1f} / {tp:.1f}")
+                lines.append(f"| {kind} | {n} | {vocab} | " + " | ".join(cells) + f" ({auto_ranks(n, vocab)}) |")
+                print(lines[-1], flush=True)
+    return lines
+
+
+def auto_ranks(n: int, vocab: int) -> int:
+    """The kernel's own choice of blocks a row (auto_blocks_per_row in native/cuda/sample.cu)."""
+    return 8 if n * 8 <= torch.cuda.get_device_properties(0).multi_processor_count and vocab >= 65536 else 1
 
 
 def hf_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -77,6 +118,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--probe", action="store_true",
                     help="only a few fused-kernel calls (T=1.0, then top-p) per shape, on flat logits: for ncu")
+    ap.add_argument("--clusters", action="store_true",
+                    help="only the kernel alone at 1 / 2 / 4 / 8 blocks a row (device us)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name(0)}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -93,13 +136,12 @@ def main() -> None:
                     torch.cuda.synchronize()
                     print(f"probe: batch {n} vocab {vocab} {p.top_p=}", flush=True)
         return
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-
-    def blocks_per_row(n: int, vocab: int) -> int:      # the kernel's own choice (auto_blocks_per_row)
-        ranks = 8
-        while ranks > 1 and (n * ranks > sms or vocab < 4096 * ranks):
-            ranks //= 2
-        return ranks
+    if args.clusters:
+        lines = cluster_table(CudaKernels(), args.batches, args.vocabs)
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
              "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
              "multinomial ms | HF / fused (top-p) | torch path / fused (top-p) | fused kernel alone, device us "
@@ -131,7 +173,7 @@ def main() -> None:
                 o_tp = device_us(lambda: kernels.sample_rows(x, k_tp, blocks_per_row=1))
                 lines.append(f"| {kind} | {n} | {vocab} | {r_row:.3f} | {s_t1:.3f} | {s_tp:.3f} | {f_t1:.3f} | "
                              f"{f_tp:.3f} | {f_mix:.3f} | {hf:.3f} | {hf / f_tp:.2f}x | {s_tp / f_tp:.2f}x | "
-                             f"{d_t1:.1f} / {d_tp:.1f} ({blocks_per_row(n, vocab)}) | {o_t1:.1f} / {o_tp:.1f} |")
+                             f"{d_t1:.1f} / {d_tp:.1f} ({auto_ranks(n, vocab)}) | {o_t1:.1f} / {o_tp:.1f} |")
                 print(lines[-1], flush=True)
                 ends = (args.batches[0], args.batches[-1])
                 if args.profile and kind == "flat" and vocab == args.vocabs[0] and n in ends:
