@@ -431,7 +431,7 @@ def main() -> None:
                "a step | Engine with the torch-path sampler, pipelined tok/s | its synchronous sample ms | "
                + ("one-row host sampler tok/s | " if args.one_row else "") + "HF generate tok/s (do_sample) | "
                "Engine / HF | Engine / torch-path sampler |",
-               "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.one_row else "")]
+               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.one_row else "")]
     for name in args.models:
         cfg = MODELS[name]
         hf = hf_model(cfg)

@@ -96,7 +96,7 @@ def cluster_table(kernels, batches: list[int], vocabs: list[int]) -> list[str]:
 
 def auto_ranks(n: int, vocab: int) -> int:
     """The kernel's own choice of blocks a row (auto_blocks_per_row in native/cuda/sample.cu)."""
-    return 8 if n * 8 <= torch.cuda.get_device_properties(0).multi_processor_count and vocab >= 65536 else 1
+    return 4 if n * 4 * 2 <= torch.cuda.get_device_properties(0).multi_processor_count and vocab >= 16384 else 1
 
 
 def hf_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

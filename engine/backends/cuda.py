@@ -392,7 +392,8 @@ class CudaKernels:
         (pa_sample_rows_cuda): knobs [n, 5] float64 on the GPU, engine.sampler.row_knobs' columns.
         gather_cap: the kernel's largest in-shared-memory bucket (-1: its default; 0 forces the bisection
         path, for tests). blocks_per_row: 1, 2, 4 or 8 (a cluster a row), 0: the kernel's choice (a cluster
-        of 8, the row's passes on 8 SMs, while rows x 8 fit the SMs and the vocabulary is >= 65536)."""
+        of 4, the row's passes on 4 SMs, while rows x 4 take at most half the SMs and the vocabulary is
+        >= 16384)."""
         op = "pa_sample_rows_cuda"
         self._check(op, "logits", logits, torch.float32)
         if logits.dim() != 2:

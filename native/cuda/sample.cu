@@ -665,11 +665,13 @@ pa_status launch(int64_t *out, const float *logits, int64_t row_stride, const do
                                  THREADS, stream, attr, out, logits, row_stride, knobs, int(vocab), int(cap));
 }
 
-// Blocks a row when the caller leaves it to the kernel: a cluster of 8 while 8 blocks a row fit the SMs and
-// the row is long enough for its passes to outweigh the merges (on the H200, session 16: 128k-token rows at
-// batch 1 1.7x faster with 8; 49k-token rows level or slower, and 4 blocks a row at batch 32 slower).
+// Blocks a row when the caller leaves it to the kernel: a cluster of 4 while the clusters take at most half
+// the SMs and a block's slice is >= 4096 elements. Measured on the H200 (session 16, kernel alone): 4 is the
+// best or within ~5 % of it at 1-16 rows of 49k and 128k (128k top-p at batch 1 66 us against 118 with one
+// block; 49k 46 against 57); 2 is slower than 1 at T=1.0 (one more pass over the row), 8 ties 4 on 128k rows
+// and loses on 49k top-p, and a grid of 128 cluster blocks takes two waves (twice the time).
 int auto_blocks_per_row(int32_t num_rows, int32_t vocab) {
-    return int64_t(num_rows) * 8 <= device_sms() && vocab >= 65536 ? 8 : 1;
+    return int64_t(num_rows) * 4 * 2 <= device_sms() && vocab >= 4 * 4096 ? 4 : 1;
 }
 
 }  // namespace

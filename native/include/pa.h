@@ -349,8 +349,8 @@ pa_status pa_decode_layers_cuda(void *x, void *qkv_ws, void *attn_ws, void *act_
  * log_min_p, u (in [0, 1), a multiple of 2^-24). out [num_rows] int64. gather_cap: the most elements of
  * one mass bucket the kernel sorts in shared memory (0..4096; -1: 4096); a bigger bucket is searched by
  * bisection over the row (the same tokens, slower; 0 forces it, for tests). blocks_per_row: 1, 2, 4 or 8
- * (a thread-block cluster a row, each block a slice of it; the same tokens), 0: the kernel's choice (8 while
- * num_rows x 8 blocks fit the SMs and vocab >= 65536, else 1). vocab <= 2^23. */
+ * (a thread-block cluster a row, each block a slice of it; the same tokens), 0: the kernel's choice (4 while
+ * num_rows x 4 blocks take at most half the SMs and vocab >= 16384, else 1). vocab <= 2^23. */
 pa_status pa_sample_rows_cuda(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
                               int32_t num_rows, int32_t vocab, int32_t gather_cap, int32_t blocks_per_row,
                               void *stream);
