@@ -434,8 +434,10 @@ def test_engine_end_to_end_on_cuda(runs, fused, prompts):
 def test_sampled_requests_on_cuda(trained, fused, prompts):
     """Sampled requests through the Engine over CudaBackend, the sampler on the GPU. On the trained model
     (confident: no near-ties in bf16) top_k=1 at any temperature and a nucleus that holds one token are
-    greedy, token for token. On random weights seeded rows pipeline, and replay their tokens in a new
-    engine without the pipeline; mixed greedy, sampled and penalised rows finish and free their blocks.
+    greedy, token for token. On random weights seeded rows pipeline through the sampled graph (the kernel
+    inside the decode step's graph; rows with logprobs through the logits graph instead), and replay their
+    tokens in a new engine without the pipeline; mixed greedy, sampled and penalised rows finish and free
+    their blocks.
     (Not asserted: the same seed among other neighbours. Random weights give ~49k-token nuclei whose CDF
     steps are ~2e-5 apart, and logits or softmax sums that differ in the last bit with the batch's
     makeup can move a draw across a step; the CPU tests check neighbour independence on fixed logits.)"""
@@ -458,8 +460,7 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
         backend.sample_step = sample_step
         done = run_to_completion(eng, [eng.submit(p, sp) for p, sp in zip(prompt_list, param_list)])
         assert eng.blocks.num_used_blocks == 0
-        run.graphed = sum(graphed)
-        return [c.token_ids for c in done], eng.counters["steps_ahead"], [c.logprobs for c in done]
+        return [c.token_ids for c in done], eng.counters["steps_ahead"], [c.logprobs for c in done], sum(graphed)
     n = 12
     fused_t, _, prompts_t, _ = trained
     like = lambda **kw: [SamplingParams(max_tokens=n, ignore_eos=True, **kw)] * len(prompts_t)
@@ -471,22 +472,23 @@ def test_sampled_requests_on_cuda(trained, fused, prompts):
     # prompts of one length: every row decodes and finishes in the same steps, so the pipelined run's steps
     # hold the same rows as the synchronous run's (no finished row carried in a step launched ahead)
     even = [p[:16] for p in prompts if len(p) >= 16]
-    first, ahead, _ = run(fused, even, seeded)
+    first, ahead, _, graphed = run(fused, even, seeded)
     assert ahead >= n - 2, "sampled rows did not pipeline"
-    assert run.graphed >= n - 2, "sampled rows did not take the sampled graph"
+    assert graphed >= n - 2, "sampled rows did not take the sampled graph"
     assert run(fused, even, seeded, pipelined=False)[0] == first
     assert first != run(fused, even, like(temperature=0.0))[0]
     # rows with logprobs pipeline too: their logprobs come back with the step's tokens, as synchronously
     asking = [SamplingParams(**{**vars(sp), "logprobs": (0, 2, 5)[i % 3]}) for i, sp in enumerate(seeded)]
     asking[1] = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3)
-    tokens, ahead, logprobs = run(fused, even, asking)
+    tokens, ahead, logprobs, graphed = run(fused, even, asking)
     assert ahead >= n - 2, "rows with logprobs did not pipeline"
-    assert run.graphed == 0, "rows with logprobs need the logits: not the sampled graph's steps"
+    assert graphed == 0, "rows with logprobs need the logits: not the sampled graph's steps"
     assert run(fused, even, asking, pipelined=False)[::2] == (tokens, logprobs)
     assert all([e["token_id"] for e in lp] == t for t, lp in zip(tokens, logprobs))
     others = [SamplingParams(**{**MIXED_CUDA[i % len(MIXED_CUDA)], "max_tokens": n, "ignore_eos": True})
               for i in range(len(prompts))]
-    mixed, _, _ = run(fused, prompts, [s if i % 2 else o for i, (s, o) in enumerate(zip(seeded, others))], warmup=True)
+    mixed = run(fused, prompts, [s if i % 2 else o for i, (s, o) in enumerate(zip(seeded, others))],
+                warmup=True)[0]
     assert all(len(t) == n for t in mixed)
 
 

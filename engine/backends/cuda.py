@@ -706,7 +706,7 @@ class _StepGraph:
     and context 0. A prefill graph (prefill=True: chunks of any length, decode rows among them) pads
     with rows of slot -1 that no sequence owns and with sequences of no rows and context 0; its contexts
     are at most `context` tokens (what the prefill kernel's key spans are cut for). With knobs (a sampled
-    decode graph) each row's sampling knobs (engine.sampler.step_knobs: float64 [S, 5]) travel in the same
+    decode graph) each row's sampling knobs (engine.sampler.row_knobs: float64 [S, 5]) travel in the same
     upload, before the tables; a padding row's are zeros (temperature 0: the argmax)."""
 
     def __init__(self, size: int, width: int, block_size: int, partition: int | None, max_splits: int | None,
@@ -1144,8 +1144,7 @@ class CudaBackend(Backend):
     def _graph_for(self, batch: Batch, kind: str = "logits") -> _StepGraph | None:
         """The captured graph for this step's padded size (capturing it the first time), or None. kind:
         'logits' (forward_step), 'tokens' (forward_tokens), 'sampled' (sample_step) or 'greedy' (greedy_steps);
-        prefill and mixed
-        steps (_prefill_graph_for) only replay 'logits' graphs."""
+        prefill and mixed steps (_prefill_graph_for) only replay 'logits' graphs."""
         if kind not in self.GRAPH_KINDS:
             raise ValueError(f"graph kind must be one of {self.GRAPH_KINDS}, got {kind!r}")
         if not self.use_cuda_graphs or not self.key_caches:

@@ -309,7 +309,7 @@ __device__ int select_in_range(const Row<E> &row, Shared &s, Weight weight, Targ
 }
 
 // select_in_range over the whole row. A cluster first sums each block's slice, finds the slice holding the
-// crossing, and that block alone searches it; every block returns its answer.
+// crossing, and that block alone searches it; every block returns that block's answer.
 template <int E, bool CL, typename Weight, typename Target>
 __device__ int select_in_index_order(const Row<E> &row, Shared &s, Weight weight, Target target) {
     if constexpr (!CL) {
