@@ -3,7 +3,8 @@
 # on the command line, each logged under $OUT (what comes back from the lent GPU).
 #   stages: info tests kernels layers model attention sampler e2e prefill ttft serve ncu   (each stage under its own time limit, so a
 #   stage that hangs cannot eat the later ones; limits in seconds: STAGE_LIMIT_<stage>; extra arguments:
-#   MODEL_ARGS (pytest, e.g. "-k merge"), ATTN_ARGS, SAMPLER_ARGS, E2E_ARGS, TTFT_ARGS, SERVE_ARGS, NCU_ARGS (the probe's batch and context))
+#   MODEL_ARGS (pytest, e.g. "-x"; split on spaces), MODEL_K (the model stage's -k expression, spaces kept:
+#   MODEL_K="sample_step or sampled_requests"), ATTN_ARGS, SAMPLER_ARGS, E2E_ARGS, TTFT_ARGS, SERVE_ARGS, NCU_ARGS (the probe's batch and context))
 # Exits non-zero when a stage's test run or benchmark did (the logs say which).
 # Run by the device tool from the repo root, with carry [".whl", "engine/_lib"]:
 #   bash scripts/gpu_session.sh info tests attention
@@ -42,7 +43,7 @@ for stage in "$@"; do
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
     model)
-        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py tests/test_cuda_sampler.py -s ${MODEL_ARGS:-} 2>&1 | tee "$OUT/tests_model.log" \
+        timeout "${STAGE_LIMIT_model:-150}" $PYTEST tests/test_cuda_model.py tests/test_cuda_sampler.py -s ${MODEL_ARGS:-} ${MODEL_K:+-k "$MODEL_K"} 2>&1 | tee "$OUT/tests_model.log" \
             | grep -E "passed|failed|FAILED|Error|rel err|identical|graphs" | tail -40
         st=${PIPESTATUS[0]}; [ "$st" = 0 ] || { echo "stage $stage exited with $st"; failed=1; }
         ;;
