@@ -17,6 +17,7 @@ from engine.backends.base import Backend, release_free_heap
 from engine.batch import Batch
 from engine.config import ModelConfig
 from engine.native import NativeError, NativeLib
+from engine.sampler import row_knobs
 from engine.weights import quantize_int8
 
 GROUP = 32                                     # int8 group along K (weights and activations)
@@ -255,6 +256,29 @@ class CpuInt8Backend(Backend):
         out.layer_args = (self._p(cos, "float *"), self._p(sin, "float *"), self._p(out.slot_mapping, "int32_t *"),
                           self._p(out.block_tables, "int32_t *"), self._p(out.context_lens, "int32_t *"),
                           self._p(out.query_start_loc, "int32_t *"))
+        return out
+
+    def sample(self, logits: torch.Tensor, params: list, generators: list) -> torch.Tensor:
+        """Every sampled row in one native call (sample_rows): the same tokens as engine.sampler.sample_rows on
+        the same logits and generator states but for a draw within rounding of a CDF step."""
+        if logits.device.type != "cpu" or logits.dtype != torch.float32 or logits.dim() != 2:
+            return super().sample(logits, params, generators)
+        return self.sample_rows(logits, row_knobs(params, generators, logits.shape[1]))
+
+    def sample_rows(self, logits: torch.Tensor, knobs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One sampled token a row of logits [n, vocab] (float32) -> int64 [n] (pa_sample_rows_cpu: the CUDA
+        kernel's algorithm, a core a row -- a histogram of the row and one small bucket sorted, where
+        sample_rows sorts the vocabulary): knobs [n, 5] float64, engine.sampler.row_knobs' columns."""
+        op = "pa_sample_rows_cpu"
+        logits = logits.contiguous()
+        n, vocab = logits.shape
+        if knobs.dtype != torch.float64 or tuple(knobs.shape) != (n, 5) or knobs.device.type != "cpu":
+            raise NativeError(f"{op}: knobs must be float64 [{n}, 5] on the CPU, got {knobs.dtype} "
+                              f"{tuple(knobs.shape)} on {knobs.device}")
+        if out is None:
+            out = torch.empty(n, dtype=torch.int64)
+        self._check(self.lib.pa_sample_rows_cpu(self._p(out, "int64_t *"), self._p(logits, "float *"), vocab,
+                                                self._p(knobs.contiguous(), "double *"), n, vocab), op)
         return out
 
     # ---- helpers -----------------------------------------------------------------------------

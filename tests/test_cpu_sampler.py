@@ -1,0 +1,115 @@
+"""The INT8 CPU backend's native sampler (pa_sample_rows_cpu: the CUDA kernel's histogram algorithm, a core a
+row) against engine/sampler.py's torch path and the one-row reference: exact tokens on power-of-two
+probabilities, the one-row reference's tokens on mixed rows but for draws within rounding of a CDF step,
+the torch path's values on awkward rows, greedy rows' argmax, and its input checks. Outputs are poisoned
+before each call."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.native import NativeError
+from engine.sampler import Sampler, make_generator, row_knobs, sample_rows
+from engine.sequence import SamplingParams
+from tests.conftest import TINY
+from tests.test_sampler import draws_walk_the_cdf, sampler_matches_one_row_reference
+
+
+@pytest.fixture(scope="module")
+def backend():
+    from engine.backends.cpu_int8 import CpuInt8Backend
+    return CpuInt8Backend(TINY)
+
+
+def native(backend, poison: int = -7):
+    """sample_rows' contract through pa_sample_rows_cpu (what CpuInt8Backend.sample runs), poisoned first."""
+    def draw(logits, params, generators):
+        out = torch.full((logits.shape[0],), poison, dtype=torch.int64)
+        return backend.sample_rows(logits, row_knobs(params, generators, logits.shape[1]), out=out)
+    return draw
+
+
+def test_native_sampler_walks_the_cdf(backend):
+    draws_walk_the_cdf(native(backend))
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (9, 1031), (24, 4096)])
+def test_native_sampler_matches_the_one_row_reference(backend, rows, vocab):
+    sampler_matches_one_row_reference("cpu", rows=rows, rounds=3, vocab=vocab,
+                                      sampler=Sampler(sample=native(backend)))
+
+
+def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
+    """Flat and peaked rows, bf16-rounded ones (runs of equal values), one value throughout, -inf runs, a
+    single finite value, most of the row without mass."""
+    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]
+    rows += [(torch.randn(vocab, generator=gen) * s).bfloat16().float() for s in (1.0, 8.0)]
+    rows.append(torch.full((vocab,), 0.25))
+    r = torch.randn(vocab, generator=gen)
+    r[::3] = float("-inf")
+    rows.append(r)
+    r = torch.full((vocab,), float("-inf"))
+    r[vocab // 2] = 1.0
+    rows.append(r)
+    r = torch.randn(vocab, generator=gen) * 2
+    r[: vocab // 2] = -1e4
+    rows.append(r)
+    return torch.stack(rows)
+
+
+KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.999), dict(top_k=1),
+         dict(top_k=40, temperature=0.05), dict(top_k=3000, top_p=0.5), dict(min_p=0.1), dict(top_p=0.95, min_p=0.02),
+         dict(temperature=1.5, top_p=0.3, top_k=7), dict(top_p=1e-6)]
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 1031, 49152])
+def test_native_sampler_follows_sample_rows_on_awkward_rows(backend, vocab):
+    """Every filter kind on awkward rows: a token of the value the torch path picks but for a draw within
+    rounding of a CDF step, never a token without mass; top_k=1 and a one-token nucleus are the argmax;
+    temperature 0 is torch.argmax and draws nothing."""
+    base = awkward_rows(torch.Generator().manual_seed(vocab), vocab)
+    logits = base.repeat(len(KINDS), 1)
+    params = [SamplingParams(**kw) for kw in KINDS for _ in range(base.shape[0])]
+    n = len(params)
+    states = [make_generator(5 * i + vocab).getstate() for i in range(n)]
+
+    def gens():
+        out = [make_generator(0) for _ in range(n)]
+        for g, st in zip(out, states):
+            g.setstate(st)
+        return out
+    got = native(backend)(logits, params, gens())
+    assert (got >= 0).all() and (got < vocab).all()
+    finite = torch.isfinite(logits).any(-1)
+    assert torch.isfinite(logits.gather(1, got[:, None]))[finite].all()
+    greedy = [i for i, p in enumerate(params) if (p.top_k == 1 or p.top_p == 1e-6) and finite[i]]
+    assert got[greedy].tolist() == logits[greedy].argmax(-1).tolist()
+    ref = sample_rows(logits, params, gens())
+    differ = (logits.gather(1, got[:, None]) != logits.gather(1, ref[:, None])).nonzero()[:, 0].tolist()
+    assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
+    cold = [SamplingParams(temperature=0.0)] * base.shape[0]
+    untouched = gens()[:base.shape[0]]
+    assert native(backend, poison=-3)(base, cold, untouched).tolist() == base.argmax(-1).tolist()
+    assert [g.getstate() for g in untouched] == states[:base.shape[0]]
+
+
+def test_cpu_int8_backend_samples_natively(backend):
+    """CpuInt8Backend.sample is the native call (same tokens as sample_rows here: peaked rows, no draw near a
+    step), and the same seeds give the same tokens."""
+    logits = torch.randn(6, 3000, generator=torch.Generator().manual_seed(1)) * 6
+    params = [SamplingParams(temperature=0.8, top_p=0.9, top_k=50)] * 6
+    a = backend.sample(logits, params, [make_generator(i) for i in range(6)])
+    b = backend.sample(logits, params, [make_generator(i) for i in range(6)])
+    assert a.dtype == torch.int64 and torch.equal(a, b)
+    assert torch.equal(a, sample_rows(logits, params, [make_generator(i) for i in range(6)]))
+
+
+def test_native_sampler_checks_its_inputs(backend):
+    x = torch.randn(2, 10)
+    with pytest.raises(NativeError, match="knobs must be float64"):
+        backend.sample_rows(x, torch.zeros(2, 5))
+    with pytest.raises(NativeError, match="knobs must be float64"):
+        backend.sample_rows(x, torch.zeros(1, 5, dtype=torch.float64))
+    with pytest.raises(NativeError, match="bad arguments"):
+        backend.sample_rows(x[:, :0], torch.zeros(2, 5, dtype=torch.float64))
+    assert backend.sample_rows(x[:0], torch.zeros(0, 5, dtype=torch.float64)).numel() == 0
