@@ -5,20 +5,24 @@ to engine/sampler.py's torch path (sample_rows: a sort of the vocabulary) and gr
    the vocabulary; peaked: a trained model's), the torch path against the native one.
 2. The embedded model (SmolLM2-135M-Instruct, INT8Decoder's engine stepped from this thread), decode tok/s at
    1 and 8 concurrent requests of a fixed prompt, greedy / T=0.7 + top_p=0.95 (the chat page's setting) /
-   T=1.0 (an OpenAI client's default), seeded; native and torch-path runs alternated --rounds times,
-   medians. Decode steps only (prefill steps are timed apart and left out).
+   T=1.0 (an OpenAI client's default) / T=1.3 + top_p=0.98 (a creative setting: a wide nucleus), seeded; native and torch-path runs alternated --rounds times,
+   medians. Decode steps only (prefill steps are timed apart and left out). OMP_WAIT_POLICY=PASSIVE and 2
+   threads, as the server runs.
 
     .venv/bin/python benchmarks/cpu_sampled.py [--rounds 3] [--tokens 64] [--concurrency 1 8] [--out FILE]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")     # as the server sets it (webapp/serve.py, wsgi.py)
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -26,7 +30,7 @@ from engine.sampler import Sampler, make_generator  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "T=0.7, top_p=0.95": dict(temperature=0.7, top_p=0.95),
-            "T=1.0": dict(temperature=1.0)}
+            "T=1.0": dict(temperature=1.0), "T=1.3, top_p=0.98": dict(temperature=1.3, top_p=0.98)}
 
 
 def call_ms(fn, reps: int = 30) -> float:
@@ -85,7 +89,7 @@ def main() -> None:
     args = ap.parse_args()
     from engine.config import EngineConfig
     from engine.decoder import INT8Decoder
-    dec = INT8Decoder(config=EngineConfig(backend="cpu-int8", enable_prefix_caching=False), start=False)
+    dec = INT8Decoder(config=EngineConfig(backend="cpu-int8", num_threads=2, enable_prefix_caching=False), start=False)
     engine, backend = dec.engine, dec.engine.backend
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"vocab {engine.model_config.vocab_size}", flush=True)
@@ -102,8 +106,9 @@ def main() -> None:
         for label, kw in SETTINGS.items():
             params = SamplingParams(**kw, max_tokens=args.tokens, ignore_eos=True)
             runs: dict[str, list[float]] = {"native": [], "torch": []}
-            for _ in range(args.rounds):
-                for name, sampler in (("native", native_sampler), ("torch", torch_sampler)):
+            for k in range(args.rounds):                 # (each goes first in turn)
+                pair = (("native", native_sampler), ("torch", torch_sampler))
+                for name, sampler in pair[::1 if k % 2 == 0 else -1]:
                     engine.sampler = sampler
                     runs[name].append(decode_tok_s(engine, prompts, params))
             engine.sampler = native_sampler

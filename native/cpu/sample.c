@@ -66,6 +66,33 @@ static inline u64 mass_of(float m, float x) {
     return (u64)nearbyint(etab[j] * p * FIX);
 }
 
+/* out[i] = mass_of(m, x[i]) for i < n: four at a time in AVX2, the same operations in the same order (the
+ * rounding to an integer by adding 2^52: round-half-even, as nearbyint). */
+static void row_masses(float m, const float *x, int n, u64 *out) {
+    const __m256d md = _mm256_set1_pd((double)m), lim = _mm256_set1_pd(NO_MASS_D), k128 = _mm256_set1_pd(128.0),
+                  inv = _mm256_set1_pd(1.0 / 128.0), fix = _mm256_set1_pd(FIX),
+                  magic = _mm256_set1_pd(4503599627370496.0);
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const __m256d d = _mm256_sub_pd(md, _mm256_cvtps_pd(_mm_loadu_ps(x + i)));
+        const __m256d ok = _mm256_cmp_pd(d, lim, _CMP_LE_OQ);       /* NaN: no */
+        const __m256d dc = _mm256_and_pd(d, ok);                     /* lanes without mass: 0 (a valid index) */
+        const __m128i j = _mm256_cvttpd_epi32(_mm256_mul_pd(dc, k128));
+        const __m256d r = _mm256_fnmadd_pd(_mm256_cvtepi32_pd(j), inv, dc);
+        __m256d p = _mm256_set1_pd(1.0 / 720.0);                     /* fma(p, -r, c) = c - p r, one rounding */
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(1.0 / 120.0));
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(1.0 / 24.0));
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(1.0 / 6.0));
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(0.5));
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(1.0));
+        p = _mm256_fnmadd_pd(p, r, _mm256_set1_pd(1.0));
+        const __m256d v = _mm256_mul_pd(_mm256_mul_pd(_mm256_i32gather_pd(etab, j, 8), p), fix);
+        const __m256i q = _mm256_sub_epi64(_mm256_castpd_si256(_mm256_add_pd(v, magic)), _mm256_castpd_si256(magic));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_and_si256(q, _mm256_castpd_si256(ok)));
+    }
+    for (; i < n; i++) out[i] = mass_of(m, x[i]);
+}
+
 static inline u64 draw_target(u64 u24, u64 total) { /* floor(u * total), u = u24 / 2^24 */
     return (u64)(((unsigned __int128)u24 * total) >> 24);
 }
@@ -163,8 +190,9 @@ static int64_t sample_row(const float *logits, int vocab, const double *kn, floa
     int64_t token = best;                                /* when nothing has mass (no finite maximum) */
     if (!cut_k && !(top_p < 1.0)) {                       /* the whole row (or min-p's part) in index order */
         u64 total = 0;
+        row_masses(m, x, vocab, sorted);
         for (int i = 0; i < vocab; i++) {
-            sorted[i] = !cut_min_p || x[i] >= floor_x ? mass_of(m, x[i]) : 0;
+            if (cut_min_p && !(x[i] >= floor_x)) sorted[i] = 0;
             total += sorted[i];
         }
         if (total) {
@@ -186,9 +214,10 @@ static int64_t sample_row(const float *logits, int vocab, const double *kn, floa
     memset(r->mass, 0, sizeof r->mass);
     memset(r->count, 0, sizeof r->count);
     u64 min_count = 0, min_mass = 0;
+    row_masses(m, x, vocab, smass);                      /* (smass is free until a bucket is gathered) */
     for (int i = 0; i < vocab; i++) {
         const int b = bucket_of(m, x[i]);
-        const u64 e = mass_of(m, x[i]);
+        const u64 e = smass[i];
         r->count[b]++;
         r->mass[b] += e;
         if (cut_min_p && x[i] >= floor_x) {
