@@ -263,6 +263,29 @@ static int64_t sample_row(const float *logits, int vocab, const double *kn, floa
     return token;
 }
 
+/* A thread's scratch for rows of up to cap elements, kept between calls (OpenMP's threads persist). */
+typedef struct {
+    float *x;
+    u64 *sorted, *smass;
+    Row *row;
+    int cap;
+} Scratch;
+static _Thread_local Scratch scratch;
+
+static int scratch_fits(int vocab) {
+    if (scratch.cap >= vocab) return 1;
+    free(scratch.x);
+    free(scratch.sorted);
+    free(scratch.smass);
+    free(scratch.row);
+    scratch.x = malloc((size_t)vocab * sizeof(float));
+    scratch.sorted = malloc((size_t)vocab * sizeof(u64));
+    scratch.smass = malloc(((size_t)vocab + 1) * sizeof(u64));
+    scratch.row = malloc(sizeof(Row));
+    scratch.cap = scratch.x && scratch.sorted && scratch.smass && scratch.row ? vocab : 0;
+    return scratch.cap > 0;
+}
+
 pa_status pa_sample_rows_cpu(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
                              int32_t num_rows, int32_t vocab) {
     CHECK(num_rows >= 0 && vocab >= 1 && vocab <= (1 << 23) && row_stride >= vocab,
@@ -273,23 +296,15 @@ pa_status pa_sample_rows_cpu(int64_t *out, const float *logits, int64_t row_stri
     int failed = 0;
 #pragma omp parallel if (num_rows > 1) reduction(| : failed)
     {
-        float *x = malloc((size_t)vocab * sizeof(float));
-        u64 *sorted = malloc((size_t)vocab * sizeof(u64));
-        u64 *smass = malloc(((size_t)vocab + 1) * sizeof(u64));
-        Row *r = malloc(sizeof(Row));
-        const int ok = x && sorted && smass && r;
+        const int ok = scratch_fits(vocab);
 #pragma omp for schedule(dynamic, 1)
         for (int32_t i = 0; i < num_rows; i++) {
             if (ok)
-                out[i] = sample_row(logits + (int64_t)i * row_stride, vocab, knobs + 5 * (int64_t)i, x, sorted,
-                                    smass, r);
+                out[i] = sample_row(logits + (int64_t)i * row_stride, vocab, knobs + 5 * (int64_t)i, scratch.x,
+                                    scratch.sorted, scratch.smass, scratch.row);
             else
                 failed = 1;
         }
-        free(x);
-        free(sorted);
-        free(smass);
-        free(r);
     }
     if (failed)
         return cpu_fail(PA_ERR_OUT_OF_MEMORY, __func__, "no memory for the scratch of a row of %d", (int)vocab);
