@@ -113,3 +113,15 @@ def test_native_sampler_checks_its_inputs(backend):
     with pytest.raises(NativeError, match="bad arguments"):
         backend.sample_rows(x[:, :0], torch.zeros(2, 5, dtype=torch.float64))
     assert backend.sample_rows(x[:0], torch.zeros(0, 5, dtype=torch.float64)).numel() == 0
+
+
+def test_native_sampler_rows_on_the_pool_or_alone(backend):
+    """Rows spread over the backend's pool give the tokens the caller alone gives (a backend without a pool),
+    row for row."""
+    from engine.backends.cpu_int8 import CpuInt8Backend
+    alone = CpuInt8Backend(TINY, use_pool=False)
+    logits = torch.randn(24, 4099, generator=torch.Generator().manual_seed(2)) * 2
+    params = [SamplingParams(**KINDS[i % len(KINDS)]) for i in range(24)]
+    knobs = row_knobs(params, [make_generator(i) for i in range(24)], logits.shape[1])
+    got = backend.sample_rows(logits, knobs, out=torch.full((24,), -7, dtype=torch.int64))
+    assert torch.equal(got, alone.sample_rows(logits, knobs, out=torch.full((24,), -5, dtype=torch.int64)))

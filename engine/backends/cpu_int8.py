@@ -267,8 +267,9 @@ class CpuInt8Backend(Backend):
 
     def sample_rows(self, logits: torch.Tensor, knobs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """One sampled token a row of logits [n, vocab] (float32) -> int64 [n] (pa_sample_rows_cpu: the CUDA
-        kernel's algorithm, a core a row -- a histogram of the row and one small bucket sorted, where
-        sample_rows sorts the vocabulary): knobs [n, 5] float64, engine.sampler.row_knobs' columns."""
+        kernel's algorithm, a core a row on the backend's pool -- a histogram of the row and one small bucket
+        sorted, where sample_rows sorts the vocabulary): knobs [n, 5] float64, engine.sampler.row_knobs'
+        columns."""
         op = "pa_sample_rows_cpu"
         logits = logits.contiguous()
         n, vocab = logits.shape
@@ -277,8 +278,8 @@ class CpuInt8Backend(Backend):
                               f"{tuple(knobs.shape)} on {knobs.device}")
         if out is None:
             out = torch.empty(n, dtype=torch.int64)
-        self._check(self.lib.pa_sample_rows_cpu(self._p(out, "int64_t *"), self._p(logits, "float *"), vocab,
-                                                self._p(knobs.contiguous(), "double *"), n, vocab), op)
+        self._check(self.lib.pa_sample_rows_cpu(self._pool, self._p(out, "int64_t *"), self._p(logits, "float *"),
+                                                vocab, self._p(knobs.contiguous(), "double *"), n, vocab), op)
         return out
 
     # ---- helpers -----------------------------------------------------------------------------

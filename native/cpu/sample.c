@@ -286,27 +286,46 @@ static int scratch_fits(int vocab) {
     return scratch.cap > 0;
 }
 
-pa_status pa_sample_rows_cpu(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
-                             int32_t num_rows, int32_t vocab) {
+/* Rows claimed one at a time by the pool's members (no OpenMP team spinning beside the pool's). */
+typedef struct {
+    int64_t *out;
+    const float *logits;
+    const double *knobs;
+    int64_t row_stride;
+    int32_t num_rows, vocab;
+    work_counter next;
+    _Atomic int failed;
+} sample_job;
+
+static void sample_team(void *arg, int tid, int nt) {
+    sample_job *j = arg;
+    const int ok = scratch_fits(j->vocab);
+    for (int64_t i; (i = atomic_fetch_add(&j->next, 1)) < j->num_rows;) {
+        if (!ok) {
+            atomic_store(&j->failed, 1);
+            continue;
+        }
+        j->out[i] = sample_row(j->logits + i * j->row_stride, j->vocab, j->knobs + 5 * i, scratch.x, scratch.sorted,
+                               scratch.smass, scratch.row);
+    }
+}
+
+pa_status pa_sample_rows_cpu(pa_pool_cpu *pool, int64_t *out, const float *logits, int64_t row_stride,
+                             const double *knobs, int32_t num_rows, int32_t vocab) {
     CHECK(num_rows >= 0 && vocab >= 1 && vocab <= (1 << 23) && row_stride >= vocab,
           "bad arguments (rows %d, vocab %d, row stride %ld)", (int)num_rows, (int)vocab, (long)row_stride);
     if (num_rows == 0) return PA_OK;
     CHECK_PTR(out); CHECK_PTR(logits); CHECK_PTR(knobs);
     pthread_once(&etab_once, etab_init);
-    int failed = 0;
-#pragma omp parallel if (num_rows > 1) reduction(| : failed)
-    {
-        const int ok = scratch_fits(vocab);
-#pragma omp for schedule(dynamic, 1)
-        for (int32_t i = 0; i < num_rows; i++) {
-            if (ok)
-                out[i] = sample_row(logits + (int64_t)i * row_stride, vocab, knobs + 5 * (int64_t)i, scratch.x,
-                                    scratch.sorted, scratch.smass, scratch.row);
-            else
-                failed = 1;
-        }
+    sample_job job = {out, logits, knobs, row_stride, num_rows, vocab, 0, 0};
+    if (num_rows == 1 || pool_take_solo(pool)) {
+        sample_team(&job, 0, 1);
+    } else {
+        const double t0 = now_seconds();
+        const double waited = pool_run(pool, sample_team, &job);
+        pool_check_contention(pool, waited, now_seconds() - t0);
     }
-    if (failed)
+    if (atomic_load(&job.failed))
         return cpu_fail(PA_ERR_OUT_OF_MEMORY, __func__, "no memory for the scratch of a row of %d", (int)vocab);
     return PA_OK;
 }

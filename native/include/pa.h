@@ -27,7 +27,7 @@ extern "C" {
 #endif
 
 /* PA_CDEF_BEGIN */
-#define PA_ABI_VERSION 14
+#define PA_ABI_VERSION 15
 
 typedef int32_t pa_status;
 #define PA_OK 0
@@ -88,10 +88,11 @@ pa_status pa_silu_mul_cpu(float *out, const float *gate_up, int64_t num_tokens, 
 pa_status pa_exp_lut_cpu(float *out, const float *x, int64_t n);
 /* One sampled token a row of logits [num_rows] rows of vocab float32 (row r at logits + r * row_stride): the
  * same knobs [num_rows][5] float64, filters, walk and fixed-point masses as pa_sample_rows_cuda (whose doc
- * below says what they mean; temperature <= 0: the argmax), one core a row (rows spread over OpenMP threads):
- * a histogram of the row, then only the bucket holding each crossing sorted. out [num_rows] int64. */
-pa_status pa_sample_rows_cpu(int64_t *out, const float *logits, int64_t row_stride, const double *knobs,
-                             int32_t num_rows, int32_t vocab);
+ * below says what they mean; temperature <= 0: the argmax), one core a row (rows spread over the pool's
+ * members; pool NULL: the caller alone): a histogram of the row, then only the bucket holding each crossing
+ * sorted. out [num_rows] int64. */
+pa_status pa_sample_rows_cpu(pa_pool_cpu *pool, int64_t *out, const float *logits, int64_t row_stride,
+                             const double *knobs, int32_t num_rows, int32_t vocab);
 
 /* key_cache, value_cache [num_blocks, nkv, block_size, head_dim] int8, k_scales, v_scales
  * [num_blocks, nkv] float <- k, v rows [T] of [nkv, head_dim] (row strides k_stride, v_stride)
