@@ -12,7 +12,8 @@ from engine.native import NativeError
 from engine.sampler import Sampler, make_generator, row_knobs, sample_rows
 from engine.sequence import SamplingParams
 from tests.conftest import TINY
-from tests.test_sampler import draws_walk_the_cdf, sampler_matches_one_row_reference
+from tests.test_sampler import (AWKWARD_KINDS as KINDS, awkward_rows, draws_walk_the_cdf, follows_sample_rows,
+                                generators_at, sampler_matches_one_row_reference)
 
 
 @pytest.fixture(scope="module")
@@ -39,29 +40,6 @@ def test_native_sampler_matches_the_one_row_reference(backend, rows, vocab):
                                       sampler=Sampler(sample=native(backend)))
 
 
-def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
-    """Flat and peaked rows, bf16-rounded ones (runs of equal values), one value throughout, -inf runs, a
-    single finite value, most of the row without mass."""
-    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]
-    rows += [(torch.randn(vocab, generator=gen) * s).bfloat16().float() for s in (1.0, 8.0)]
-    rows.append(torch.full((vocab,), 0.25))
-    r = torch.randn(vocab, generator=gen)
-    r[::3] = float("-inf")
-    rows.append(r)
-    r = torch.full((vocab,), float("-inf"))
-    r[vocab // 2] = 1.0
-    rows.append(r)
-    r = torch.randn(vocab, generator=gen) * 2
-    r[: vocab // 2] = -1e4
-    rows.append(r)
-    return torch.stack(rows)
-
-
-KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.999), dict(top_k=1),
-         dict(top_k=40, temperature=0.05), dict(top_k=3000, top_p=0.5), dict(min_p=0.1), dict(top_p=0.95, min_p=0.02),
-         dict(temperature=1.5, top_p=0.3, top_k=7), dict(top_p=1e-6)]
-
-
 @pytest.mark.parametrize("vocab", [1, 5, 1031, 49152])
 def test_native_sampler_follows_sample_rows_on_awkward_rows(backend, vocab):
     """Every filter kind on awkward rows: a token of the value the torch path picks but for a draw within
@@ -70,25 +48,10 @@ def test_native_sampler_follows_sample_rows_on_awkward_rows(backend, vocab):
     base = awkward_rows(torch.Generator().manual_seed(vocab), vocab)
     logits = base.repeat(len(KINDS), 1)
     params = [SamplingParams(**kw) for kw in KINDS for _ in range(base.shape[0])]
-    n = len(params)
-    states = [make_generator(5 * i + vocab).getstate() for i in range(n)]
-
-    def gens():
-        out = [make_generator(0) for _ in range(n)]
-        for g, st in zip(out, states):
-            g.setstate(st)
-        return out
-    got = native(backend)(logits, params, gens())
-    assert (got >= 0).all() and (got < vocab).all()
-    finite = torch.isfinite(logits).any(-1)
-    assert torch.isfinite(logits.gather(1, got[:, None]))[finite].all()
-    greedy = [i for i, p in enumerate(params) if (p.top_k == 1 or p.top_p == 1e-6) and finite[i]]
-    assert got[greedy].tolist() == logits[greedy].argmax(-1).tolist()
-    ref = sample_rows(logits, params, gens())
-    differ = (logits.gather(1, got[:, None]) != logits.gather(1, ref[:, None])).nonzero()[:, 0].tolist()
-    assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
+    states = [make_generator(5 * i + vocab).getstate() for i in range(len(params))]
+    follows_sample_rows(logits, params, native(backend)(logits, params, generators_at(states)), states)
     cold = [SamplingParams(temperature=0.0)] * base.shape[0]
-    untouched = gens()[:base.shape[0]]
+    untouched = generators_at(states[:base.shape[0]])
     assert native(backend, poison=-3)(base, cold, untouched).tolist() == base.argmax(-1).tolist()
     assert [g.getstate() for g in untouched] == states[:base.shape[0]]
 

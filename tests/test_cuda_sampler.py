@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampler import Sampler, make_generator, row_knobs, sample_rows, upload
+from engine.sampler import Sampler, make_generator, row_knobs, upload
 from engine.sequence import SamplingParams
-from tests.test_sampler import MIXED, draws_walk_the_cdf, sampler_matches_one_row_reference
+from tests.test_sampler import (AWKWARD_KINDS as KINDS, MIXED, awkward_rows, draws_walk_the_cdf, follows_sample_rows,
+                                generators_at, sampler_matches_one_row_reference)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -48,30 +49,6 @@ def test_fused_kernel_walks_the_cdf(kernels, gather_cap, blocks_per_row):
     draws_walk_the_cdf(lambda x, p, g: fused(kernels, gather_cap, blocks_per_row=blocks_per_row)(x.cuda(), p, g).cpu())
 
 
-def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
-    """Rows a bucket histogram can trip on: flat and peaked random rows, bf16-rounded ones (hundreds of
-    tokens a value, as a bf16 lm_head gives), a row of one value, rows with -inf runs, a single finite
-    value, huge spreads (most of the row without mass)."""
-    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]
-    rows += [(torch.randn(vocab, generator=gen) * s).bfloat16().float() for s in (1.0, 3.0, 8.0)]
-    rows.append(torch.full((vocab,), 0.25))
-    r = torch.randn(vocab, generator=gen)
-    r[::3] = float("-inf")
-    rows.append(r)
-    r = torch.full((vocab,), float("-inf"))
-    r[vocab // 2] = 1.0
-    rows.append(r)
-    r = torch.randn(vocab, generator=gen) * 2
-    r[: vocab // 2] = -1e4
-    rows.append(r)
-    return torch.stack(rows)
-
-
-KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.999), dict(top_k=1),
-         dict(top_k=40, temperature=0.05), dict(top_k=3000, top_p=0.5), dict(min_p=0.1), dict(top_p=0.95, min_p=0.02),
-         dict(temperature=1.5, top_p=0.3, top_k=7), dict(top_p=1e-6)]
-
-
 @pytest.mark.parametrize("vocab", [1, 5, 1000, 1031, 49152])
 def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
     """On awkward rows with every filter kind: the gathered-bucket and bisection paths give the same token,
@@ -82,31 +59,17 @@ def test_fused_kernel_paths_agree_and_follow_sample_rows(kernels, vocab):
     base = awkward_rows(gen, vocab)
     logits = base.repeat(len(KINDS), 1).cuda()                           # every row kind under every filter
     params = [SamplingParams(**kw) for kw in KINDS for _ in range(base.shape[0])]
-    n = len(params)
-    seeds = [make_generator(7 * i + vocab) for i in range(n)]
-    states = [g.getstate() for g in seeds]
-
-    def gens():
-        out = [make_generator(0) for _ in range(n)]
-        for g, st in zip(out, states):
-            g.setstate(st)
-        return out
-    fast = fused(kernels, blocks_per_row=1)(logits, params, gens())
-    slow = fused(kernels, gather_cap=0, poison=-9, blocks_per_row=1)(logits, params, gens())
+    states = [make_generator(7 * i + vocab).getstate() for i in range(len(params))]
+    fast = fused(kernels, blocks_per_row=1)(logits, params, generators_at(states))
+    slow = fused(kernels, gather_cap=0, poison=-9, blocks_per_row=1)(logits, params, generators_at(states))
     assert torch.equal(fast, slow)
     for ranks in (2, 4, 8):     # a cluster a row, each block a slice: the same tokens, both paths
-        assert torch.equal(fused(kernels, poison=-5, blocks_per_row=ranks)(logits, params, gens()), fast), ranks
-        assert torch.equal(fused(kernels, gather_cap=0, poison=-4, blocks_per_row=ranks)(logits, params, gens()),
+        assert torch.equal(fused(kernels, poison=-5, blocks_per_row=ranks)(logits, params, generators_at(states)),
                            fast), ranks
-    assert (fast >= 0).all() and (fast < vocab).all()
-    finite = torch.isfinite(logits).any(-1)                             # (vocab 1: a row of -inf)
-    assert torch.isfinite(logits.gather(1, fast[:, None]))[finite].all()   # never a token without mass
-    greedy = [i for i, p in enumerate(params) if (p.top_k == 1 or p.top_p == 1e-6) and finite[i]]
-    assert fast[greedy].tolist() == logits[greedy].argmax(-1).tolist()
-    ref = sample_rows(logits, params, gens())
-    # equal values may come in another order from torch's topk: compare the chosen values
-    differ = (logits.gather(1, fast[:, None]) != logits.gather(1, ref[:, None])).nonzero()[:, 0].tolist()
-    assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
+        assert torch.equal(fused(kernels, gather_cap=0, poison=-4, blocks_per_row=ranks)(logits, params,
+                                                                                         generators_at(states)),
+                           fast), ranks
+    follows_sample_rows(logits, params, fast, states)
 
 
 @pytest.mark.parametrize("vocab", [1, 5, 1031, 49152])
@@ -124,15 +87,10 @@ def test_fused_kernel_greedy_rows_take_the_argmax(kernels, vocab):
     got = fused(kernels, blocks_per_row=1)(logits, params, gens)
     assert got[:n].tolist() == base.argmax(-1).tolist()
     for ranks in (2, 4, 8):
-        again = [make_generator(0) for _ in range(2 * n)]
-        for g, st in zip(again, states):
-            g.setstate(st)
-        assert torch.equal(fused(kernels, poison=-2, blocks_per_row=ranks)(logits, params, again), got), ranks
+        assert torch.equal(fused(kernels, poison=-2, blocks_per_row=ranks)(logits, params, generators_at(states)),
+                           got), ranks
     assert [g.getstate() for g in gens[:n]] == states[:n]               # greedy rows drew nothing
-    alone = [make_generator(0) for _ in range(n)]
-    for g, st in zip(alone, states[n:]):
-        g.setstate(st)
-    assert torch.equal(got[n:], fused(kernels, poison=-3)(base, params[n:], alone))
+    assert torch.equal(got[n:], fused(kernels, poison=-3)(base, params[n:], generators_at(states[n:])))
 
 
 def test_fused_kernel_checks_its_inputs(kernels):

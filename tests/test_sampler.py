@@ -258,6 +258,57 @@ def test_draws_walk_the_cdf(row_sort):
     draws_walk_the_cdf(sample_rows)
 
 
+# ---- shared with the native samplers' tests (tests/test_cuda_sampler.py, tests/test_cpu_sampler.py) ---------
+def awkward_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
+    """Rows a bucket histogram can trip on: flat and peaked random rows, bf16-rounded ones (hundreds of
+    tokens a value, as a bf16 lm_head gives), a row of one value, rows with -inf runs, a single finite
+    value, huge spreads (most of the row without mass)."""
+    rows = [torch.randn(vocab, generator=gen) * s for s in (0.3, 1.0, 4.0, 30.0)]
+    rows += [(torch.randn(vocab, generator=gen) * s).bfloat16().float() for s in (1.0, 3.0, 8.0)]
+    rows.append(torch.full((vocab,), 0.25))
+    r = torch.randn(vocab, generator=gen)
+    r[::3] = float("-inf")
+    rows.append(r)
+    r = torch.full((vocab,), float("-inf"))
+    r[vocab // 2] = 1.0
+    rows.append(r)
+    r = torch.randn(vocab, generator=gen) * 2
+    r[: vocab // 2] = -1e4
+    rows.append(r)
+    return torch.stack(rows)
+
+
+# every filter kind, alone and together, that the awkward rows are sampled under
+AWKWARD_KINDS = [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(top_p=0.999), dict(top_k=1),
+                 dict(top_k=40, temperature=0.05), dict(top_k=3000, top_p=0.5), dict(min_p=0.1),
+                 dict(top_p=0.95, min_p=0.02), dict(temperature=1.5, top_p=0.3, top_k=7), dict(top_p=1e-6)]
+
+
+def generators_at(states: list) -> list[random.Random]:
+    """Fresh generators in the given states (Random.getstate()): the same uniforms drawn again."""
+    out = [make_generator(0) for _ in states]
+    for g, st in zip(out, states):
+        g.setstate(st)
+    return out
+
+
+def follows_sample_rows(logits: torch.Tensor, params: list[SamplingParams], got: torch.Tensor, states: list) -> None:
+    """got [n]: a native sampler's tokens for logits' rows under params, drawn by generators in `states`.
+    Each is in range and never a token without mass, top_k=1 and a one-token nucleus are the argmax, and
+    its value is the one sample_rows picks from the same states but for draws within rounding of a CDF step
+    (at most max(2, n / 50) rows)."""
+    n, vocab = logits.shape
+    assert (got >= 0).all() and (got < vocab).all()
+    finite = torch.isfinite(logits).any(-1)                             # (vocab 1: a row of -inf)
+    assert torch.isfinite(logits.gather(1, got[:, None]))[finite].all()    # never a token without mass
+    greedy = [i for i, p in enumerate(params) if (p.top_k == 1 or p.top_p == 1e-6) and finite[i]]
+    assert got[greedy].tolist() == logits[greedy].argmax(-1).tolist()
+    ref = sample_rows(logits, params, generators_at(states))
+    # equal values may come in another order from torch's topk: compare the chosen values
+    differ = (logits.gather(1, got[:, None]) != logits.gather(1, ref[:, None])).nonzero()[:, 0].tolist()
+    assert len(differ) <= max(2, n // 50), (len(differ), n, [(i, params[i]) for i in differ])
+
+
 def test_penalties_of_many_rows_at_once_equal_the_one_row_form():
     """penalise_rows (one mask, one scatter) gives apply_penalties' logits, bit for bit, row by row: rows
     with each penalty alone, all of them, none that applies (no history), and tokens seen many times."""
