@@ -519,10 +519,9 @@ def test_multi_step_greedy_on_the_gpu(runs, fused, prompts, rows):
             assert tok == best or (lg[j, best] - lg[j, tok]).item() <= 2 * tol, (s, j, tok, best)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 12])
-def test_forward_tokens_equal_the_argmax_of_the_logits(fused, prompts, rows):
-    """The tokens graph (argmax fused into the lm_head GEMV at <= 8 rows, argmax_rows over cuBLAS logits
-    above) picks exactly the argmax of the logits graph's float32 logits for the same decode step."""
+def first_decode_step(fused, prompts, rows: int):
+    """A CudaBackend on the fused weights that has prefilled `rows` prompts (each one greedy token), its
+    LlamaModel, and Batch.build's items for the decode step after it."""
     from engine.backends.cuda import CudaBackend
     ps = (prompts * 2)[:rows]
     cuda = CudaBackend(SMOL)
@@ -531,6 +530,14 @@ def test_forward_tokens_equal_the_argmax_of_the_logits(fused, prompts, rows):
     per_seq, _ = num_blocks_for(ps)
     items = [([f[0]], len(p), list(range(s * per_seq, (s + 1) * per_seq))) for s, (p, f) in enumerate(zip(ps, first))]
     model = LlamaModel(SMOL, cuda)
+    return cuda, model, items
+
+
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_forward_tokens_equal_the_argmax_of_the_logits(fused, prompts, rows):
+    """The tokens graph (argmax fused into the lm_head GEMV at <= 8 rows, argmax_rows over cuBLAS logits
+    above) picks exactly the argmax of the logits graph's float32 logits for the same decode step."""
+    cuda, model, items = first_decode_step(fused, prompts, rows)
     batch = Batch.build(items, BLOCK, [True] * rows)
     logits = model.forward(batch)
     tokens = model.forward_tokens(batch)
@@ -549,15 +556,8 @@ def test_sample_step_equals_forward_and_sampler(fused, prompts, rows):
     generators: greedy rows among sampled ones take the argmax, each sampled row draws one uniform from its
     own generator, padding rows (3 in a graph of 4) change nothing. A step whose rows do not all want
     logits is not a sampled step, and draws nothing."""
-    from engine.backends.cuda import CudaBackend
     from engine.sampler import Sampler, make_generator
-    ps = (prompts * 2)[:rows]
-    cuda = CudaBackend(SMOL)
-    cuda.load_weights(fused)
-    first, _ = greedy(cuda, ps, new_tokens=1)
-    per_seq, _ = num_blocks_for(ps)
-    items = [([f[0]], len(p), list(range(s * per_seq, (s + 1) * per_seq))) for s, (p, f) in enumerate(zip(ps, first))]
-    model = LlamaModel(SMOL, cuda)
+    cuda, model, items = first_decode_step(fused, prompts, rows)
     batch = Batch.build(items, BLOCK, [True] * rows)
     kinds = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_p=0.9),
              dict(temperature=1.2, top_k=50), dict(temperature=0.9, min_p=0.02)]
