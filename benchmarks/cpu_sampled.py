@@ -26,22 +26,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cpu_kernels import timed  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from engine.sampler import Sampler, make_generator  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
 
 SETTINGS = {"greedy": dict(temperature=0.0), "T=0.7, top_p=0.95": dict(temperature=0.7, top_p=0.95),
             "T=1.0": dict(temperature=1.0), "T=1.3, top_p=0.98": dict(temperature=1.3, top_p=0.98)}
-
-
-def call_ms(fn, reps: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
 
 
 def sampler_table(backend, vocab: int) -> list[str]:
@@ -53,8 +44,8 @@ def sampler_table(backend, vocab: int) -> list[str]:
             if not kw["temperature"]:
                 continue
             p = [SamplingParams(**kw)]
-            a = call_ms(lambda: torch_path.tokens(x, p, [make_generator(0)]))
-            b = call_ms(lambda: native.tokens(x, p, [make_generator(0)]))
+            a = timed(lambda: torch_path.tokens(x, p, [make_generator(0)]), 30, warmup=3) * 1e3
+            b = timed(lambda: native.tokens(x, p, [make_generator(0)]), 30, warmup=3) * 1e3
             lines.append(f"| {kind} | {label} | {a:.3f} | {b:.3f} | {a / b:.1f}x |")
             print(lines[-1], flush=True)
     return lines
@@ -116,10 +107,7 @@ def main() -> None:
             greedy = a if greedy is None else greedy
             lines.append(f"| {n} | {label} | {a:,.0f} | {b:,.0f} | {a / b:.2f}x | {a / greedy:.2f}x |")
             print(lines[-1], flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.kv_layout import layout_stats, served_tables  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 
 NH, NKV, HD, BS = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -355,10 +356,7 @@ def main() -> None:
     lines.append("tc partition sweep (us): " + "; ".join(
         f"B={r['batch']} ctx={r['ctx']}: " + ", ".join(f"{p}:{t * 1e6:.1f}" for p, t in r["sweep"].items())
         for r in rows))
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

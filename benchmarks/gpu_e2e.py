@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import emit  # noqa: E402
 from engine.batch import Batch  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.model import LlamaModel, fuse_weights  # noqa: E402
@@ -547,10 +548,7 @@ def main() -> None:
         lines = [f"Sampled graph A/B ({args.graph_ab} rounds a point, {args.steps} timed steps a run, pipelined):",
                  ""] + ab
     lines += [""] + extra
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

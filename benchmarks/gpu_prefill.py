@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import emit  # noqa: E402
 
 BS = 16
 SHAPES = {"llama1b": (32, 8, 64), "llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
@@ -115,9 +116,7 @@ def main() -> None:
                    f"{flop / tt / 1e9:.1f} | {path} | {err:.1e} |")
             print(row, flush=True)
             lines.append(row)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

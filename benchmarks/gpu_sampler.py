@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import emit  # noqa: E402
 from engine.backends.cuda import CudaKernels, fused_sample  # noqa: E402
 from engine.sampler import Sampler, make_generator, row_knobs, upload  # noqa: E402
 from engine.sequence import SamplingParams  # noqa: E402
@@ -137,10 +138,7 @@ def main() -> None:
                     print(f"probe: batch {n} vocab {vocab} {p.top_p=}", flush=True)
         return
     if args.clusters:
-        lines = cluster_table(CudaKernels(), args.batches, args.vocabs)
-        print("\n".join(lines))
-        if args.out:
-            args.out.write_text("\n".join(lines) + "\n")
+        emit(cluster_table(CudaKernels(), args.batches, args.vocabs), args.out)
         return
     lines = ["| logits | batch | vocab | row sort ms | torch path T=1.0 ms | torch path T=0.7, top_p=0.9 ms | "
              "fused T=1.0 ms | fused T=0.7, top_p=0.9 ms | fused top_k+top_p+min_p ms | HF top-p warper + "
@@ -184,10 +182,7 @@ def main() -> None:
                         torch.cuda.synchronize()
                     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18), flush=True)
                     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12), flush=True)
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.write_text(table + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

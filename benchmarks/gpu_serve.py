@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmarks.report import emit  # noqa: E402
 from gpu_e2e import BS, MODELS  # noqa: E402
 
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
@@ -211,9 +212,7 @@ def main() -> None:
             del engine
             print(row, flush=True)
             lines.append(row)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmarks.report import emit  # noqa: E402
 from gpu_e2e import BS, MODELS, hf_model, hf_weights  # noqa: E402
 
 from engine.batch import Batch  # noqa: E402
@@ -111,9 +112,7 @@ def main() -> None:
         del hf, backend, model
         gc.collect()
         torch.cuda.empty_cache()
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
